@@ -1,0 +1,97 @@
+"""``AccelConfig``: one validated schema for the Python API, YAML presets and the CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class AccelConfig(BaseModel):
+    """What to run: a method, its budget and native knobs, and the position policy.
+
+    ``retention`` is the fraction of each sample's visual tokens kept by the method's final
+    reduction step, in (0, 1]; ``None`` keeps the method's official default budget.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "none"
+    retention: float | None = Field(default=None)
+    position_policy: Literal["preserve", "compact"] = "preserve"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("retention")
+    @classmethod
+    def _check_retention(cls, v):
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(f"retention must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        self.build_method()  # unknown method or parameter -> ValueError with the valid choices
+        return self
+
+    def build_method(self):
+        from .methods import make_method
+
+        params = dict(self.params)
+        if self.retention is not None:
+            params["retention"] = self.retention
+        return make_method(self.method, **params)
+
+    @classmethod
+    def load(cls, source: "AccelConfig | dict | str | Path | None" = None, **overrides) -> "AccelConfig":
+        """From a config object, a dict, a YAML file path or a preset name; ``overrides`` win."""
+        data = _as_dict(source)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as err:
+            raise ValueError(_one_line(err)) from None
+
+
+def _as_dict(source) -> dict:
+    if source is None:
+        return {}
+    if isinstance(source, AccelConfig):
+        return source.model_dump()
+    if isinstance(source, dict):
+        return dict(source)
+    return read_yaml(resolve_preset(source))
+
+
+def resolve_preset(name: str | Path) -> Path:
+    """A YAML path, or the name of a bundled preset (``fastv-50`` -> configs/fastv-50.yaml)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    bundled = PRESET_DIR / f"{path.stem}.yaml"
+    if bundled.exists():
+        return bundled
+    raise ValueError(f"no config file or preset named {str(name)!r}; presets: {', '.join(list_presets())}")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _one_line(err: ValidationError) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        text = e["msg"].removeprefix("Value error, ")
+        msgs.append(f"unknown config key {loc!r}" if e["type"] == "extra_forbidden" else f"{loc}: {text}")
+    return "; ".join(msgs)

@@ -1,0 +1,74 @@
+"""Method base classes. A method is a small dataclass with typed, official defaults and one
+thing to implement; it never imports a model family (adapters never contain a method)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from ..models.base import Segment
+
+
+@dataclass
+class Method:
+    """Common fields. ``retention`` (0, 1] overrides the method's native budget when given:
+    the fraction of a sample's visual tokens kept by the method's final reduction step."""
+
+    retention: float | None = None
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __post_init__(self):
+        if self.retention is not None and not (0.0 < float(self.retention) <= 1.0):
+            raise ValueError(
+                f"retention must be in (0, 1], got {self.retention}: it is the fraction of visual tokens kept "
+                "(e.g. 0.25 keeps a quarter)."
+            )
+
+    def keep_fraction(self) -> float:
+        """Fraction of visual tokens the final reduction step keeps."""
+        return 1.0 if self.retention is None else float(self.retention)
+
+    @classmethod
+    def field_defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+    def check_model(self, adapter) -> None:
+        """Raise ``ValueError`` if this method cannot run on ``adapter``'s model."""
+
+
+@dataclass
+class Reduction:
+    """Result of reducing one segment: kept local indices (sorted) and optional new features."""
+
+    keep: torch.Tensor  # (k,) long, sorted, indices into the segment
+    features: torch.Tensor | None = None  # (k, D) replacement features (merging methods)
+
+
+@dataclass
+class PreLLMReducer(Method):
+    """Reduces each image / crop / frame's projected features before the LLM."""
+
+    def reduce(self, features: torch.Tensor, segment: Segment, budget: int) -> Reduction:
+        """features: (n, D) projected features of ``segment``; keep ``budget`` tokens."""
+        raise NotImplementedError
+
+
+@dataclass
+class InLLMPruner(Method):
+    """Prunes visual tokens inside the decoder at chosen layers, from query-subset attention."""
+
+    query: ClassVar[str] = "last"  # which queries score the keys: "last" | "text"
+
+    def schedule(self, num_layers: int) -> list[tuple[int, float]]:
+        """[(layer, fraction of the visual tokens entering that layer to keep)]."""
+        raise NotImplementedError
+
+    def tap_layer(self, prune_layer: int) -> int:
+        """Layer whose attention scores decide the pruning at ``prune_layer``."""
+        return prune_layer - 1
+
+    def importance(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs: (B, H, Q, T) attention of the query subset -> (B, T) importance."""
+        return probs.mean(dim=(1, 2))

@@ -1,0 +1,476 @@
+"""The hooks that run a method inside a stock transformers VLM.
+
+Installed on one model instance and always removed by :meth:`Runtime.remove`:
+
+* wrappers (instance attributes) around the inner model's ``get_image_features`` /
+  ``get_video_features`` that record each media item's feature layout and vision time;
+* a forward pre-hook on the inner model that starts a request at prefill;
+* a forward pre-hook on the language model: at prefill it applies the pre-LLM reducer and
+  splices the kept tokens (shorter ``inputs_embeds``, 2-D mask, positions); at decode it
+  supplies the mask and positions that match the shortened cache;
+* forward pre-hooks on the decoder layers: in-LLM pruning that shortens the hidden states
+  (and so the KV cache of every later layer), and the per-stage masks and rotary embeddings;
+* an attention tap (see :mod:`mmaccel.scoring`) on the layers whose scores a method needs.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .methods.base import InLLMPruner, Method, PreLLMReducer
+from .models.base import Segment, VLMAdapter
+from .scoring import TapRequest, register_wrapper
+from .stats import Stats, prefill_flops
+from .tokens.splice import compact_positions, default_positions, gather_positions, gather_tokens, pack_kept
+
+
+@dataclass
+class Stage:
+    """The sequence as a group of decoder layers sees it during prefill (B, L)."""
+
+    first_layer: int
+    valid: torch.Tensor  # (B, L) bool, False on padding
+    visual: torch.Tensor  # (B, L) bool
+    positions: torch.Tensor  # (B, L) or (3, B, L)
+    layer_kwargs: dict = field(default_factory=dict)  # attention_mask, position_embeddings, position_ids
+
+
+@dataclass
+class Request:
+    """State of one prefill and the decode steps that follow it."""
+
+    input_ids: torch.Tensor | None
+    orig_len: int
+    prefill: bool = True
+    stages: list[Stage] = field(default_factory=list)
+    next_pos: torch.Tensor | None = None  # (B,) next position of each sample
+    decode_tail: torch.Tensor | None = None  # (B, n) mask of decoded tokens
+    decode_masks: dict = field(default_factory=dict)  # stage index -> mask of this step
+
+
+def _cache_len(cache, layer: int = 0) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length(layer))
+    except (IndexError, TypeError):
+        return 0
+
+
+class Runtime:
+    """Installs a method's hooks on one model; ``remove()`` restores it exactly."""
+
+    def __init__(self, adapter: VLMAdapter, method: Method, position_policy: str = "preserve"):
+        if position_policy not in ("preserve", "compact"):
+            raise ValueError(f"position_policy must be 'preserve' or 'compact', got {position_policy!r}")
+        method.check_model(adapter)
+        self.adapter, self.method, self.policy = adapter, method, position_policy
+        self.splicing = isinstance(method, (PreLLMReducer, InLLMPruner))
+        self.schedule = dict(method.schedule(len(adapter.layers))) if isinstance(method, InLLMPruner) else {}
+        self.handles, self.patched, self.taps = [], [], {}
+        self.request: Request | None = None
+        self.records: list[tuple[str, list, dict]] = []
+        self.stats = Stats(method=method.name)
+        self._per_sample_layers: list[list[int]] = []
+        self._in_generate = False
+        self._saved_attn = None
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> "Runtime":
+        inner, lm = self.adapter.inner, self.adapter.language_model
+        for name in self.adapter.feature_methods():
+            if hasattr(inner, name):
+                self._patch(inner, name, self._wrap_features(getattr(inner, name), name))
+        self._patch(self.adapter.model, "generate", self._wrap_generate(self.adapter.model.generate))
+        self.handles.append(self.adapter.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
+        self.handles.append(self.adapter.model.register_forward_hook(self._on_call_end))
+        self.handles.append(inner.register_forward_pre_hook(self._on_inner, with_kwargs=True))
+        self.handles.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+        for idx, layer in enumerate(self.adapter.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        self._install_taps()
+        return self
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for obj, name, had, old in reversed(self.patched):
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+        for attn in self.taps.values():
+            del attn._mmaccel_tap
+        if self._saved_attn is not None:
+            self.adapter.text_config._attn_implementation_internal = self._saved_attn
+        self.handles, self.patched, self.taps, self.request = [], [], {}, None
+
+    def _patch(self, obj, name, value) -> None:
+        had = name in vars(obj)
+        self.patched.append((obj, name, had, vars(obj).get(name)))
+        setattr(obj, name, value)
+
+    def _install_taps(self) -> None:
+        tap_layers = {self.method.tap_layer(k) for k in self.schedule}
+        if not tap_layers:
+            return
+        cfg = self.adapter.text_config
+        self._saved_attn = cfg._attn_implementation_internal
+        cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
+        for idx in tap_layers:
+            attn = self.adapter.layers[idx].self_attn
+            attn._mmaccel_tap = TapRequest(enabled=False)
+            self.taps[idx] = attn
+
+    # ------------------------------------------------------------------ call bookkeeping
+    def _wrap_generate(self, generate):
+        def wrapper(*args, **kwargs):
+            self._in_generate = True
+            self._new_stats()
+            self.records = []
+            start = time.perf_counter()
+            try:
+                out = generate(*args, **kwargs)
+            finally:
+                self._in_generate = False
+            self.stats.add_time("total", time.perf_counter() - start)
+            if isinstance(out, torch.Tensor) and self.request is not None:
+                self.stats.new_tokens = int(out.shape[0] * (out.shape[1] - self.request.orig_len))
+            return out
+
+        return wrapper
+
+    def _new_stats(self) -> None:
+        self.stats = Stats(method=self.method.name)
+        self._per_sample_layers = []
+
+    def _on_call_start(self, module, args, kwargs):
+        if not self._in_generate and _cache_len(kwargs.get("cache", kwargs.get("past_key_values"))) == 0:
+            self._new_stats()
+            self.records = []
+        self._t0 = time.perf_counter()
+
+    def _on_call_end(self, module, args, output):
+        elapsed = time.perf_counter() - self._t0
+        phase = "prefill" if self.request is not None and self.request.prefill else "decode"
+        self.stats.add_time(phase, elapsed)
+        if self.request is not None and self.request.prefill:
+            self._finish_prefill_stats()
+            self.request.prefill = False
+
+    def _finish_prefill_stats(self) -> None:
+        per_layer = self._per_sample_layers
+        cfg = self.adapter.text_config
+        self.stats.tokens_per_layer = [sum(x) for x in per_layer]
+        self.stats.prefill_flops = prefill_flops(cfg, per_layer)
+        full = self._full_tokens_per_sample()
+        self.stats.prefill_flops_full = prefill_flops(cfg, [full] * len(per_layer)) if full else 0.0
+        self.stats.kv_cache_tokens = sum(self.stats.tokens_per_layer)
+
+    def _full_tokens_per_sample(self) -> list[int]:
+        req = self.request
+        return getattr(req, "full_tokens", [])
+
+    # ------------------------------------------------------------------ vision features
+    def _wrap_features(self, fn, name):
+        kind = "video" if "video" in name else "image"
+
+        @functools.wraps(fn)  # generate() inspects the signature to pre-encode media
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.stats.add_time("vision", time.perf_counter() - start)
+            call = dict(kwargs)
+            if args:
+                call.setdefault("pixel_values_videos" if kind == "video" else "pixel_values", args[0])
+                if len(args) > 1:
+                    call.setdefault("video_grid_thw" if kind == "video" else "image_grid_thw", args[1])
+            self.records.append((kind, self.adapter.pooler_list(out), call))
+            return out
+
+        return wrapper
+
+    # ------------------------------------------------------------------ inner model
+    def _on_inner(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if _cache_len(cache) == 0:
+            if input_ids is None and any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+                raise ValueError("mmaccel needs input_ids (not inputs_embeds) to locate the visual placeholders")
+            length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+            self.request = Request(input_ids=input_ids, orig_len=length)
+        elif self.request is None:
+            raise ValueError("mmaccel: this cache was filled before accelerate_vlm was applied; start a new generation")
+        return None
+
+    # ------------------------------------------------------------------ language model
+    def _on_language_model(self, module, args, kwargs):
+        req = self.request
+        if req is None:
+            return None
+        if req.prefill:
+            return self._prefill_splice(args, kwargs)
+        return self._decode_inputs(args, kwargs) if req.stages else None
+
+    def _segments(self, batch: int) -> list[Segment]:
+        req, segments = self.request, []
+        ids = req.input_ids
+        if ids is None:
+            return segments
+        for kind, token_id in self.adapter.placeholder_ids().items():
+            records = [(f, c) for k, f, c in self.records if k == kind]
+            flat = (ids == token_id).nonzero()  # (N, 2) in (sample, position) order = masked_scatter order
+            if flat.shape[0] == 0:
+                continue
+            feats = [f for fs, _ in records for f in fs]
+            parts = [p for fs, c in records for p in self.adapter.media_parts(kind, fs, c)] if records else []
+            segments += _place(flat, parts, kind, feats)
+        return segments
+
+    def _prefill_splice(self, args, kwargs):
+        req = self.request
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        segments = self._segments(batch)
+        self.records = []
+        mask2d = kwargs.get("attention_mask")
+        mask2d = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None
+        valid = mask2d.bool() if mask2d is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        visual = torch.zeros_like(valid)
+        for seg in segments:
+            visual[seg.sample, seg.positions] = True
+        self.stats.batch_size = batch
+        self.stats.visual_tokens_in = int((visual & valid).sum())
+        req.full_tokens = valid.sum(1).tolist()
+        positions = self._input_positions(kwargs.get("position_ids"), mask2d, batch, length, embeds.device)
+        if not self.splicing:
+            req.stages = []
+            self._stage0_unspliced = Stage(0, valid, visual, positions)
+            return None
+        keep, embeds = self._pre_llm(embeds, segments, valid, visual)
+        index, new_valid = pack_kept(keep)
+        stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,
+                      self._new_positions(positions, index, new_valid))
+        req.stages = [stage]
+        req.next_pos = self._next_positions(positions, valid)
+        kwargs["inputs_embeds"] = gather_tokens(embeds, index)
+        kwargs["attention_mask"] = new_valid.long()
+        kwargs["position_ids"] = self._lm_position_ids(stage.positions, new_valid, kwargs.get("position_ids"))
+        self._repair_rope_deltas(stage, new_valid)
+        return args, kwargs
+
+    def _input_positions(self, position_ids, mask2d, batch, length, device):
+        """Positions the model would use, as (B, T) or (3, B, T) for M-RoPE."""
+        if position_ids is None:
+            base = default_positions(mask2d, batch, length, device)
+            return base.unsqueeze(0).expand(3, -1, -1) if self.adapter.uses_mrope else base
+        if position_ids.dim() == 3:
+            return position_ids[-3:]
+        return position_ids.expand(batch, -1)
+
+    def _new_positions(self, positions, index, valid):
+        if self.policy == "compact":
+            return compact_positions(valid, 3 if positions.dim() == 3 else None)
+        return gather_positions(positions, index)
+
+    def _next_positions(self, positions, valid) -> torch.Tensor:
+        """(B,) the position of each sample's first generated token."""
+        if self.policy == "compact":
+            return valid.sum(1)
+        pos = positions.amax(0) if positions.dim() == 3 else positions
+        return (pos.masked_fill(~valid, -1)).amax(1) + 1
+
+    def _lm_position_ids(self, positions, valid, original):
+        """Shape the language model expects: (B, L) or M-RoPE (3|4, B, L) like the input."""
+        if positions.dim() == 2:
+            return positions
+        if original is not None and original.dim() == 3 and original.shape[0] == 4:
+            return torch.cat([compact_positions(valid).unsqueeze(0), positions], 0)
+        return positions
+
+    def _repair_rope_deltas(self, stage: Stage, valid) -> None:
+        """Qwen2-VL keeps ``rope_deltas`` = next position - cached length; make it match the
+        shortened sequence so positions derived from the cache length stay right."""
+        if self.adapter.uses_mrope and hasattr(self.adapter.inner, "rope_deltas"):
+            deltas = self.request.next_pos - valid.sum(1)
+            self.adapter.inner.rope_deltas = deltas.unsqueeze(1)
+
+    def _pre_llm(self, embeds, segments, valid, visual):
+        keep = valid.clone()
+        if not isinstance(self.method, PreLLMReducer) or not segments:
+            return keep, embeds
+        embeds = embeds.clone()
+        frac = self.method.keep_fraction()
+        for sample in range(embeds.shape[0]):
+            segs = [s for s in segments if s.sample == sample]
+            budgets = allocate([s.n for s in segs], round(frac * sum(s.n for s in segs)))
+            for seg, budget in zip(segs, budgets):
+                red = self.method.reduce(embeds[sample, seg.positions], seg, budget)
+                keep[sample, seg.positions] = False
+                kept_pos = seg.positions.to(embeds.device)[red.keep]
+                keep[sample, kept_pos] = True
+                if red.features is not None:
+                    embeds[sample, kept_pos] = red.features.to(embeds.dtype)
+        return keep, embeds
+
+    def _decode_inputs(self, args, kwargs):
+        req = self.request
+        embeds = kwargs["inputs_embeds"]
+        q = embeds.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        stage0 = req.stages[0]
+        total_new = _cache_len(cache, 0) + q - stage0.valid.shape[1]
+        user = kwargs.get("attention_mask")
+        if isinstance(user, torch.Tensor) and user.dim() == 2 and user.shape[1] >= total_new:
+            tail = user[:, user.shape[1] - total_new:].long()
+        else:
+            tail = torch.ones(embeds.shape[0], total_new, dtype=torch.long, device=embeds.device)
+        req.decode_tail, req.decode_masks = tail, {}
+        kwargs["attention_mask"] = torch.cat([stage0.valid.long(), tail], 1)
+        pos = req.next_pos[:, None] + torch.arange(q, device=embeds.device)[None]
+        req.next_pos = req.next_pos + q
+        if self.adapter.uses_mrope:
+            rows = pos.unsqueeze(0).expand(3, -1, -1)
+            orig = kwargs.get("position_ids")
+            pos = torch.cat([pos.unsqueeze(0), rows], 0) if orig is not None and orig.shape[0] == 4 else rows
+        kwargs["position_ids"] = pos
+        return args, kwargs
+
+    # ------------------------------------------------------------------ decoder layers
+    def _layer_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            req = self.request
+            if req is None:
+                return None
+            if idx in self.taps:
+                self.taps[idx]._mmaccel_tap.enabled = req.prefill
+            if not req.prefill:
+                return self._decode_layer(idx, args, kwargs)
+            if idx in self.schedule:
+                args, kwargs = self._prune(idx, args, kwargs)
+            stage = req.stages[-1] if req.stages else self._stage0_unspliced
+            self._count_layer(stage)
+            if len(req.stages) > 1:
+                kwargs.update(stage.layer_kwargs)
+            return args, kwargs
+
+        return hook
+
+    def _count_layer(self, stage: Stage) -> None:
+        self._per_sample_layers.append(stage.valid.sum(1).tolist())
+        self.stats.visual_tokens_per_layer.append(int((stage.visual & stage.valid).sum()))
+
+    def _decode_layer(self, idx, args, kwargs):
+        req = self.request
+        stage_idx = max(i for i, s in enumerate(req.stages) if s.first_layer <= idx) if req.stages else 0
+        if stage_idx == 0:
+            return None
+        if stage_idx not in req.decode_masks:
+            stage = req.stages[stage_idx]
+            mask2d = torch.cat([stage.valid.long(), req.decode_tail], 1)
+            req.decode_masks[stage_idx] = self._make_mask(kwargs, mask2d, stage.first_layer)
+        kwargs["attention_mask"] = req.decode_masks[stage_idx]
+        return args, kwargs
+
+    def _make_mask(self, kwargs, mask2d, layer_idx, hidden=None):
+        from transformers.masking_utils import create_causal_mask
+
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        hidden = hidden if hidden is not None else kwargs.get("hidden_states")
+        ref = hidden if hidden is not None else torch.empty(mask2d.shape[0], 1, 0)
+        return create_causal_mask(config=self.adapter.text_config, inputs_embeds=ref, attention_mask=mask2d,
+                                  cache=cache, layer_idx=layer_idx)
+
+    def _prune(self, idx, args, kwargs):
+        req = self.request
+        hidden = args[0] if args else kwargs["hidden_states"]
+        stage = req.stages[-1]
+        probs = self.taps[self.method.tap_layer(idx)]._mmaccel_tap.probs
+        scores = self.method.importance(probs)[:, : stage.valid.shape[1]]
+        keep = select_visual(scores, stage.valid, stage.visual, self.schedule[idx])
+        index, valid = pack_kept(keep)
+        new_hidden = gather_tokens(hidden, index)
+        positions = self._new_positions(stage.positions, index, valid)
+        new = Stage(idx, valid, gather_tokens(stage.visual, index) & valid, positions)
+        rotary = self.adapter.language_model.rotary_emb
+        text_pos = positions if positions.dim() == 2 else compact_positions(valid)
+        new.layer_kwargs = {
+            "attention_mask": self._make_mask(kwargs, valid.long(), idx, new_hidden),
+            "position_embeddings": rotary(new_hidden, positions),
+            "position_ids": text_pos if kwargs.get("position_ids") is not None else None,
+        }
+        req.stages.append(new)
+        args = (new_hidden,) + tuple(args[1:]) if args else args
+        if not args:
+            kwargs["hidden_states"] = new_hidden
+        return args, kwargs
+
+
+def allocate(sizes: list[int], total: int) -> list[int]:
+    """Split ``total`` over parts proportionally to ``sizes`` (largest remainder), each <= its size."""
+    whole = sum(sizes)
+    if whole == 0:
+        return [0] * len(sizes)
+    total = max(0, min(total, whole))
+    exact = [s * total / whole for s in sizes]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - out[i], reverse=True)
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def select_visual(scores, valid, visual, fraction: float) -> torch.Tensor:
+    """Keep every valid text token and the top ``round(n_visual * fraction)`` visual tokens per row.
+
+    scores: (B, L) importance; valid, visual: (B, L) bool. Returns keep (B, L) bool.
+    """
+    keep = valid & ~visual
+    candidates = valid & visual
+    for row in range(scores.shape[0]):
+        idx = candidates[row].nonzero().flatten()
+        k = int(round(idx.numel() * fraction))
+        if k > 0:
+            top = scores[row, idx].float().topk(k).indices
+            keep[row, idx[top]] = True
+    return keep
+
+
+def _place(flat: torch.Tensor, parts: list[list], kind: str, feats: list) -> list[Segment]:
+    """Map media parts (in feature order) onto placeholder positions ``flat`` (N, 2)."""
+    if not parts or sum(p.length for media in parts for p in media) != flat.shape[0]:
+        return _runs(flat, kind)
+    segments, offset = [], 0
+    for media_idx, media in enumerate(parts):
+        sample = int(flat[offset, 0])
+        for part_idx, part in enumerate(media):
+            rows = flat[offset: offset + part.length]
+            segments.append(Segment(sample, rows[:, 1].clone(), part, media_idx, part_idx))
+            offset += part.length
+    return _renumber_media(segments)
+
+
+def _renumber_media(segments: list[Segment]) -> list[Segment]:
+    """Media indices count within each sample, so a sample is treated alike alone or batched."""
+    first: dict[tuple[int, int], int] = {}
+    for seg in segments:
+        first.setdefault((seg.sample, seg.media), len([k for k in first if k[0] == seg.sample]))
+    for seg in segments:
+        seg.media = first[(seg.sample, seg.media)]
+    return segments
+
+
+def _runs(flat: torch.Tensor, kind: str) -> list[Segment]:
+    """Fallback when the layout is unknown: one segment per contiguous placeholder run."""
+    from .models.base import Part
+
+    segments = []
+    for sample in flat[:, 0].unique().tolist():
+        pos = flat[flat[:, 0] == sample, 1]
+        breaks = (pos.diff() != 1).nonzero().flatten() + 1
+        for i, run in enumerate(torch.tensor_split(pos, breaks.tolist())):
+            segments.append(Segment(sample, run.clone(), Part(run.numel(), None, kind=kind), i, 0))
+    return segments

@@ -1,0 +1,89 @@
+"""Query-subset attention scoring: the attention a few chosen queries pay to every key,
+taken from inside the model's own attention call (SDPA, eager, ...) without switching to
+eager mode and without materialising the N x N matrix.
+
+The tap is an ``AttentionInterface`` entry that wraps the model's configured implementation:
+it returns exactly what that implementation returns and, for layers carrying a tap request,
+also computes ``softmax(q_sel k^T * scale + mask_sel)`` for the selected query rows only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+WRAPPER_PREFIX = "mmaccel_"
+
+
+def query_subset_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor,
+                           mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Attention probabilities of selected query rows against all keys.
+
+    query: (B, H, Tq, D); key: (B, Hkv, Tk, D) with H a multiple of Hkv (GQA); rows: (B, Q)
+    long indices into Tq; mask: None, or (B|1, 1|H, Tq, Tk) bool (True = attend) or additive float.
+    Returns (B, H, Q, Tk) float32. Cost O(B*H*Q*Tk*D), never Tq x Tk.
+    """
+    b, h, _, d = query.shape
+    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
+    k = key.float().repeat_interleave(h // key.shape[1], dim=1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if mask is None:  # causal only: key j is visible to query i iff j <= i + (Tk - Tq)
+        offset = key.shape[2] - query.shape[2]
+        visible = torch.arange(key.shape[2], device=key.device)[None, None, :] <= (rows + offset)[:, :, None]
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    else:
+        m = torch.gather(mask.expand(b, -1, -1, -1), 2,
+                         rows[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[-1]))
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    return torch.softmax(logits, dim=-1)
+
+
+@dataclass
+class TapRequest:
+    """Ask a layer's attention call for the probabilities of some query rows (prefill only)."""
+
+    rows: torch.Tensor | None = None  # (B, Q); None = the last query of every sample
+    probs: torch.Tensor | None = None  # filled in: (B, H, Q, Tk)
+    enabled: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _eager_of(module):
+    """The modeling file's own ``eager_attention_forward`` (eager is not in the global registry)."""
+    import sys
+
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _wrapped(base_name: str):
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS[base_name] if base_name in ALL_ATTENTION_FUNCTIONS else _eager_of(module)
+        out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        tap: TapRequest | None = getattr(module, "_mmaccel_tap", None)
+        if tap is not None and tap.enabled and query.shape[2] > 1:
+            rows = tap.rows
+            if rows is None:
+                rows = torch.full((query.shape[0], 1), query.shape[2] - 1, dtype=torch.long, device=query.device)
+            scaling = kwargs.get("scaling") or module.scaling
+            mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
+            tap.probs = query_subset_attention(query, key, rows, mask, scaling)
+        return out
+
+    return attention
+
+
+def register_wrapper(base_name: str) -> str:
+    """Register (once) the tapping wrapper around ``base_name`` and return its name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = WRAPPER_PREFIX + base_name
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        if base_name not in ALL_ATTENTION_FUNCTIONS and base_name != "eager":
+            raise ValueError(f"attention implementation {base_name!r} is not registered in transformers")
+        AttentionInterface.register(name, _wrapped(base_name))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
+    return name

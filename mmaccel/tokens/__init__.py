@@ -1,0 +1,1 @@
+"""Visual-token bookkeeping: packing kept tokens back into padded batches (the splice)."""
