@@ -24,7 +24,7 @@ from .methods.base import InLLMPruner, Method, PreLLMReducer
 from .models.base import Segment, VLMAdapter
 from .scoring import TapRequest, register_wrapper
 from .stats import Stats, prefill_flops
-from .tokens.splice import compact_positions, default_positions, gather_positions, gather_tokens, pack_kept
+from .tokens.splice import compact_positions, gather_positions, gather_tokens, pack_kept
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Runtime:
         self.stats = Stats(method=method.name)
         self._per_sample_layers: list[list[int]] = []
         self._in_generate = False
+        self._pending_ids = None
         self._saved_attn = None
 
     # ------------------------------------------------------------------ install / remove
@@ -129,6 +130,7 @@ class Runtime:
     def _wrap_generate(self, generate):
         def wrapper(*args, **kwargs):
             self._in_generate = True
+            self._pending_ids = kwargs.get("input_ids", args[0] if args else None)
             self._new_stats()
             self.records = []
             start = time.perf_counter()
@@ -188,10 +190,24 @@ class Runtime:
                 call.setdefault("pixel_values_videos" if kind == "video" else "pixel_values", args[0])
                 if len(args) > 1:
                     call.setdefault("video_grid_thw" if kind == "video" else "image_grid_thw", args[1])
-            self.records.append((kind, self.adapter.pooler_list(out), call))
+            feats = self.adapter.pooler_list(out)
+            self._check_placeholders(kind, feats)
+            self.records.append((kind, feats, call))
             return out
 
         return wrapper
+
+    def _check_placeholders(self, kind: str, feats: list) -> None:
+        ids = self._pending_ids if self._in_generate else getattr(self.request, "input_ids", None)
+        token = self.adapter.placeholder_ids().get(kind)
+        if ids is None or token is None:
+            return
+        have, need = int((ids == token).sum()), sum(int(f.shape[0]) for f in feats)
+        if have != need:
+            raise ValueError(
+                f"the prompt has {have} {kind} placeholder tokens but the {kind}s give {need} features: build the "
+                f"inputs with the model's own processor (processor(text=..., {kind}s=...)) so every {kind} marker "
+                f"is expanded, and pass exactly one {kind} per marker")
 
     # ------------------------------------------------------------------ inner model
     def _on_inner(self, module, args, kwargs):
@@ -264,8 +280,8 @@ class Runtime:
 
     def _input_positions(self, position_ids, mask2d, batch, length, device):
         """Positions the model would use, as (B, T) or (3, B, T) for M-RoPE."""
-        if position_ids is None:
-            base = default_positions(mask2d, batch, length, device)
+        if position_ids is None:  # the decoder's own default: arange, padding included
+            base = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
             return base.unsqueeze(0).expand(3, -1, -1) if self.adapter.uses_mrope else base
         if position_ids.dim() == 3:
             return position_ids[-3:]

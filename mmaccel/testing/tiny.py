@@ -32,18 +32,17 @@ _QWEN_TEMPLATE = _LLAVA_TEMPLATE.replace(
 
 def make_tokenizer(extra_words=()):
     """A word-level ``PreTrainedTokenizerFast`` over a small vocabulary plus VLM special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(_SPECIAL + list(_WORDS) + list(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=r"(<[^>]*>|\s+|[?.,:])", behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?.,:]"), behavior="isolated")])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=_SPECIAL[4:],
+        additional_special_tokens=_SPECIAL[4:], padding_side="left",
     )
-    fast.padding_side = "left"
     return fast
 
 

@@ -1,0 +1,56 @@
+"""Invariants: no reduction -> bit-identical logits; restore() -> bit-identical model."""
+import pytest
+import torch
+
+from mmaccel import accelerate_vlm, list_methods
+from conftest import make_inputs
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1].clone()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_every_method_at_full_retention_is_bit_identical(tiny_models, family, batch):
+    model, proc = tiny_models(family)
+    inputs = make_inputs(proc, batch=batch)
+    if batch == 2:
+        assert (inputs["attention_mask"] == 0).any(), "the batch must really be padded"
+    reference = last_logits(model, inputs)
+    for method in list_methods():
+        retention = None if method == "none" else 1.0
+        with accelerate_vlm(model, method=method, retention=retention) as handle:
+            got = last_logits(model, inputs)
+            if method != "none":
+                # the splice really ran: every layer saw every visual token
+                assert handle.stats.visual_tokens_per_layer == [handle.stats.visual_tokens_in] * len(
+                    handle.stats.visual_tokens_per_layer)
+        assert torch.equal(got, reference), f"{family} {method} batch={batch} differs"
+
+
+def test_restore_gives_back_the_untouched_model(tiny_models, family):
+    model, proc = tiny_models(family)
+    inputs = make_inputs(proc, batch=2)
+    before = last_logits(model, inputs)
+    hooks_before = (len(model._forward_pre_hooks), len(model.model.language_model.layers[0]._forward_pre_hooks))
+    attn_before = model.config.text_config._attn_implementation
+    handle = accelerate_vlm(model, method="fastv", retention=0.25)
+    pruned = last_logits(model, inputs)
+    assert not torch.equal(pruned, before)  # the method did something
+    handle.restore()
+    assert torch.equal(last_logits(model, inputs), before)
+    assert "generate" not in vars(model) and "get_image_features" not in vars(model.model)
+    assert (len(model._forward_pre_hooks), len(model.model.language_model.layers[0]._forward_pre_hooks)) == hooks_before
+    assert model.config.text_config._attn_implementation == attn_before
+    handle.restore()  # idempotent
+
+
+def test_context_manager_restores_on_error(tiny_models):
+    model, proc = tiny_models("llava")
+    inputs = make_inputs(proc)
+    before = last_logits(model, inputs)
+    with pytest.raises(RuntimeError):
+        with accelerate_vlm(model, method="pool", retention=0.25):
+            raise RuntimeError("boom")
+    assert torch.equal(last_logits(model, inputs), before)
