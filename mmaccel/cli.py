@@ -1,0 +1,144 @@
+"""The ``mmaccel`` command. Help and argument errors never import torch; user mistakes get a
+one-line error and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make vision and video LLMs fast: visual-token reduction for transformers VLMs.")
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def _fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _sample_video() -> tuple[Path, str]:
+    """The bundled sample video and its question (written by the world generator)."""
+    meta_path = ASSETS / "sample_video.json"
+    if not meta_path.exists():
+        raise UserError(f"no bundled sample video at {meta_path}; pass a VIDEO and -q QUESTION")
+    meta = json.loads(meta_path.read_text())
+    return ASSETS / meta["video"], meta["question"]
+
+
+@app.command("methods")
+def methods_cmd(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """List the methods with a one-line description and their defaults."""
+    from .methods import describe_methods
+
+    info = describe_methods()
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    for name, item in info.items():
+        defaults = ", ".join(f"{k}={v}" for k, v in item["defaults"].items())
+        typer.echo(f"{name:10s} {item['description']}  [{defaults}]")
+
+
+@app.command("video-qa")
+def video_qa(
+    video: Optional[Path] = typer.Argument(None, help="video file (default: the bundled sample)"),
+    question: Optional[str] = typer.Option(None, "-q", "--question", help="the question to answer"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model directory (default: embedded model)"),
+    method: Optional[str] = typer.Option(None, "--method", help="reduction method (see `mmaccel methods`)"),
+    retention: Optional[float] = typer.Option(None, "--retention", help="fraction of visual tokens kept, (0, 1]"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a preset name or YAML config file"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="frames sampled uniformly (default 8)"),
+    fps: Optional[float] = typer.Option(None, "--fps", help="sample at this rate instead of --frames"),
+    backend: str = typer.Option("auto", "--backend", help="auto | pyav | decord | opencv"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    compare: bool = typer.Option(False, "--compare", help="also run the unaccelerated model, side by side"),
+    as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object on stdout"),
+):
+    """Answer a question about a video (no arguments: the embedded model on a bundled sample)."""
+    try:
+        result = _run_video_qa(video, question, model, method, retention, preset, frames, fps, backend,
+                               max_new_tokens, compare)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        _print_video_qa(result)
+
+
+def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
+                  max_new_tokens, compare) -> dict:
+    if frames is not None and fps is not None:
+        raise UserError("give either --frames or --fps, not both")
+    if video is None:
+        video, default_q = _sample_video()
+        question = question or default_q
+    if not question:
+        raise UserError("a question is required: -q 'What happens in the video?'")
+    from .config import AccelConfig
+    from .pipeline import Pipeline, load_model, prepare_media
+
+    cfg = AccelConfig.load(preset, method=method, retention=retention)
+    media = prepare_media(str(video), None if fps else (frames or 8), fps, backend)  # fail before loading a model
+    _quiet_transformers()
+    loaded = load_model(model_dir) if model_dir else _default_model()
+    result = {"video": str(video), "question": question}
+    if compare:
+        base = Pipeline(*loaded, method="none")
+        result["baseline"] = base.ask(media, question, max_new_tokens).to_dict()
+        base.restore()
+    pipe = Pipeline(*loaded, config=cfg)
+    answer = pipe.ask(media, question, max_new_tokens)
+    result.update(answer.to_dict())
+    result["config"] = cfg.model_dump()
+    return result
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _default_model():
+    from .embedded import load_default_model
+
+    return load_default_model()
+
+
+def _row(label: str, item: dict) -> str:
+    s = item["stats"]
+    t = s["timings"]
+    return (f"{label:12s} {item['answer']!r:28s} visual tokens {s['visual_tokens_in']}->{s['visual_tokens_kept']:<5d} "
+            f"prefill {t.get('prefill', 0) * 1e3:7.1f} ms  total {t.get('total', 0) * 1e3:7.1f} ms")
+
+
+def _print_video_qa(result: dict) -> None:
+    typer.echo(f"video:    {result['video']} ({result['media'].get('frames', '?')} frames)")
+    typer.echo(f"question: {result['question']}")
+    if "baseline" in result:
+        typer.echo(_row("baseline", result["baseline"]))
+        typer.echo(_row(result["config"]["method"], result))
+    else:
+        typer.echo(f"answer:   {result['answer']}")
+        typer.echo(_row(result["config"]["method"], result))
+
+
+def main():
+    try:
+        app()
+    except UserError as err:  # pragma: no cover - safety net
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Pipeline and the video-qa command line, on a saved tiny model and real video files."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmaccel import Pipeline
+from mmaccel.cli import app
+from mmaccel.testing.tiny import build
+from conftest import image
+
+
+def write_video(path, frames=12, size=56):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=6)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            arr = np.full((size, size, 3), 200, dtype=np.uint8)
+            arr[10:20, 4 * i % size: 4 * i % size + 10] = (220, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_ov")
+    model, proc = build("llava_onevision", seed=1)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def test_pipeline_image_and_video(saved_model, tmp_path):
+    pipe = Pipeline(str(saved_model), method="fastv", retention=0.25)
+    ans = pipe.ask(image(1), "what is the color ?", max_new_tokens=3)
+    assert isinstance(ans.text, str) and ans.stats.visual_tokens_kept < ans.stats.visual_tokens_in
+    video = write_video(tmp_path / "clip.mp4")
+    vans = pipe.ask(str(video), "which direction does the red square move ?", max_new_tokens=3, num_frames=4)
+    assert vans.media["frames"] == 4 and vans.stats.visual_tokens_in > 0
+    answers = pipe.ask_batch([(image(2), "what is the color ?"), ([image(3), image(4)], "how many ?")], max_new_tokens=2)
+    assert len(answers) == 2
+    model = pipe.restore()
+    assert "generate" not in vars(model)
+
+
+def test_pipeline_answers_match_model_generate(saved_model):
+    """The Pipeline's answer is the model's own greedy answer (method none)."""
+    pipe = Pipeline(str(saved_model), method="none")
+    ans = pipe.ask(image(5), "what is the color ?", max_new_tokens=4)
+    proc = pipe.processor
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                    "text": "what is the color ?"}]}], add_generation_prompt=True)
+    inputs = proc(text=[text], images=[image(5)], return_tensors="pt")
+    pipe.restore()
+    with torch.no_grad():
+        out = pipe.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert ans.text == proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def test_pipeline_refuses_pickle_only_dirs(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    with pytest.raises(ValueError, match="no .safetensors"):
+        Pipeline(str(tmp_path))
+
+
+def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
+    video = write_video(tmp_path / "clip.mp4")
+    runner = CliRunner()
+    res = runner.invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                              "--method", "pool", "--retention", "0.25", "--frames", "4", "--json",
+                              "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["config"]["method"] == "pool" and data["stats"]["visual_tokens_kept"] < data["stats"]["visual_tokens_in"]
+    res = runner.invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                              "--preset", "fastv-50", "--compare", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert "baseline" in res.stdout and "fastv" in res.stdout and "prefill" in res.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--retention", "2"], "retention"),
+    (["--preset", "nope"], "no config file or preset"),
+    (["--frames", "4", "--fps", "2"], "either --frames or --fps"),
+])
+def test_cli_user_errors_are_one_line(saved_model, tmp_path, argv, message):
+    video = write_video(tmp_path / "clip.mp4", frames=4)
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "q ?", "--model", str(saved_model), *argv])
+    assert res.exit_code != 0
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_cli_corrupt_and_missing_video(saved_model, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    for path in (bad, tmp_path / "missing.mp4"):
+        res = CliRunner().invoke(app, ["video-qa", str(path), "-q", "q ?", "--model", str(saved_model)])
+        assert res.exit_code == 1 and res.output.startswith("error: ") and "Traceback" not in res.output
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys, mmaccel.cli as c; sys.argv=['mmaccel','--help']\ntry: c.main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "video-qa" in out.stdout
+    assert out.stdout.strip().endswith("False")
+    assert time.perf_counter() - start < 3.0
+
+
+def test_import_mmaccel_is_light():
+    code = "import sys, mmaccel; print(sorted(m for m in ('torch','gradio','av','triton','cv2') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"
