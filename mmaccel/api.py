@@ -20,6 +20,19 @@ class AccelHandle:
     def stats(self) -> Stats:
         return self._runtime.stats
 
+    def kept_visual_positions(self):
+        """Per sample of the last call: sorted original sequence positions of the visual tokens
+        that reached the last decoder layer (LongTensor each)."""
+        from .runtime import kept_visual_positions
+
+        return kept_visual_positions(self._runtime.request)
+
+    def provenance(self):
+        """Per sample of the last call: {kept visual position: original positions it stands for}."""
+        from .runtime import provenance
+
+        return provenance(self._runtime.request)
+
     @property
     def method(self):
         return self._runtime.method

@@ -30,7 +30,7 @@ def _sample_video() -> tuple[Path, str]:
     if not meta_path.exists():
         raise UserError(f"no bundled sample video at {meta_path}; pass a VIDEO and -q QUESTION")
     meta = json.loads(meta_path.read_text())
-    return ASSETS / meta["video"], meta["question"]
+    return ASSETS / meta.get("video", "sample_video.mp4"), meta["question"]
 
 
 @app.command("methods")

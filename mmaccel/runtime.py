@@ -35,6 +35,7 @@ class Stage:
     valid: torch.Tensor  # (B, L) bool, False on padding
     visual: torch.Tensor  # (B, L) bool
     positions: torch.Tensor  # (B, L) or (3, B, L)
+    orig: torch.Tensor | None = None  # (B, L) index of each token in the original sequence
     layer_kwargs: dict = field(default_factory=dict)  # attention_mask, position_embeddings, position_ids
 
 
@@ -49,6 +50,8 @@ class Request:
     next_pos: torch.Tensor | None = None  # (B,) next position of each sample
     decode_tail: torch.Tensor | None = None  # (B, n) mask of decoded tokens
     decode_masks: dict = field(default_factory=dict)  # stage index -> mask of this step
+    sources: list = field(default_factory=list)  # per sample: {kept position: merged source positions}
+    final: Stage | None = None  # the stage the last decoder layer saw
 
 
 def _cache_len(cache, layer: int = 0) -> int:
@@ -264,13 +267,14 @@ class Runtime:
         positions = self._input_positions(kwargs.get("position_ids"), mask2d, batch, length, embeds.device)
         if not self.splicing:
             req.stages = []
-            self._stage0_unspliced = Stage(0, valid, visual, positions)
+            orig = torch.arange(length, device=embeds.device).expand(batch, -1)
+            self._stage0_unspliced = req.final = Stage(0, valid, visual, positions, orig)
             return None
         keep, embeds = self._pre_llm(embeds, segments, valid, visual)
         index, new_valid = pack_kept(keep)
         stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,
-                      self._new_positions(positions, index, new_valid))
-        req.stages = [stage]
+                      self._new_positions(positions, index, new_valid), index)
+        req.stages, req.final = [stage], stage
         req.next_pos = self._next_positions(positions, valid)
         kwargs["inputs_embeds"] = gather_tokens(embeds, index)
         kwargs["attention_mask"] = new_valid.long()
@@ -319,6 +323,7 @@ class Runtime:
         if not isinstance(self.method, PreLLMReducer) or not segments:
             return keep, embeds
         embeds = embeds.clone()
+        self.request.sources = [{} for _ in range(embeds.shape[0])]
         frac = self.method.keep_fraction()
         for sample in range(embeds.shape[0]):
             segs = [s for s in segments if s.sample == sample]
@@ -330,6 +335,9 @@ class Runtime:
                 keep[sample, kept_pos] = True
                 if red.features is not None:
                     embeds[sample, kept_pos] = red.features.to(embeds.dtype)
+                if red.groups is not None:
+                    for pos, group in zip(kept_pos.tolist(), red.groups):
+                        self.request.sources[sample][pos] = seg.positions[group.cpu()]
         return keep, embeds
 
     def _decode_inputs(self, args, kwargs):
@@ -410,7 +418,8 @@ class Runtime:
         index, valid = pack_kept(keep)
         new_hidden = gather_tokens(hidden, index)
         positions = self._new_positions(stage.positions, index, valid)
-        new = Stage(idx, valid, gather_tokens(stage.visual, index) & valid, positions)
+        new = Stage(idx, valid, gather_tokens(stage.visual, index) & valid, positions,
+                    torch.gather(stage.orig, 1, index))
         rotary = self.adapter.language_model.rotary_emb
         text_pos = positions if positions.dim() == 2 else compact_positions(valid)
         new.layer_kwargs = {
@@ -419,10 +428,29 @@ class Runtime:
             "position_ids": text_pos if kwargs.get("position_ids") is not None else None,
         }
         req.stages.append(new)
+        req.final = new
         args = (new_hidden,) + tuple(args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = new_hidden
         return args, kwargs
+
+
+def kept_visual_positions(request: Request | None) -> list[torch.Tensor]:
+    """Per sample: original sequence positions of the visual tokens the last layer saw (sorted)."""
+    if request is None or request.final is None:
+        return []
+    st = request.final
+    return [st.orig[b][st.visual[b] & st.valid[b]].sort().values for b in range(st.orig.shape[0])]
+
+
+def provenance(request: Request | None) -> list[dict[int, torch.Tensor]]:
+    """Per sample: kept visual position -> original positions it stands for (itself, or the
+    tokens merged into it by a pre-LLM merging method)."""
+    out = []
+    for b, kept in enumerate(kept_visual_positions(request)):
+        merged = request.sources[b] if b < len(request.sources) else {}
+        out.append({p: merged.get(p, torch.tensor([p])) for p in kept.tolist()})
+    return out
 
 
 def allocate(sizes: list[int], total: int) -> list[int]:

@@ -16,36 +16,64 @@ WRAPPER_PREFIX = "mmaccel_"
 
 
 def query_subset_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor,
-                           mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                           mask: torch.Tensor | None, scaling: float, causal: bool = True) -> torch.Tensor:
     """Attention probabilities of selected query rows against all keys.
 
     query: (B, H, Tq, D); key: (B, Hkv, Tk, D) with H a multiple of Hkv (GQA); rows: (B, Q)
-    long indices into Tq; mask: None, or (B|1, 1|H, Tq, Tk) bool (True = attend) or additive float.
+    long indices into Tq; mask: None (then ``causal`` decides), or (B|1, 1|H, Tq, Tk) bool
+    (True = attend) or additive float.
     Returns (B, H, Q, Tk) float32. Cost O(B*H*Q*Tk*D), never Tq x Tk.
     """
     b, h, _, d = query.shape
     q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
     k = key.float().repeat_interleave(h // key.shape[1], dim=1)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if mask is None:  # causal only: key j is visible to query i iff j <= i + (Tk - Tq)
+    if mask is None and causal:  # causal only: key j is visible to query i iff j <= i + (Tk - Tq)
         offset = key.shape[2] - query.shape[2]
         visible = torch.arange(key.shape[2], device=key.device)[None, None, :] <= (rows + offset)[:, :, None]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    else:
+    elif mask is not None:
         m = torch.gather(mask.expand(b, -1, -1, -1), 2,
                          rows[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[-1]))
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
     return torch.softmax(logits, dim=-1)
 
 
+def mean_received_attention(query, key, mask, scaling, causal: bool = False, chunk: int = 256) -> torch.Tensor:
+    """Mean attention each key receives over all queries, (B, H, Tk), in query chunks so the
+    full Tq x Tk matrix never exists at once (for encoders without a CLS token)."""
+    b, _, tq, _ = query.shape
+    total = None
+    for start in range(0, tq, chunk):
+        rows = torch.arange(start, min(start + chunk, tq), device=query.device).expand(b, -1)
+        part = query_subset_attention(query, key, rows, mask, scaling, causal).sum(2)
+        total = part if total is None else total + part
+    return total / tq
+
+
 @dataclass
 class TapRequest:
-    """Ask a layer's attention call for the probabilities of some query rows (prefill only)."""
+    """Ask a layer's attention call for scores (prefill only).
 
-    rows: torch.Tensor | None = None  # (B, Q); None = the last query of every sample
-    probs: torch.Tensor | None = None  # filled in: (B, H, Q, Tk)
+    mode ``"rows"``: probabilities of query ``rows`` (None = the last query), stored in ``probs``
+    as (B, H, Q, Tk). Mode ``"cls"``: rows = [0]. Mode ``"mean_received"``: (B, H, Tk) mean over
+    queries. Every call appends to ``collected`` (a layer may attend per image chunk).
+    """
+
+    rows: torch.Tensor | None = None
+    mode: str = "rows"
+    probs: torch.Tensor | None = None
     enabled: bool = True
-    extra: dict = field(default_factory=dict)
+    collected: list = field(default_factory=list)
+
+    def compute(self, module, query, key, mask, scaling, causal) -> torch.Tensor:
+        if self.mode == "mean_received":
+            return mean_received_attention(query, key, mask, scaling, causal)
+        rows = self.rows
+        if rows is None:
+            start = 0 if self.mode == "cls" else query.shape[2] - 1
+            rows = torch.full((query.shape[0], 1), start, dtype=torch.long, device=query.device)
+        return query_subset_attention(query, key, rows, mask, scaling, causal)
 
 
 def _eager_of(module):
@@ -63,12 +91,12 @@ def _wrapped(base_name: str):
         out = fn(module, query, key, value, attention_mask, *args, **kwargs)
         tap: TapRequest | None = getattr(module, "_mmaccel_tap", None)
         if tap is not None and tap.enabled and query.shape[2] > 1:
-            rows = tap.rows
-            if rows is None:
-                rows = torch.full((query.shape[0], 1), query.shape[2] - 1, dtype=torch.long, device=query.device)
-            scaling = kwargs.get("scaling") or module.scaling
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or module.scale
+            causal = kwargs.get("is_causal")
+            causal = getattr(module, "is_causal", True) if causal is None else causal
             mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-            tap.probs = query_subset_attention(query, key, rows, mask, scaling)
+            tap.probs = tap.compute(module, query, key, mask, scaling, causal)
+            tap.collected.append(tap.probs)
         return out
 
     return attention

@@ -263,3 +263,27 @@ def test_save_pretrained_reload_accelerate_generate(tmp_path):
     with accelerate_vlm(loaded, method="pool", retention=0.25) as handle, torch.no_grad():
         loaded.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert handle.stats.visual_tokens_kept < handle.stats.visual_tokens_in
+
+
+@pytest.mark.parametrize("method", ["pool", "fastv", "random", "none"])
+def test_kept_positions_and_provenance(tiny_models, method):
+    model, proc = tiny_models("llava_next")
+    inputs = make_inputs(proc, batch=2)
+    retention = None if method == "none" else 0.25
+    with accelerate_vlm(model, method=method, retention=retention) as handle, torch.no_grad():
+        model(**inputs)
+        kept = handle.kept_visual_positions()
+        prov = handle.provenance()
+        stats = handle.stats
+    image_id = model.config.image_token_id
+    assert sum(k.numel() for k in kept) == stats.visual_tokens_per_layer[-1]
+    for b, positions in enumerate(kept):
+        assert torch.all(inputs["input_ids"][b, positions] == image_id)
+        assert torch.all(positions.diff() > 0)
+        sources = torch.cat(list(prov[b].values()))
+        assert torch.all(inputs["input_ids"][b, sources] == image_id)
+        if method == "pool":  # every visual token is accounted for exactly once (newlines of dropped rows aside)
+            assert sources.unique().numel() == sources.numel()
+            assert sources.numel() > 3 * positions.numel()
+        else:
+            assert torch.equal(sources.sort().values, positions)

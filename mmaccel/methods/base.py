@@ -44,6 +44,7 @@ class Reduction:
 
     keep: torch.Tensor  # (k,) long, sorted, indices into the segment
     features: torch.Tensor | None = None  # (k, D) replacement features (merging methods)
+    groups: list[torch.Tensor] | None = None  # per kept token: local indices merged into it
 
 
 @dataclass

@@ -65,9 +65,10 @@ class Pool(PreLLMReducer):
     def _pool_1d(self, features, budget):
         n = features.shape[0]
         edges = _window_edges(n, max(1, min(budget, n)))
-        pooled = F.adaptive_avg_pool1d(features.t().unsqueeze(0), len(edges))[0].t()
+        pooled = F.adaptive_avg_pool1d(features.t().unsqueeze(0).float(), len(edges))[0].t()
         keep = torch.tensor([s for s, _ in edges], device=features.device)
-        return Reduction(keep, pooled.to(features.dtype))
+        groups = [torch.arange(s, e) for s, e in edges]
+        return Reduction(keep, pooled.to(features.dtype), groups)
 
     def _pool_2d(self, features, segment, grid):
         h, w = grid
@@ -77,12 +78,14 @@ class Pool(PreLLMReducer):
         raster = features[: h * cols].reshape(h, cols, -1)
         pixels = raster[:, :w].permute(2, 0, 1).unsqueeze(0)
         pooled = F.adaptive_avg_pool2d(pixels.float(), (oh, ow))[0].permute(1, 2, 0).to(features.dtype)
-        keep, feats = [], []
+        keep, feats, groups = [], [], []
         for i, (r0, r1) in enumerate(_window_edges(h, oh)):
-            for j, (c0, _) in enumerate(_window_edges(w, ow)):
+            for j, (c0, c1) in enumerate(_window_edges(w, ow)):
                 keep.append(r0 * cols + c0)
                 feats.append(pooled[i, j])
+                groups.append((torch.arange(r0, r1)[:, None] * cols + torch.arange(c0, c1)[None]).flatten())
             if segment.part.newline:
                 keep.append((r1 - 1) * cols + w)
                 feats.append(raster[r1 - 1, w])
-        return Reduction(torch.tensor(keep, device=features.device), torch.stack(feats))
+                groups.append(torch.tensor([(r1 - 1) * cols + w]))
+        return Reduction(torch.tensor(keep, device=features.device), torch.stack(feats), groups)

@@ -79,6 +79,24 @@ class VLMAdapter:
     def vision_tower(self):
         return getattr(self.inner, "vision_tower", None) or getattr(self.inner, "visual", None)
 
+    @property
+    def vision_layers(self):
+        """The vision tower's transformer blocks, in order."""
+        tower = self.vision_tower
+        if hasattr(tower, "blocks"):
+            return tower.blocks
+        model = getattr(tower, "vision_model", tower)
+        return model.encoder.layers
+
+    @staticmethod
+    def attention_of(block):
+        return getattr(block, "self_attn", None) or block.attn
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """CLIP towers prepend a CLS token; SigLIP and Qwen2-VL towers have none."""
+        return getattr(self.model.config.vision_config, "model_type", "") == "clip_vision_model"
+
     def placeholder_ids(self) -> dict[str, int]:
         ids = {"image": self.model.config.image_token_id}
         video = getattr(self.model.config, "video_token_id", None)
