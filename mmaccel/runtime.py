@@ -216,6 +216,9 @@ class Runtime:
     def _on_inner(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if getattr(cache, "is_compileable", False) and self.splicing:
+            raise ValueError("mmaccel shortens the KV cache per layer, which a static cache cannot hold: "
+                             "use the default dynamic cache (drop cache_implementation='static')")
         if _cache_len(cache) == 0:
             if input_ids is None and any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
                 raise ValueError("mmaccel needs input_ids (not inputs_embeds) to locate the visual placeholders")
@@ -256,7 +259,11 @@ class Runtime:
         segments = self._segments(batch)
         self.records = []
         mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2) and self.splicing:
+            raise ValueError("mmaccel needs the 2-D padding attention mask (batch, length) the processor returns, "
+                             "not a prepared 4-D mask")
         mask2d = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None
+        self.stats.visual_tokens_per_layer, self._per_sample_layers = [], []  # the latest prefill counts
         valid = mask2d.bool() if mask2d is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         visual = torch.zeros_like(valid)
         for seg in segments:

@@ -287,3 +287,17 @@ def test_kept_positions_and_provenance(tiny_models, method):
             assert sources.numel() > 3 * positions.numel()
         else:
             assert torch.equal(sources.sort().values, positions)
+
+
+def test_beam_search_and_static_cache(tiny_models):
+    model, proc = tiny_models("llava_onevision")
+    inputs = make_inputs(proc, batch=2)
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+    with accelerate_vlm(model, method="fastv", retention=1.0), torch.no_grad():
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2), reference)
+    with accelerate_vlm(model, method="fastv", retention=0.25) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+        assert handle.stats.visual_tokens_per_layer[-1] < handle.stats.visual_tokens_per_layer[0]
+        with pytest.raises(ValueError, match="dynamic cache"):
+            model.generate(**inputs, max_new_tokens=3, cache_implementation="static")
