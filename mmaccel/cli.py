@@ -133,6 +133,70 @@ def _print_video_qa(result: dict) -> None:
         typer.echo(_row(result["config"]["method"], result))
 
 
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks (fidelity, speed).")
+app.add_typer(bench_app, name="bench")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+@bench_app.command("fidelity")
+def bench_fidelity(
+    method: Optional[str] = typer.Option(None, "--method", help="one method (or use --sweep)"),
+    retention: Optional[float] = typer.Option(None, "--retention"),
+    n: int = typer.Option(200, "--n", help="held-out samples"),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model directory (default: embedded model)"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
+    sweep: bool = typer.Option(False, "--sweep", help="all --methods x --retentions; table + plot in --out"),
+    methods: str = typer.Option("random,pool,fastv", "--methods"),
+    retentions: str = typer.Option("1.0,0.5,0.25,0.11", "--retentions"),
+    out: Path = typer.Option(Path("results/fidelity"), "--out"),
+):
+    """Accuracy per family, agreement, first-token KL and tokens per layer of a method on the world."""
+    try:
+        result = _run_fidelity(method, retention, n, seed, model, batch_size, sweep, methods, retentions, out)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        _fail(str(err).splitlines()[0])
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    from .bench.fidelity import markdown_table
+
+    typer.echo(markdown_table(result))
+
+
+def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, methods, retentions, out):
+    from .config import AccelConfig
+
+    if not sweep and method is None:
+        raise UserError("give --method (and --retention), or --sweep")
+    names = methods.split(",") if sweep else [method]
+    for name in names:
+        AccelConfig.load(None, method=name)  # unknown names fail before any work
+    rets = _floats(retentions, "--retentions") if sweep else [retention]
+    for r in rets:
+        AccelConfig.load(None, method=names[0], retention=r)
+    from .bench.fidelity import sweep as run_sweep, write_sweep
+    from .pipeline import load_model
+    from .world.samples import generate_samples
+
+    _quiet_transformers()
+    loaded = load_model(model_dir) if model_dir else _default_model()
+    samples = generate_samples(n, seed=seed, split="test")
+    progress = lambda p: typer.echo(f"{p['method']} r={p['retention']}: acc {p['aggregates']['all']:.3f} "
+                                    f"agree {p['agreement']:.3f}", err=True)
+    result = run_sweep(*loaded, samples, names, rets, batch_size, progress)
+    if sweep:
+        for path in write_sweep(result, out).values():
+            typer.echo(f"wrote {path}", err=True)
+    return result
+
+
 def main():
     try:
         app()

@@ -1,0 +1,194 @@
+"""The fidelity benchmark: what an acceleration costs in answers, on the embedded world.
+
+For a method and retention it reports accuracy per question family, answer agreement with
+the unaccelerated model, the mean KL(p_base || p_accel) of the first answer token, visual
+tokens per LLM layer (mean per sample), the analytic prefill FLOP ratio, and wall time.
+A sweep over methods x retentions writes a Markdown table, a PNG plot and one JSON file.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunResult:
+    """Answers, first-token log-probabilities and cost of one evaluation pass."""
+
+    answers: list[str]
+    first_logprobs: list  # per sample: (V,) float32 tensor
+    visual_tokens_in: int = 0
+    visual_tokens_per_layer: list[int] = field(default_factory=list)
+    prefill_flops: float = 0.0
+    prefill_flops_full: float = 0.0
+    seconds: float = 0.0
+
+
+def run_samples(model, processor, samples, batch_size: int = 16, max_new_tokens: int = 32, handle=None) -> RunResult:
+    """Greedy answers of ``samples``, batched like the model's evaluation (same media shape per batch)."""
+    import torch
+
+    from ..embedded.data import encode_prompts
+    from ..embedded.evaluate import group_key
+
+    groups = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[group_key(s)].append(i)
+    res = RunResult([""] * len(samples), [None] * len(samples))
+    start = time.perf_counter()
+    for idx in groups.values():
+        for k in range(0, len(idx), batch_size):
+            chunk = idx[k:k + batch_size]
+            _run_batch(model, processor, [samples[i] for i in chunk], chunk, res, max_new_tokens, handle)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _run_batch(model, processor, batch, chunk, res: RunResult, max_new_tokens, handle) -> None:
+    import torch
+
+    from ..embedded.data import encode_prompts
+
+    inputs = encode_prompts(processor, batch).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    first = torch.log_softmax(out.logits[0].float(), dim=-1)
+    for j, i in enumerate(chunk):
+        res.answers[i] = texts[j].strip()
+        res.first_logprobs[i] = first[j]
+    if handle is not None:
+        _add_stats(res, handle.stats)
+
+
+def _add_stats(res: RunResult, stats) -> None:
+    res.visual_tokens_in += stats.visual_tokens_in
+    layers = stats.visual_tokens_per_layer
+    res.visual_tokens_per_layer = [a + b for a, b in zip(res.visual_tokens_per_layer, layers)] or list(layers)
+    res.prefill_flops += stats.prefill_flops
+    res.prefill_flops_full += stats.prefill_flops_full
+
+
+def compare(samples, base: RunResult, run: RunResult) -> dict:
+    """Accuracy per family, agreement with the baseline and mean first-token KL."""
+    import torch
+
+    from ..embedded.evaluate import summarize
+
+    summary = summarize(samples, run.answers)
+    agree = sum(a == b for a, b in zip(base.answers, run.answers)) / len(samples)
+    kls = [torch.sum(p.exp() * (p - q)).item() for p, q in zip(base.first_logprobs, run.first_logprobs)]
+    n = len(samples)
+    return {
+        "families": {f: r["accuracy"] for f, r in summary["families"].items()},
+        "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
+        "agreement": agree,
+        "first_token_kl": sum(kls) / n,
+        "visual_tokens_in_per_sample": run.visual_tokens_in / n,
+        "visual_tokens_per_layer_per_sample": [v / n for v in run.visual_tokens_per_layer],
+        "flop_ratio": run.prefill_flops_full / run.prefill_flops if run.prefill_flops else 1.0,
+        "seconds": run.seconds,
+        "baseline_seconds": base.seconds,
+    }
+
+
+def evaluate(model, processor, samples, method: str, retention: float | None, base: RunResult,
+             batch_size: int = 16) -> dict:
+    """One (method, retention) point against a precomputed baseline."""
+    from ..api import accelerate_vlm
+
+    with accelerate_vlm(model, method=method, retention=retention) as handle:
+        run = run_samples(model, processor, samples, batch_size, handle=handle)
+    return {"method": method, "retention": retention, **compare(samples, base, run)}
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def sweep(model, processor, samples, methods: list[str], retentions: list[float], batch_size: int = 16,
+          progress=None) -> dict:
+    """All (method, retention) points plus the baseline's own accuracy."""
+    from ..embedded.evaluate import summarize
+
+    run_samples(model, processor, samples[: min(len(samples), 4)], batch_size)  # warm-up, not timed
+    base = run_samples(model, processor, samples, batch_size)
+    summary = summarize(samples, base.answers)
+    out = {"environment": environment(), "n": len(samples), "points": [],
+           "baseline": {"families": {f: r["accuracy"] for f, r in summary["families"].items()},
+                        "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
+                        "seconds": base.seconds}}
+    for method in methods:
+        for retention in retentions:
+            point = evaluate(model, processor, samples, method, retention, base, batch_size)
+            out["points"].append(point)
+            if progress:
+                progress(point)
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """One row per (method, retention): accuracy, agreement, KL, tokens, FLOP ratio, time."""
+    fams = list(result["baseline"]["families"])
+    head = ["method", "retention", "all", *fams, "agree", "KL", "vis tok/sample (last layer)", "FLOP x", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = result["baseline"]
+    lines.append("| " + " | ".join(["baseline", "1.0", f"{base['aggregates']['all']:.3f}",
+                                     *[f"{base['families'][f]:.3f}" for f in fams], "1.000", "0", "", "1.00",
+                                     f"{base['seconds']:.1f}"]) + " |")
+    for p in result["points"]:
+        vis = p["visual_tokens_per_layer_per_sample"]
+        row = [p["method"], str(p["retention"]), f"{p['aggregates']['all']:.3f}",
+               *[f"{p['families'].get(f, float('nan')):.3f}" for f in fams], f"{p['agreement']:.3f}",
+               f"{p['first_token_kl']:.4f}", f"{vis[-1]:.1f}" if vis else "", f"{p['flop_ratio']:.2f}",
+               f"{p['seconds']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Accuracy (all families) vs retention, one line per method, baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    by_method = defaultdict(list)
+    for p in result["points"]:
+        by_method[p["method"]].append((p["retention"], p["aggregates"]["all"]))
+    for method, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([r for r, _ in pts], [a for _, a in pts], marker="o", label=method)
+    ax.axhline(result["baseline"]["aggregates"]["all"], color="gray", linestyle="--", label="no reduction")
+    ax.set_xlabel("retention (fraction of visual tokens kept)")
+    ax.set_ylabel("exact-match accuracy (all families)")
+    ax.set_title(f"Fidelity on the embedded world (n={result['n']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_sweep(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "fidelity.json", "md": out_dir / "fidelity.md", "png": out_dir / "fidelity.png"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    env = result["environment"]
+    note = (f"Machine: {env['processor']}, {env['threads']} threads, torch {env['torch']}, "
+            f"transformers {env['transformers']}, {env['date']}. n={result['n']} held-out samples.\n\n")
+    paths["md"].write_text("# Fidelity sweep\n\n" + note + markdown_table(result) + "\n")
+    plot(result, paths["png"])
+    return paths
