@@ -50,6 +50,7 @@ class Request:
     next_pos: torch.Tensor | None = None  # (B,) next position of each sample
     decode_tail: torch.Tensor | None = None  # (B, n) mask of decoded tokens
     decode_masks: dict = field(default_factory=dict)  # stage index -> mask of this step
+    visual_in: list = field(default_factory=list)  # per sample: visual tokens at the LLM input
     sources: list = field(default_factory=list)  # per sample: {kept position: merged source positions}
     final: Stage | None = None  # the stage the last decoder layer saw
 
@@ -282,6 +283,7 @@ class Runtime:
         stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,
                       self._new_positions(positions, index, new_valid), index)
         req.stages, req.final = [stage], stage
+        req.visual_in = (stage.visual & stage.valid).sum(1).tolist()
         req.next_pos = self._next_positions(positions, valid)
         kwargs["inputs_embeds"] = gather_tokens(embeds, index)
         kwargs["attention_mask"] = new_valid.long()
@@ -382,6 +384,8 @@ class Runtime:
                 return self._decode_layer(idx, args, kwargs)
             if idx in self.schedule:
                 args, kwargs = self._prune(idx, args, kwargs)
+            if idx in self.taps:  # after this layer's own pruning: rows index what it will see
+                self._set_query_rows(idx)
             stage = req.stages[-1] if req.stages else self._stage0_unspliced
             self._count_layer(stage)
             if len(req.stages) > 1:
@@ -415,13 +419,30 @@ class Runtime:
         return create_causal_mask(config=self.adapter.text_config, inputs_embeds=ref, attention_mask=mask2d,
                                   cache=cache, layer_idx=layer_idx)
 
+    def _set_query_rows(self, idx: int) -> None:
+        """Before a tap layer runs: which query rows of the current stage score the keys."""
+        req = self.request
+        tap = self.taps[idx]._mmaccel_tap
+        if self.method.query == "last" or not req.stages:
+            tap.rows, tap.extra = None, {}
+            return
+        stage = req.stages[-1]
+        rows, valid = text_query_rows(stage.valid, stage.visual)
+        tap.rows, tap.extra = rows, {"row_valid": valid}
+
     def _prune(self, idx, args, kwargs):
         req = self.request
         hidden = args[0] if args else kwargs["hidden_states"]
         stage = req.stages[-1]
-        probs = self.taps[self.method.tap_layer(idx)]._mmaccel_tap.probs
-        scores = self.method.importance(probs)[:, : stage.valid.shape[1]]
-        keep = select_visual(scores, stage.valid, stage.visual, self.schedule[idx])
+        tap = self.taps[self.method.tap_layer(idx)]._mmaccel_tap
+        probs = tap.probs[..., : stage.valid.shape[1]]
+        rows, row_valid = tap.rows, tap.extra.get("row_valid")
+        if rows is None:  # the last query of every sample
+            rows = torch.full((probs.shape[0], 1), probs.shape[-1] - 1, dtype=torch.long, device=probs.device)
+            row_valid = torch.ones_like(rows, dtype=torch.bool)
+        scores = self.method.importance(probs, rows, row_valid, stage.valid & ~stage.visual)
+        budgets = [round(n * self.schedule[idx]) for n in req.visual_in]
+        keep = select_visual(scores, stage.valid, stage.visual, budgets)
         index, valid = pack_kept(keep)
         new_hidden = gather_tokens(hidden, index)
         positions = self._new_positions(stage.positions, index, valid)
@@ -474,8 +495,23 @@ def allocate(sizes: list[int], total: int) -> list[int]:
     return out
 
 
-def select_visual(scores, valid, visual, fraction: float) -> torch.Tensor:
-    """Keep every valid text token and the top ``round(n_visual * fraction)`` visual tokens per row.
+def text_query_rows(valid: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the valid text tokens after the first visual token (the question and the
+    generation prompt), padded by repeating the last one. Returns rows (B, Q), row_valid (B, Q)."""
+    pos = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    first_visual = torch.where(visual, pos, valid.shape[1]).amin(1, keepdim=True)
+    text = valid & ~visual & (pos > first_visual)
+    text[:, -1] |= valid[:, -1]  # the last real token always scores
+    picked = [row.nonzero().flatten() for row in text]
+    q = max(p.numel() for p in picked)
+    rows = torch.stack([torch.cat([p, p[-1:].expand(q - p.numel())]) for p in picked])
+    row_valid = torch.arange(q, device=valid.device)[None] < torch.tensor([p.numel() for p in picked],
+                                                                             device=valid.device)[:, None]
+    return rows, row_valid
+
+
+def select_visual(scores, valid, visual, budgets: list[int]) -> torch.Tensor:
+    """Keep every valid text token and the top ``budgets[b]`` visual tokens of row b.
 
     scores: (B, L) importance; valid, visual: (B, L) bool. Returns keep (B, L) bool.
     """
@@ -483,7 +519,7 @@ def select_visual(scores, valid, visual, fraction: float) -> torch.Tensor:
     candidates = valid & visual
     for row in range(scores.shape[0]):
         idx = candidates[row].nonzero().flatten()
-        k = int(round(idx.numel() * fraction))
+        k = min(int(budgets[row]), idx.numel())
         if k > 0:
             top = scores[row, idx].float().topk(k).indices
             keep[row, idx[top]] = True

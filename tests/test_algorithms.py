@@ -29,7 +29,7 @@ def test_select_visual_keeps_text_and_top_visual():
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.2, 0.0]])
     valid = torch.tensor([[False, True, True, True, True, True]])
     visual = torch.tensor([[False, False, True, True, True, False]])
-    keep = select_visual(scores, valid, visual, 2 / 3)
+    keep = select_visual(scores, valid, visual, [2])
     assert keep.tolist() == [[False, True, True, True, False, True]]
 
 
@@ -74,3 +74,13 @@ def test_query_subset_attention_matches_full_softmax():
     ref_pad = torch.softmax(full.masked_fill(~pad, float("-inf")), -1)
     got_pad = query_subset_attention(q, k, rows[:, :1], pad, 0.3)
     torch.testing.assert_close(got_pad[1, :, 0], ref_pad[1, :, 8])
+
+
+def test_text_query_rows_pick_text_after_the_media():
+    from mmaccel.runtime import text_query_rows
+
+    valid = torch.tensor([[True, True, True, True, True, True], [False, False, True, True, True, True]])
+    visual = torch.tensor([[False, True, True, False, False, False], [False, False, False, True, False, False]])
+    rows, row_valid = text_query_rows(valid, visual)
+    assert rows.tolist() == [[3, 4, 5], [4, 5, 5]]
+    assert row_valid.tolist() == [[True, True, True], [True, True, False]]

@@ -38,7 +38,7 @@ def prefill_lengths(model, inputs):
     return probe.lengths, kv
 
 
-@pytest.mark.parametrize("method", ["fastv", "pool", "random"])
+@pytest.mark.parametrize("method", ["fastv", "pool", "random", "aim"])
 def test_quarter_retention_shortens_the_sequence_and_cache(tiny_models, family, method):
     model, proc = tiny_models(family)
     inputs = make_inputs(proc, batch=1)
@@ -148,7 +148,7 @@ def test_padded_batch_matches_single_samples(tiny_models, family):
     """Per-sample budgets: a sample keeps the same tokens and answer alone and in a padded batch."""
     model, proc = tiny_models(family)
     batch = make_inputs(proc, batch=2)
-    for method in ("fastv", "pool", "random"):
+    for method in ("fastv", "pool", "random", "aim"):
         with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
             both = model(**batch).logits[:, -1]
             per_layer_batch = handle.stats.visual_tokens_per_layer

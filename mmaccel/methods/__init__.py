@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from .base import InLLMPruner, Method, PreLLMReducer, Reduction
+from .aim import AIM
 from .fastv import FastV
 from .simple import NoneMethod, Pool, RandomDrop
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM)}
 
 
 def list_methods() -> list[str]:

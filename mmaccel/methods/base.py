@@ -60,16 +60,20 @@ class PreLLMReducer(Method):
 class InLLMPruner(Method):
     """Prunes visual tokens inside the decoder at chosen layers, from query-subset attention."""
 
-    query: ClassVar[str] = "last"  # which queries score the keys: "last" | "text"
+    query: ClassVar[str] = "last"  # which queries score the keys: "last" | "text" (all text after the media)
 
     def schedule(self, num_layers: int) -> list[tuple[int, float]]:
-        """[(layer, fraction of the visual tokens entering that layer to keep)]."""
+        """[(layer, fraction of each sample's visual tokens at the LLM input to keep from that layer on)]."""
         raise NotImplementedError
 
     def tap_layer(self, prune_layer: int) -> int:
         """Layer whose attention scores decide the pruning at ``prune_layer``."""
         return prune_layer - 1
 
-    def importance(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs: (B, H, Q, T) attention of the query subset -> (B, T) importance."""
-        return probs.mean(dim=(1, 2))
+    def importance(self, probs: torch.Tensor, rows: torch.Tensor, row_valid: torch.Tensor,
+                   text_keys: torch.Tensor) -> torch.Tensor:
+        """probs: (B, H, Q, T) attention of the query rows ``rows`` (B, Q) (positions in the current
+        sequence); row_valid: (B, Q) bool (padded query rows are False); text_keys: (B, T) bool.
+        Returns (B, T) importance (higher = keep)."""
+        weights = row_valid.float() / row_valid.float().sum(1, keepdim=True).clamp(min=1)
+        return torch.einsum("bhqt,bq->bt", probs, weights) / probs.shape[1]

@@ -1,0 +1,142 @@
+"""AIM (Zhong et al., ICCV 2025; LaVi-Lab/AIM): merge visual tokens before the LLM, then
+prune them progressively inside it.
+
+Merge (per image / crop / frame, on the projected features): bipartite soft matching in the
+ToMe style. Tokens alternate into sets A (even) and B (odd); every A token finds its most
+cosine-similar B token; the ``r`` best-matched A tokens are averaged into their B token with an
+unweighted mean that includes the destination (the official ``scatter_reduce(mean)``). The
+official passes are r = n/2 then r = n/4 (keep 25%); here passes repeat with r = min(cur - k,
+cur // 2) until the ``retention`` budget k is met, so 0.25 reproduces the official setting.
+
+Prune (inside the LLM, official schedule scaled to depth): from the middle layer on, the
+visual tokens kept fall linearly and reach 0 at 3/4 depth (28 layers: 14 -> 21, -12.5%/layer),
+ranked by a PageRank-style importance: attention at temperature tau=0.1, 5 power iterations.
+
+Deliberate differences from the official code, each for a reason:
+- merged tokens stay in spatial order at the slot of their B token (the official code
+  concatenates unmerged A then B); a second pass therefore alternates over that order;
+- importance uses text-to-visual attention only (the text tokens after the media: the
+  question), computed by the query-subset tap; PageRank runs over the text-to-text block and
+  the visual importance is the stationary text distribution pushed through text-to-visual
+  attention, RMS over heads. The official code needs eager attention and an N x N softmax at
+  every layer;
+- pruned tokens leave the hidden states and the KV cache (the official code masks them), and
+  the official single-sample ``protected_num[0]`` becomes a per-sample budget;
+- ``retention`` sets the merge budget (the LLM's input); the in-LLM schedule then applies its
+  official relative rates (``prune=False`` turns it off). ``retention=1.0`` means no reduction
+  at any stage, like every other method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import Segment
+from .base import InLLMPruner, PreLLMReducer, Reduction
+
+
+def bipartite_merge(x: torch.Tensor, r: int, groups: list[torch.Tensor] | None = None):
+    """One AIM merge pass over tokens in order.
+
+    x: (n, D). Merges the ``r`` A tokens (even slots) most similar to a B token (odd slots) into
+    it. Returns (kept slot indices into x (m,), merged features (m, D), groups (sources per kept))
+    with m = n - r, kept in order. ``groups`` carries earlier passes' sources.
+    """
+    n = x.shape[0]
+    groups = groups if groups is not None else [torch.tensor([i]) for i in range(n)]
+    a_idx, b_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
+    r = max(0, min(r, a_idx.numel(), b_idx.numel()))
+    if r == 0:
+        return torch.arange(n), x, groups
+    metric = F.normalize(x.float(), dim=-1)
+    best, dest = (metric[a_idx] @ metric[b_idx].T).max(-1)
+    merged_a = best.argsort(descending=True)[:r]
+    out = x[b_idx].float().scatter_reduce(0, dest[merged_a, None].expand(-1, x.shape[1]),
+                                          x[a_idx[merged_a]].float(), reduce="mean", include_self=True)
+    new_groups = {int(b): [groups[int(b)]] for b in b_idx}
+    for a, d in zip(a_idx[merged_a].tolist(), dest[merged_a].tolist()):
+        new_groups[int(b_idx[d])].append(groups[a])
+    kept_a = torch.ones(a_idx.numel(), dtype=torch.bool)
+    kept_a[merged_a] = False
+    slots = torch.cat([a_idx[kept_a], b_idx]).sort()
+    feats = torch.cat([x[a_idx[kept_a]].float(), out])[slots.indices]
+    out_groups = [torch.cat(new_groups[s]) if s in new_groups else groups[s] for s in slots.values.tolist()]
+    return slots.values, feats.to(x.dtype), out_groups
+
+
+def merge_to_budget(x: torch.Tensor, k: int):
+    """Repeated AIM passes (r = min(cur - k, cur // 2)) until ``k`` tokens remain.
+    Returns (kept slot indices into x, features (k, D), groups of original indices)."""
+    slots = torch.arange(x.shape[0])
+    feats, groups = x, None
+    while feats.shape[0] > max(k, 1):
+        r = min(feats.shape[0] - k, feats.shape[0] // 2)
+        keep, feats, groups = bipartite_merge(feats, r, groups)
+        slots = slots[keep]
+        if r == 0:
+            break
+    return slots, feats, groups or [torch.tensor([int(s)]) for s in slots]
+
+
+def aim_schedule(num_layers: int, start: float = 0.5, end: float = 0.75) -> list[tuple[int, float]]:
+    """Official rates scaled to depth: rate 1 before ``start``*L, falling linearly to 0 at ``end``*L."""
+    first, last = round(num_layers * start), round(num_layers * end)
+    span = max(1, last - first + 1)
+    return [(layer, max(0.0, 1.0 - (layer - first + 1) / span)) for layer in range(first, num_layers)]
+
+
+def pagerank_importance(probs, rows, row_valid, tau: float = 0.1, iters: int = 5) -> torch.Tensor:
+    """PageRank-style visual importance from text-query attention.
+
+    probs: (B, H, Q, T) attention of the query rows ``rows`` (B, Q) (their key positions);
+    row_valid: (B, Q). The text distribution starts uniform and is pushed ``iters`` times through
+    the text-to-text block of the attention at temperature ``tau``; the result pushed through
+    the text-to-all attention, RMS over heads, is the importance (B, T).
+    """
+    sharp = torch.softmax(probs.clamp_min(1e-30).log() / tau, dim=-1)
+    valid = row_valid.float()[:, None]  # (B, 1, Q)
+    dist = valid.expand(-1, sharp.shape[1], -1) / valid.sum(-1, keepdim=True).clamp(min=1)
+    index = rows[:, None].expand(-1, sharp.shape[1], -1)
+    for _ in range(iters):
+        dist = torch.gather(torch.einsum("bhq,bhqt->bht", dist, sharp), 2, index) * valid
+        dist = dist / dist.sum(-1, keepdim=True).clamp(min=1e-12)
+    return torch.einsum("bhq,bhqt->bht", dist, sharp).pow(2).mean(1).sqrt()
+
+
+@dataclass
+class AIM(PreLLMReducer, InLLMPruner):
+    name = "aim"
+    description = "merge similar visual tokens per frame, then prune progressively in the LLM by PageRank"
+    query = "text"
+    retention: float | None = 0.25
+    prune: bool = True
+    prune_start: float = 0.5
+    prune_end: float = 0.75
+    tau: float = 0.1
+    iters: int = 5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.prune_start <= self.prune_end <= 1.0:
+            raise ValueError(f"aim needs 0 < prune_start <= prune_end <= 1, got {self.prune_start}, {self.prune_end}")
+
+    def reduce(self, features, segment: Segment, budget: int) -> Reduction:
+        structural = segment.token_kinds()
+        grid_idx = (~structural).nonzero().flatten()
+        k = max(0, budget - int(structural.sum()))
+        slots, feats, groups = merge_to_budget(features[grid_idx], k)
+        keep = torch.cat([grid_idx[slots], structural.nonzero().flatten()])
+        order = keep.argsort()
+        feats = torch.cat([feats, features[structural]])[order]
+        groups = [grid_idx[g] for g in groups] + [torch.tensor([int(i)]) for i in structural.nonzero().flatten()]
+        return Reduction(keep[order].to(features.device), feats, [groups[i] for i in order.tolist()])
+
+    def schedule(self, num_layers: int):
+        if not self.prune or self.keep_fraction() >= 1.0:  # retention 1.0: no reduction at any stage
+            return []
+        return aim_schedule(num_layers, self.prune_start, self.prune_end)
+
+    def importance(self, probs, rows, row_valid, text_keys):
+        return pagerank_importance(probs, rows, row_valid, self.tau, self.iters)

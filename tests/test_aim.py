@@ -1,0 +1,64 @@
+"""AIM: merging and PageRank importance on hand-checkable inputs, official schedule."""
+import pytest
+import torch
+
+from mmaccel.methods.aim import AIM, aim_schedule, bipartite_merge, merge_to_budget, pagerank_importance
+from mmaccel.models.base import Part, Segment
+
+
+def test_identical_tokens_merge_and_distinct_ones_stay():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    keep, feats, groups = bipartite_merge(x, 1)
+    # A = {0, 2}, B = {1, 3}: token 0 is identical to token 1, so it is the one merged
+    assert keep.tolist() == [1, 2, 3]
+    assert torch.equal(feats[0], x[1]) and [g.tolist() for g in groups] == [[1, 0], [2], [3]]
+
+
+def test_merge_is_an_unweighted_mean_including_the_destination():
+    x = torch.tensor([[2.0, 1.0], [4.0, 2.0], [6.0, 3.0], [0.0, -5.0]])
+    keep, feats, groups = bipartite_merge(x, 2)  # both A tokens (0, 2) go to B token 1
+    assert keep.tolist() == [1, 3]
+    torch.testing.assert_close(feats[0], torch.tensor([4.0, 2.0]))  # mean of 2,4,6
+    assert sorted(groups[0].tolist()) == [0, 1, 2]
+
+
+def test_official_two_passes_keep_a_quarter_and_cover_everything():
+    torch.manual_seed(0)
+    x = torch.randn(196, 8)
+    slots, feats, groups = merge_to_budget(x, 49)
+    assert feats.shape == (49, 8) and slots.numel() == 49 and torch.all(slots.diff() > 0)
+    covered = torch.cat(groups).sort().values
+    assert torch.equal(covered, torch.arange(196))
+    for slot, group in zip(slots.tolist(), groups):  # each kept token sits at one of its own sources
+        assert slot in group.tolist()
+
+
+def test_schedule_matches_the_official_28_layer_rates():
+    rates = dict(aim_schedule(28))
+    assert min(rates) == 14 and rates[14] == pytest.approx(0.875) and rates[17] == pytest.approx(0.5)
+    assert rates[21] == 0.0 and rates[27] == 0.0
+
+
+def test_pagerank_prefers_the_token_the_text_attends_to():
+    probs = torch.full((1, 2, 2, 6), 0.02)
+    probs[..., 4] = 0.02
+    probs[0, :, :, 1] = 0.6  # both text queries look at visual token 1
+    probs = probs / probs.sum(-1, keepdim=True)
+    rows, valid = torch.tensor([[4, 5]]), torch.tensor([[True, True]])
+    imp = pagerank_importance(probs, rows, valid)
+    assert imp.shape == (1, 6) and imp[0].argmax() == 1
+
+
+def test_aim_reduce_keeps_newlines_and_budget():
+    feats = torch.randn(4 * 5, 3)
+    seg = Segment(0, torch.arange(20), Part(20, (4, 4), newline=True))
+    red = AIM().reduce(feats, seg, 8)
+    is_newline = seg.token_kinds()
+    assert red.keep.numel() == 8 and set(is_newline.nonzero().flatten().tolist()) <= set(red.keep.tolist())
+    assert torch.all(red.keep.diff() > 0)
+
+
+def test_aim_retention_one_disables_every_stage():
+    assert AIM(retention=1.0).schedule(28) == [] and AIM().schedule(28)
+    with pytest.raises(ValueError, match="prune_start"):
+        AIM(prune_start=0.9, prune_end=0.5)
