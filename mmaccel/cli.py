@@ -197,6 +197,40 @@ def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, meth
     return result
 
 
+@bench_app.command("speed")
+def bench_speed(
+    methods: str = typer.Option("fastv,pool,random,aim", "--methods"),
+    retentions: str = typer.Option("0.25,0.11", "--retentions"),
+    repeats: int = typer.Option(5, "--repeats"),
+    warmup: int = typer.Option(2, "--warmup"),
+    threads: int = typer.Option(2, "--threads"),
+    small: bool = typer.Option(False, "--small", help="tiny decoder: checks the plumbing, not speed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for speed.json and speed.md"),
+):
+    """Prefill wall-time speedup beside the analytic FLOP ratio on a LLaVA-1.5-shaped model."""
+    try:
+        from .config import AccelConfig
+
+        names, rets = methods.split(","), _floats(retentions, "--retentions")
+        for name in names:
+            for r in rets:
+                AccelConfig.load(None, method=name, retention=r)
+    except (UserError, ValueError) as err:
+        _fail(str(err).splitlines()[0])
+    from .bench.speed import markdown, run
+
+    _quiet_transformers()
+    progress = lambda p: typer.echo(f"{p.method} r={p.retention}: {p.speedup:.2f}x (FLOP ratio {p.flop_ratio:.2f})",
+                                    err=True)
+    result = run(names, rets, repeats, warmup, threads, small, progress)
+    table = markdown(result)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2))
+        (out / "speed.md").write_text("# Prefill speed\n\n" + table + "\n")
+    typer.echo(table)
+
+
 def main():
     try:
         app()

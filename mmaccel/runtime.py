@@ -82,6 +82,8 @@ class Runtime:
         self._in_generate = False
         self._pending_ids = None
         self._saved_attn = None
+        self.vision_tap = None
+        self._pack_calls: list[dict] = []
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "Runtime":
@@ -89,6 +91,7 @@ class Runtime:
         for name in self.adapter.feature_methods():
             if hasattr(inner, name):
                 self._patch(inner, name, self._wrap_features(getattr(inner, name), name))
+        self._install_vision_tap()
         self._patch(self.adapter.model, "generate", self._wrap_generate(self.adapter.model.generate))
         self.handles.append(self.adapter.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
         self.handles.append(self.adapter.model.register_forward_hook(self._on_call_end))
@@ -109,6 +112,9 @@ class Runtime:
                 delattr(obj, name)
         for attn in self.taps.values():
             del attn._mmaccel_tap
+        if self.vision_tap is not None:
+            self.vision_tap.remove()
+            self.vision_tap = None
         if self._saved_attn is not None:
             self.adapter.text_config._attn_implementation_internal = self._saved_attn
         self.handles, self.patched, self.taps, self.request = [], [], {}, None
@@ -117,6 +123,29 @@ class Runtime:
         had = name in vars(obj)
         self.patched.append((obj, name, had, vars(obj).get(name)))
         setattr(obj, name, value)
+
+    def _install_vision_tap(self) -> None:
+        layers = self.method.vision_layers(self.adapter) if hasattr(self.method, "vision_layers") else []
+        if not layers:
+            return
+        from .vision.taps import VisionTap
+
+        self.vision_tap = VisionTap(self.adapter, layers, getattr(self.method, "vision_mode", "auto")).install()
+        inner = self.adapter.inner
+        if hasattr(inner, "pack_image_features"):
+            self._patch(inner, "pack_image_features", self._wrap_pack(inner.pack_image_features))
+
+    def _wrap_pack(self, fn):
+        import inspect
+
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            self._pack_calls.append(dict(signature.bind(*args, **kwargs).arguments))
+            return fn(*args, **kwargs)
+
+        return wrapper
 
     def _install_taps(self) -> None:
         tap_layers = {self.method.tap_layer(k) for k in self.schedule}
@@ -168,6 +197,11 @@ class Runtime:
             self.request.prefill = False
 
     def _finish_prefill_stats(self) -> None:
+        scoring = sum(attn._mmaccel_tap.seconds for attn in self.taps.values())
+        for attn in self.taps.values():
+            attn._mmaccel_tap.seconds = 0.0
+        if self.taps:
+            self.stats.add_time("scoring", scoring)
         per_layer = self._per_sample_layers
         cfg = self.adapter.text_config
         self.stats.tokens_per_layer = [sum(x) for x in per_layer]
@@ -186,10 +220,16 @@ class Runtime:
 
         @functools.wraps(fn)  # generate() inspects the signature to pre-encode media
         def wrapper(*args, **kwargs):
+            if self.vision_tap is not None:
+                self.vision_tap.clear()
+            self._pack_calls = []
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             self.stats.add_time("vision", time.perf_counter() - start)
             call = dict(kwargs)
+            if self.vision_tap is not None:
+                call["_vision_scores"] = {k: list(v) for k, v in self.vision_tap.scores.items()}
+                call["_pack"] = self._pack_calls
             if args:
                 call.setdefault("pixel_values_videos" if kind == "video" else "pixel_values", args[0])
                 if len(args) > 1:
@@ -249,11 +289,32 @@ class Runtime:
             if flat.shape[0] == 0:
                 continue
             feats = [f for fs, _ in records for f in fs]
-            parts = [p for fs, c in records for p in self.adapter.media_parts(kind, fs, c)] if records else []
-            segments += _place(flat, parts, kind, feats)
+            per_record = [self.adapter.media_parts(kind, fs, c) for fs, c in records]
+            parts = [p for media in per_record for p in media]
+            scores = [s for (fs, c), media in zip(records, per_record) for s in self._media_scores(kind, c, media)]
+            segments += _place(flat, parts, kind, feats, scores)
         return segments
 
+    def _media_scores(self, kind, call, media_parts) -> list:
+        """Per media, per part: {vision layer: (n, H) scores}, or None without a vision tap."""
+        if self.vision_tap is None or "_vision_scores" not in call:
+            return [None] * len(media_parts)
+        per_layer = {layer: self.adapter.media_scores(kind, entries, media_parts, call)
+                     for layer, entries in call["_vision_scores"].items()}
+        tiles = self.adapter.media_tiles(kind, media_parts, call)
+        if tiles is not None:
+            per_layer["tile"] = tiles
+        return [[{layer: per_layer[layer][m][p] for layer in per_layer} for p in range(len(parts))]
+                for m, parts in enumerate(media_parts)]
+
     def _prefill_splice(self, args, kwargs):
+        start = time.perf_counter()
+        try:
+            return self._prefill_splice_inner(args, kwargs)
+        finally:
+            self.stats.add_time("reduce", time.perf_counter() - start)
+
+    def _prefill_splice_inner(self, args, kwargs):
         req = self.request
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
@@ -335,19 +396,23 @@ class Runtime:
         self.request.sources = [{} for _ in range(embeds.shape[0])]
         frac = self.method.keep_fraction()
         for sample in range(embeds.shape[0]):
-            segs = [s for s in segments if s.sample == sample]
-            budgets = allocate([s.n for s in segs], round(frac * sum(s.n for s in segs)))
-            for seg, budget in zip(segs, budgets):
-                red = self.method.reduce(embeds[sample, seg.positions], seg, budget)
-                keep[sample, seg.positions] = False
-                kept_pos = seg.positions.to(embeds.device)[red.keep]
-                keep[sample, kept_pos] = True
-                if red.features is not None:
-                    embeds[sample, kept_pos] = red.features.to(embeds.dtype)
-                if red.groups is not None:
-                    for pos, group in zip(kept_pos.tolist(), red.groups):
-                        self.request.sources[sample][pos] = seg.positions[group.cpu()]
+            media = _group_media([s for s in segments if s.sample == sample])
+            sizes = [sum(s.n for s in segs) for segs in media]
+            for segs, budget in zip(media, allocate(sizes, round(frac * sum(sizes)))):
+                feats = [embeds[sample, s.positions] for s in segs]
+                for seg, red in zip(segs, self.method.reduce_media(feats, segs, budget)):
+                    self._apply_reduction(embeds, keep, sample, seg, red)
         return keep, embeds
+
+    def _apply_reduction(self, embeds, keep, sample, seg, red) -> None:
+        keep[sample, seg.positions] = False
+        kept_pos = seg.positions.to(embeds.device)[red.keep]
+        keep[sample, kept_pos] = True
+        if red.features is not None:
+            embeds[sample, kept_pos] = red.features.to(embeds.dtype)
+        if red.groups is not None:
+            for pos, group in zip(kept_pos.tolist(), red.groups):
+                self.request.sources[sample][pos] = seg.positions[group.cpu()]
 
     def _decode_inputs(self, args, kwargs):
         req = self.request
@@ -383,7 +448,9 @@ class Runtime:
             if not req.prefill:
                 return self._decode_layer(idx, args, kwargs)
             if idx in self.schedule:
+                start = time.perf_counter()
                 args, kwargs = self._prune(idx, args, kwargs)
+                self.stats.add_time("reduce", time.perf_counter() - start)
             if idx in self.taps:  # after this layer's own pruning: rows index what it will see
                 self._set_query_rows(idx)
             stage = req.stages[-1] if req.stages else self._stage0_unspliced
@@ -526,16 +593,26 @@ def select_visual(scores, valid, visual, budgets: list[int]) -> torch.Tensor:
     return keep
 
 
-def _place(flat: torch.Tensor, parts: list[list], kind: str, feats: list) -> list[Segment]:
+def _group_media(segments: list[Segment]) -> list[list[Segment]]:
+    """Segments of one sample grouped by media item, in order."""
+    groups: dict[tuple, list[Segment]] = {}
+    for seg in segments:
+        groups.setdefault((seg.part.kind, seg.media), []).append(seg)
+    return list(groups.values())
+
+
+def _place(flat: torch.Tensor, parts: list[list], kind: str, feats: list, scores=None) -> list[Segment]:
     """Map media parts (in feature order) onto placeholder positions ``flat`` (N, 2)."""
     if not parts or sum(p.length for media in parts for p in media) != flat.shape[0]:
         return _runs(flat, kind)
+    scores = scores or [None] * len(parts)
     segments, offset = [], 0
-    for media_idx, media in enumerate(parts):
+    for media_idx, (media, media_scores) in enumerate(zip(parts, scores)):
         sample = int(flat[offset, 0])
         for part_idx, part in enumerate(media):
             rows = flat[offset: offset + part.length]
-            segments.append(Segment(sample, rows[:, 1].clone(), part, media_idx, part_idx))
+            part_scores = media_scores[part_idx] if media_scores is not None else None
+            segments.append(Segment(sample, rows[:, 1].clone(), part, media_idx, part_idx, part_scores))
             offset += part.length
     return _renumber_media(segments)
 

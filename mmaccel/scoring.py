@@ -8,6 +8,7 @@ also computes ``softmax(q_sel k^T * scale + mask_sel)`` for the selected query r
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,8 @@ class TapRequest:
     probs: torch.Tensor | None = None
     enabled: bool = True
     collected: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    seconds: float = 0.0  # time spent computing scores (the scoring overhead)
 
     def compute(self, module, query, key, mask, scaling, causal) -> torch.Tensor:
         if self.mode == "mean_received":
@@ -95,7 +98,9 @@ def _wrapped(base_name: str):
             causal = kwargs.get("is_causal")
             causal = getattr(module, "is_causal", True) if causal is None else causal
             mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
+            start = time.perf_counter()
             tap.probs = tap.compute(module, query, key, mask, scaling, causal)
+            tap.seconds += time.perf_counter() - start
             tap.collected.append(tap.probs)
         return out
 

@@ -14,7 +14,10 @@ class Stats:
     tokens_per_layer: all tokens (text + visual) each decoder layer processed during prefill.
     prefill_flops: analytic FLOPs of the decoder prefill (projections, MLP, causal attention,
         LM head on the last position), from the actual per-layer lengths.
-    timings: stage -> seconds (``vision``, ``prefill``, ``decode``, ``total``).
+    timings: stage -> seconds: ``vision`` (tower + projector), ``prefill`` (the prefill forward;
+        in ``generate`` the media are encoded before it), ``decode``, ``total`` (generate), and the
+        method's own overhead inside prefill: ``reduce`` (selection, merging, splicing) and
+        ``scoring`` (query-subset attention scores).
     """
 
     method: str = "none"

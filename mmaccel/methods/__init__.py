@@ -4,9 +4,11 @@ from __future__ import annotations
 from .base import InLLMPruner, Method, PreLLMReducer, Reduction
 from .aim import AIM
 from .fastv import FastV
+from .hired import HiRED
 from .simple import NoneMethod, Pool, RandomDrop
+from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip)}
 
 
 def list_methods() -> list[str]:

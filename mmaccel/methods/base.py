@@ -55,6 +55,14 @@ class PreLLMReducer(Method):
         """features: (n, D) projected features of ``segment``; keep ``budget`` tokens."""
         raise NotImplementedError
 
+    def reduce_media(self, features: list[torch.Tensor], segments: list[Segment], budget: int) -> list[Reduction]:
+        """All parts of one media item (base image + crops, or frames). Default: the budget is
+        split across parts by size and each part is reduced on its own."""
+        from ..runtime import allocate
+
+        budgets = allocate([s.n for s in segments], budget)
+        return [self.reduce(f, s, b) for f, s, b in zip(features, segments, budgets)]
+
 
 @dataclass
 class InLLMPruner(Method):

@@ -30,6 +30,7 @@ class Segment:
     part: Part
     media: int = 0
     index: int = 0  # part index within the media
+    scores: dict = None  # vision layer -> (n, H) tap scores (NaN on newline tokens), when requested
 
     @property
     def n(self) -> int:
@@ -103,6 +104,18 @@ class VLMAdapter:
         if video is not None:
             ids["video"] = video
         return ids
+
+    def media_scores(self, kind: str, entries: list, media_parts: list, call: dict) -> list[list]:
+        """Vision-tap entries of one layer -> per media, per part, (n, H) scores."""
+        raise ValueError(f"{type(self.model).__name__}: vision scores are not mapped for this family")
+
+    def media_tiles(self, kind: str, media_parts: list, call: dict):
+        """Per media, per part: (n, 1) tile index of each token (any-resolution families), or None."""
+        return None
+
+    def original_pack(self, **kwargs):
+        """The inner model's own ``pack_image_features`` (unwrapped)."""
+        return type(self.inner).pack_image_features(self.inner, **kwargs)
 
     def feature_methods(self) -> tuple[str, ...]:
         """Names of the inner model's feature methods that the runtime wraps to learn layouts."""

@@ -10,6 +10,11 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
 
+    def media_scores(self, kind, entries, media_parts, call):
+        from .scores import llava_scores
+
+        return llava_scores(self, entries, media_parts)
+
 
 def anyres_parts(feature: torch.Tensor, newline: torch.Tensor | None, base_tokens: int, kind="image") -> list[Part]:
     """Parts of one packed any-resolution image: the base image grid, then the unpadded crop
@@ -39,3 +44,13 @@ class LlavaNextAdapter(VLMAdapter):
     def media_parts(self, kind, features, call):
         newline = getattr(self.inner, "image_newline", None)
         return [anyres_parts(f, newline, self.base_tokens(), kind) for f in features]
+
+    def media_scores(self, kind, entries, media_parts, call):
+        from .scores import anyres_scores
+
+        return anyres_scores(self, entries, media_parts, call["_pack"][-1])
+
+    def media_tiles(self, kind, media_parts, call):
+        from .scores import anyres_crop_ids
+
+        return anyres_crop_ids(self, media_parts, call["_pack"][-1]) if kind == "image" else None

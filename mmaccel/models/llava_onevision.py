@@ -14,6 +14,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def feature_methods(self):
         return ("get_image_features", "get_video_features")
 
+    def media_scores(self, kind, entries, media_parts, call):
+        if kind == "image":
+            return super().media_scores(kind, entries, media_parts, call)
+        from .scores import onevision_video_scores
+
+        return onevision_video_scores(self, entries, media_parts)
+
     def media_parts(self, kind, features, call):
         if kind == "image":
             return super().media_parts(kind, features, call)

@@ -16,6 +16,12 @@ class Qwen2VLAdapter(VLMAdapter):
     def vision_tower(self):
         return self.inner.visual
 
+    def media_scores(self, kind, entries, media_parts, call):
+        from .scores import qwen_scores
+
+        grids = call.get("image_grid_thw" if kind == "image" else "video_grid_thw")
+        return qwen_scores(self, entries, media_parts, grids)
+
     def media_parts(self, kind, features, call):
         grids = call.get("image_grid_thw" if kind == "image" else "video_grid_thw")
         merge = self.inner.visual.spatial_merge_size

@@ -1,0 +1,165 @@
+"""The speed benchmark: measured LLM prefill wall time beside the analytic FLOP ratio.
+
+A LLaVA-1.5-shaped random-weight model (CLIP tower at 336 px / patch 14 -> 576 visual tokens,
+a Llama decoder of about 0.5B parameters) is built from configs. For each (method, retention)
+the LLM prefill (language model forward, including mmaccel's splice, scoring and pruning) is
+timed against the unaccelerated model in the same process, interleaved, median of ``repeats``
+after ``warmup`` runs. The vision tower is shrunk (it is identical for every method and is
+not what the ratio measures); its time is reported separately.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+LLAVA15_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=2048)
+
+
+def build_llava15_shaped(text: dict | None = None, image_size: int = 336, vision_layers: int = 2, seed: int = 0):
+    """(model, inputs): LlavaForConditionalGeneration with ``(image_size/14)^2`` visual tokens."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text_cfg = LlamaConfig(**(text or LLAVA15_TEXT), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=14, hidden_size=256, intermediate_size=512,
+                              num_hidden_layers=vision_layers, num_attention_heads=4)
+    image_token = text_cfg.vocab_size - 1
+    cfg = LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=image_token,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    n_visual = (image_size // 14) ** 2
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, image_token, (1, 40), generator=gen)
+    ids = torch.cat([prompt[:, :5], torch.full((1, n_visual), image_token), prompt[:, 5:]], 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(1, 3, image_size, image_size, generator=gen)}
+    return model, inputs
+
+
+class LMTimer:
+    """Times each language-model call; registered before ``accelerate_vlm`` so it includes the
+    splice and pruning hooks."""
+
+    def __init__(self, model):
+        lm = model.model.language_model
+        self.times: list[float] = []
+        self._handles = [lm.register_forward_pre_hook(self._start), lm.register_forward_hook(self._stop)]
+
+    def _start(self, module, args):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        self.times.append(time.perf_counter() - self._t0)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class Point:
+    method: str
+    retention: float
+    base_ms: float
+    accel_ms: float
+    flop_ratio: float
+    scoring_share: float
+    reduce_share: float
+    visual_tokens_in: int
+    visual_tokens_last_layer: int
+
+    @property
+    def speedup(self) -> float:
+        return self.base_ms / self.accel_ms
+
+    @property
+    def efficiency(self) -> float:
+        """Measured speedup as a fraction of the analytic FLOP ratio."""
+        return self.speedup / self.flop_ratio
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "speedup": self.speedup, "efficiency": self.efficiency}
+
+
+def time_prefill(model, inputs, timer: LMTimer, repeats: int, warmup: int) -> float:
+    """Median LLM prefill milliseconds of ``repeats`` forward passes after ``warmup``."""
+    import torch
+
+    timer.times.clear()
+    with torch.inference_mode():
+        for _ in range(warmup + repeats):
+            model(**inputs, logits_to_keep=1, use_cache=True)
+    return statistics.median(timer.times[warmup:]) * 1e3
+
+
+def measure(model, inputs, method: str, retention: float, repeats: int = 5, warmup: int = 2) -> Point:
+    """One (method, retention) point, interleaving baseline and accelerated runs."""
+    import torch
+
+    from ..api import accelerate_vlm
+
+    timer = LMTimer(model)
+    base, accel = [], []
+    try:
+        for _ in range(repeats):
+            base.append(time_prefill(model, inputs, timer, 1, warmup))
+            with accelerate_vlm(model, method=method, retention=retention) as handle:
+                accel.append(time_prefill(model, inputs, timer, 1, warmup))
+                stats = handle.stats
+            warmup = 0
+    finally:
+        timer.remove()
+    accel_ms = statistics.median(accel)
+    t = stats.timings
+    return Point(method, retention, statistics.median(base), accel_ms, stats.flop_ratio,
+                 t.get("scoring", 0.0) * 1e3 / accel_ms, t.get("reduce", 0.0) * 1e3 / accel_ms,
+                 stats.visual_tokens_in, stats.visual_tokens_kept)
+
+
+def environment(threads: int) -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": threads,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run(methods: list[str], retentions: list[float], repeats: int = 5, warmup: int = 2, threads: int = 2,
+        small: bool = False, progress=None) -> dict:
+    """The whole benchmark; ``small`` uses a tiny decoder (for tests of the plumbing only)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, inputs = build_llava15_shaped(SMALL_TEXT if small else None, image_size=112 if small else 336)
+    params = sum(p.numel() for p in model.model.language_model.parameters())
+    points = []
+    for method in methods:
+        for retention in retentions:
+            point = measure(model, inputs, method, retention, repeats, warmup)
+            points.append(point.to_dict())
+            if progress:
+                progress(point)
+    return {"environment": environment(threads), "llm_parameters": params,
+            "sequence_length": int(inputs["input_ids"].shape[1]), "repeats": repeats, "points": points}
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"LLaVA-1.5-shaped random model: {result['llm_parameters'] / 1e6:.0f}M-parameter decoder, "
+             f"{result['sequence_length']} tokens. CPU, {env['threads']} threads, torch {env['torch']}, "
+             f"transformers {env['transformers']}, {env['date']}. Median of {result['repeats']}.", "",
+             "| method | retention | visual tokens (last layer) | base ms | accel ms | speedup | FLOP ratio | "
+             "speedup / FLOP ratio | scoring % | reduce % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in result["points"]:
+        lines.append(f"| {p['method']} | {p['retention']} | {p['visual_tokens_in']} -> {p['visual_tokens_last_layer']} | "
+                     f"{p['base_ms']:.1f} | {p['accel_ms']:.1f} | {p['speedup']:.2f} | {p['flop_ratio']:.2f} | "
+                     f"{p['efficiency']:.2f} | {100 * p['scoring_share']:.1f} | {100 * p['reduce_share']:.1f} |")
+    return "\n".join(lines)
