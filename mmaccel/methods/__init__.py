@@ -6,9 +6,10 @@ from .aim import AIM
 from .fastv import FastV
 from .hired import HiRED
 from .simple import NoneMethod, Pool, RandomDrop
+from .stc import STCPruner
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip, STCPruner)}
 
 
 def list_methods() -> list[str]:

@@ -1,0 +1,69 @@
+"""STC-Pruner (Wang et al., CVPR 2026; lern-to-write/STC): per video frame, keep the tokens
+that are *least* like the frame's spatial anchor and the running temporal anchor.
+
+Per frame: keep the 50% of channels with the lowest variance over the frame's tokens, L2-normalise,
+and score every token with a multi-bandwidth Gaussian kernel
+``g(x, c) = sum_a exp(-||x - c||^2 / (2a))``, a in {1/8, 1/4, 1/2, 1, 2}, against the frame mean
+(spatial anchor) and the mean of the frame means seen so far (temporal anchor). The
+``token_per_frame`` lowest scores survive, in spatial order. Official default: 60 of 196 tokens
+per frame (``retention = 60/196``).
+
+Differences: the temporal anchor includes the current frame (the official running list is
+appended before use and is never reset between videos; here it is reset per video, and a
+streaming session will own it); images are treated as one-frame videos; structural newline
+tokens are always kept. STC-Cacher (ViT reuse across frames) and the streaming session are
+separate pieces not implemented yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import PreLLMReducer, Reduction
+
+BANDWIDTHS = (0.125, 0.25, 0.5, 1.0, 2.0)
+
+
+def gaussian_similarity(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """x: (n, d), centre: (d,) -> (n,) sum of Gaussian kernels over the official bandwidths."""
+    d2 = (x - centre).pow(2).sum(-1)
+    return sum(torch.exp(-d2 / (2 * a)) for a in BANDWIDTHS)
+
+
+def stc_scores(frame: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """frame: (n, D) features. Returns (scores (n,), frame anchor); lower score = more novel.
+    ``memory`` holds the anchors of earlier frames and gets this frame's anchor appended."""
+    f = frame.float()
+    low_var = f.var(0).argsort()[: max(1, f.shape[1] // 2)]
+    f = F.normalize(f[:, low_var], dim=-1)
+    anchor = f.mean(0)
+    memory.append(anchor)
+    temporal = torch.stack(memory).mean(0)
+    return gaussian_similarity(f, anchor) + gaussian_similarity(f, temporal), anchor
+
+
+@dataclass
+class STCPruner(PreLLMReducer):
+    name = "stc"
+    description = "keep per-frame tokens least similar to the frame and temporal anchors (STC-Pruner, pre-LLM)"
+    retention: float | None = 60 / 196
+
+    def reduce_media(self, features, segments, budget):
+        from ..runtime import allocate
+
+        memory: list[torch.Tensor] = []
+        budgets = allocate([s.n for s in segments], budget)
+        out = []
+        for feats, seg, k in zip(features, segments, budgets):
+            structural = seg.token_kinds()
+            grid_idx = (~structural).nonzero().flatten()
+            if grid_idx.numel() == 0:
+                out.append(Reduction(torch.arange(seg.n)))
+                continue
+            scores, _ = stc_scores(feats[grid_idx], memory)
+            k = max(0, min(k - int(structural.sum()), grid_idx.numel()))
+            kept = grid_idx[scores.topk(k, largest=False).indices] if k else grid_idx[:0]
+            out.append(Reduction(torch.cat([kept, structural.nonzero().flatten()]).sort().values))
+        return out

@@ -1,0 +1,44 @@
+"""STC-Pruner: novelty scoring on hand-checkable frames, per-frame budgets in a real video run."""
+import torch
+
+from mmaccel import accelerate_vlm
+from mmaccel.methods.stc import STCPruner, gaussian_similarity, stc_scores
+from mmaccel.models.base import Part, Segment
+from conftest import make_inputs
+
+
+def test_gaussian_similarity_peaks_at_the_centre():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    s = gaussian_similarity(x, torch.zeros(2))
+    assert s[0] == 5.0 and s[0] > s[1] > s[2]
+
+
+def test_the_odd_token_out_scores_lowest():
+    torch.manual_seed(0)
+    frame = torch.ones(6, 8)
+    frame[:, 4:] = 10 * torch.randn(6, 4)  # high-variance channels are ignored by STC
+    frame[3, 0] = -1.0  # the novel token, in a low-variance channel
+    memory = []
+    scores, anchor = stc_scores(frame, memory)
+    assert scores.argmin() == 3 and len(memory) == 1
+
+
+def test_pruner_keeps_budget_per_frame_and_the_newline():
+    torch.manual_seed(0)
+    segs = [Segment(0, torch.arange(i * 4, i * 4 + 4), Part(4, (2, 2), kind="video"), 0, i) for i in range(3)]
+    segs.append(Segment(0, torch.tensor([12]), Part(1, None, newline=True, kind="video"), 0, 3))
+    feats = [torch.randn(s.n, 8) for s in segs]
+    reds = STCPruner(retention=0.5).reduce_media(feats, segs, 7)
+    assert [r.keep.numel() for r in reds] == [2, 2, 2, 1]
+    assert reds[-1].keep.tolist() == [0]
+
+
+def test_stc_on_a_video_model(tiny_models):
+    model, proc = tiny_models("llava_onevision")
+    inputs = make_inputs(proc, batch=2, media=("video",))
+    with accelerate_vlm(model, method="stc") as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        stats = handle.stats
+        kept = sum(len(p) for p in handle.provenance())
+    assert stats.visual_tokens_kept < stats.visual_tokens_in
+    assert stats.visual_tokens_kept == kept
