@@ -36,6 +36,7 @@ class Stage:
     visual: torch.Tensor  # (B, L) bool
     positions: torch.Tensor  # (B, L) or (3, B, L)
     orig: torch.Tensor | None = None  # (B, L) index of each token in the original sequence
+    protected: torch.Tensor | None = None  # (B, L) bool: tokens no later stage may drop
     layer_kwargs: dict = field(default_factory=dict)  # attention_mask, position_embeddings, position_ids
 
 
@@ -193,7 +194,13 @@ class Runtime:
         phase = "prefill" if self.request is not None and self.request.prefill else "decode"
         self.stats.add_time(phase, elapsed)
         if self.request is not None and self.request.prefill:
+            cache = getattr(output, "cache", None)
+            if self.request.stages and cache is not None:
+                self.method.after_prefill(self, cache)
             self._finish_prefill_stats()
+            if cache is not None and hasattr(cache, "layers"):
+                self.stats.kv_cache_tokens = sum(int(l.keys.shape[0] * l.keys.shape[-2]) for l in cache.layers
+                                                 if getattr(l, "keys", None) is not None)
             self.request.prefill = False
 
     def _finish_prefill_stats(self) -> None:
@@ -339,10 +346,12 @@ class Runtime:
             orig = torch.arange(length, device=embeds.device).expand(batch, -1)
             self._stage0_unspliced = req.final = Stage(0, valid, visual, positions, orig)
             return None
+        self._protected = torch.zeros_like(valid)
         keep, embeds = self._pre_llm(embeds, segments, valid, visual)
         index, new_valid = pack_kept(keep)
         stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,
-                      self._new_positions(positions, index, new_valid), index)
+                      self._new_positions(positions, index, new_valid), index,
+                      gather_tokens(self._protected, index) & new_valid)
         req.stages, req.final = [stage], stage
         req.visual_in = (stage.visual & stage.valid).sum(1).tolist()
         req.next_pos = self._next_positions(positions, valid)
@@ -410,6 +419,8 @@ class Runtime:
         keep[sample, kept_pos] = True
         if red.features is not None:
             embeds[sample, kept_pos] = red.features.to(embeds.dtype)
+        if red.protected is not None:
+            self._protected[sample, seg.positions.to(embeds.device)[red.protected]] = True
         if red.groups is not None:
             for pos, group in zip(kept_pos.tolist(), red.groups):
                 self.request.sources[sample][pos] = seg.positions[group.cpu()]
@@ -438,6 +449,21 @@ class Runtime:
         return args, kwargs
 
     # ------------------------------------------------------------------ decoder layers
+    def shrink_caches_to_final(self, cache) -> None:
+        """Output-aware cache policy: after prefill, every pruned stage's KV cache keeps only the
+        tokens the last stage kept (layers before the first pruning layer keep everything)."""
+        req = self.request
+        final = req.stages[-1]
+        for s in range(1, len(req.stages) - 1):
+            stage = req.stages[s]
+            index = subset_index(stage, final)
+            for layer in range(stage.first_layer, req.stages[s + 1].first_layer):
+                cl = cache.layers[layer]
+                gather = index[:, None, :, None].expand(-1, cl.keys.shape[1], -1, cl.keys.shape[-1])
+                cl.keys, cl.values = torch.gather(cl.keys, 2, gather), torch.gather(cl.values, 2, gather)
+            req.stages[s] = Stage(stage.first_layer, final.valid, final.visual, final.positions, final.orig,
+                                  final.protected)
+
     def _layer_hook(self, idx: int):
         def hook(module, args, kwargs):
             req = self.request
@@ -507,14 +533,13 @@ class Runtime:
         if rows is None:  # the last query of every sample
             rows = torch.full((probs.shape[0], 1), probs.shape[-1] - 1, dtype=torch.long, device=probs.device)
             row_valid = torch.ones_like(rows, dtype=torch.bool)
-        scores = self.method.importance(probs, rows, row_valid, stage.valid & ~stage.visual)
         budgets = [round(n * self.schedule[idx]) for n in req.visual_in]
-        keep = select_visual(scores, stage.valid, stage.visual, budgets)
+        keep = self.method.select(probs, rows, row_valid, stage.valid, stage.visual, stage.protected, budgets)
         index, valid = pack_kept(keep)
         new_hidden = gather_tokens(hidden, index)
         positions = self._new_positions(stage.positions, index, valid)
         new = Stage(idx, valid, gather_tokens(stage.visual, index) & valid, positions,
-                    torch.gather(stage.orig, 1, index))
+                    torch.gather(stage.orig, 1, index), gather_tokens(stage.protected, index) & valid)
         rotary = self.adapter.language_model.rotary_emb
         text_pos = positions if positions.dim() == 2 else compact_positions(valid)
         new.layer_kwargs = {
@@ -528,6 +553,14 @@ class Runtime:
         if not args:
             kwargs["hidden_states"] = new_hidden
         return args, kwargs
+
+
+def subset_index(stage: Stage, final: Stage) -> torch.Tensor:
+    """(B, L_final) index of each of ``final``'s tokens within ``stage``'s layout (0 on padding)."""
+    orig = torch.where(stage.valid, stage.orig, torch.full_like(stage.orig, -1))
+    index = torch.stack([torch.searchsorted(orig[b].contiguous(), final.orig[b].contiguous())
+                         for b in range(orig.shape[0])])
+    return torch.where(final.valid, index.clamp(max=orig.shape[1] - 1), torch.zeros_like(index))
 
 
 def kept_visual_positions(request: Request | None) -> list[torch.Tensor]:

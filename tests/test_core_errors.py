@@ -74,3 +74,12 @@ def test_config_sources_agree(tmp_path):
     assert a == b and a.build_method().k == 3 and a.build_method().keep_fraction() == 0.3
     assert AccelConfig.load("fastv-50").build_method().keep_fraction() == 0.5
     assert AccelConfig.load(path, retention=0.5).retention == 0.5  # explicit arguments win
+
+
+def test_every_bundled_preset_loads():
+    from mmaccel.config import list_presets
+
+    presets = list_presets()
+    assert {"fastv-50", "aim-7x", "mustdrop-64", "hired-20", "visionzip-64"} <= set(presets)
+    for name in presets:
+        assert AccelConfig.load(name).build_method().name in name

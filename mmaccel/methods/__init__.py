@@ -5,11 +5,12 @@ from .base import InLLMPruner, Method, PreLLMReducer, Reduction
 from .aim import AIM
 from .fastv import FastV
 from .hired import HiRED
+from .mustdrop import MustDrop
 from .simple import NoneMethod, Pool, RandomDrop
 from .stc import STCPruner
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip, STCPruner)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip, STCPruner, MustDrop)}
 
 
 def list_methods() -> list[str]:

@@ -37,6 +37,9 @@ class Method:
     def check_model(self, adapter) -> None:
         """Raise ``ValueError`` if this method cannot run on ``adapter``'s model."""
 
+    def after_prefill(self, runtime, cache) -> None:
+        """Hook after the prefill forward (e.g. a KV-cache policy)."""
+
 
 @dataclass
 class Reduction:
@@ -45,6 +48,7 @@ class Reduction:
     keep: torch.Tensor  # (k,) long, sorted, indices into the segment
     features: torch.Tensor | None = None  # (k, D) replacement features (merging methods)
     groups: list[torch.Tensor] | None = None  # per kept token: local indices merged into it
+    protected: torch.Tensor | None = None  # (p,) local indices later stages must never drop
 
 
 @dataclass
@@ -73,6 +77,17 @@ class InLLMPruner(Method):
     def schedule(self, num_layers: int) -> list[tuple[int, float]]:
         """[(layer, fraction of each sample's visual tokens at the LLM input to keep from that layer on)]."""
         raise NotImplementedError
+
+    def select(self, probs, rows, row_valid, valid, visual, protected, budgets) -> torch.Tensor:
+        """Which tokens survive a pruning layer. probs: (B, H, Q, L) attention of query ``rows``
+        (B, Q); valid, visual, protected: (B, L) bool; budgets: visual tokens to keep per sample.
+        Returns keep (B, L) bool. Default: the top-``budget`` visual tokens by :meth:`importance`,
+        protected tokens first."""
+        from ..runtime import select_visual
+
+        scores = self.importance(probs, rows, row_valid, valid & ~visual)
+        scores = scores.masked_fill(protected, float("inf"))
+        return select_visual(scores, valid, visual, budgets)
 
     def tap_layer(self, prune_layer: int) -> int:
         """Layer whose attention scores decide the pruning at ``prune_layer``."""

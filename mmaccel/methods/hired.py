@@ -76,6 +76,8 @@ class HiRED(PreLLMReducer):
         return Reduction(top_tokens(scores, budget).sort().values.to(features.device))
 
     def reduce_media(self, features, segments, budget):
+        if budget >= sum(s.n for s in segments):  # full retention: no reduction at all
+            return [Reduction(torch.arange(s.n)) for s in segments]
         if len(segments) != 2 or not segments[1].part.newline or segments[1].part.grid is None:
             return super().reduce_media(features, segments, budget)
         base, crops = segments

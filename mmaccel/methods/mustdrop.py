@@ -1,0 +1,97 @@
+"""MustDrop (Liu et al., 2024; liuting20/MustDrop): measure token importance across the whole
+life cycle: a key set from the vision tower, dual-attention filtering during prefill, and an
+output-aware KV-cache policy for decoding.
+
+- Key set: the top 8% of each image's tokens by CLS attention at the tower's last layer (mean
+  received attention for towers without CLS) are never dropped.
+- Prefill, at layers 2/6/10/14 of 32 (scaled to the decoder's depth): with A the head-mean
+  attention of the text after the media over the visual tokens, visual token j is dropped iff
+  ``sum_t A[t, j] < global_thr * sum_tj A`` and ``max_t A[t, j] < individual_thr`` (official
+  defaults 0.001 / 0.001, the ~192-token setting; presets hold the 128 and 64 settings).
+- Decode: the caches of the pruned layers keep only the tokens the last stage kept.
+
+With ``retention`` the thresholds give way to a budget: the tokens with the lowest summed
+attention go first, the kept share falling geometrically over the pruning layers to
+``retention`` at the last one, key tokens always kept. Deliberate differences: scores come from
+the query-subset tap (SDPA stays SDPA, never N x N), kept tokens keep their positions unless
+the policy is ``compact`` (the official code renumbers), batches get per-sample sets, layer
+choices scale with depth instead of the hard-coded 32. Not implemented yet: the 3x3 window
+merge after ViT layer 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import InLLMPruner, PreLLMReducer, Reduction
+from .visionzip import head_scores
+
+OFFICIAL_LAYERS = (2, 6, 10, 14)
+
+
+def scaled_layers(num_layers: int) -> list[int]:
+    """The official 32-layer choices scaled to ``num_layers`` (distinct, >= 1, < num_layers)."""
+    layers = sorted({min(num_layers - 1, max(1, round(l * num_layers / 32))) for l in OFFICIAL_LAYERS})
+    return layers
+
+
+def dual_attention_keep(attn, valid, visual, global_thr: float, individual_thr: float) -> torch.Tensor:
+    """attn: (B, Q, L) head-mean attention of the query rows (padded rows zeroed). Returns the
+    visual tokens that pass the dual filter, (B, L) bool."""
+    vis = (valid & visual).float()[:, None]
+    a = attn * vis
+    total = a.sum((1, 2), keepdim=True).squeeze(1)  # (B, 1)
+    summed, peak = a.sum(1), a.amax(1)
+    drop = (summed < global_thr * total) & (peak < individual_thr)
+    return valid & visual & ~drop
+
+
+@dataclass
+class MustDrop(PreLLMReducer, InLLMPruner):
+    name = "mustdrop"
+    description = "key set from the ViT, dual-attention pruning in prefill, output-aware KV cache (MustDrop)"
+    query = "text"
+    retention: float | None = None
+    global_thr: float = 0.001
+    individual_thr: float = 0.001
+    key_ratio: float = 0.08
+    vision_mode = "auto"
+
+    def vision_layers(self, adapter) -> list[int]:
+        return [len(adapter.vision_layers) - 1]
+
+    def reduce_media(self, features, segments, budget):
+        """No pre-LLM drop: mark the key set (top ``key_ratio`` of each image by tower attention)."""
+        out = []
+        for seg in segments:
+            scores = head_scores(next(iter(seg.scores.values())))
+            k = min(math.ceil(self.key_ratio * seg.n), int(torch.isfinite(scores).sum()))
+            out.append(Reduction(torch.arange(seg.n), protected=scores.topk(k).indices))
+        return out
+
+    def keep_fraction(self) -> float:
+        return 1.0  # nothing is dropped before the LLM
+
+    def schedule(self, num_layers: int):
+        layers = scaled_layers(num_layers)
+        if self.retention is None:
+            return [(layer, 1.0) for layer in layers]
+        r = float(self.retention)
+        if r >= 1.0:
+            return []
+        return [(layer, r ** ((i + 1) / len(layers))) for i, layer in enumerate(layers)]
+
+    def select(self, probs, rows, row_valid, valid, visual, protected, budgets):
+        attn = probs.mean(1) * row_valid[..., None].float()  # (B, Q, L)
+        if self.retention is None:
+            keep = dual_attention_keep(attn, valid, visual, self.global_thr, self.individual_thr)
+            return keep | (valid & ~visual) | protected
+        return super().select(probs, rows, row_valid, valid, visual, protected, budgets)
+
+    def importance(self, probs, rows, row_valid, text_keys):
+        return (probs.mean(1) * row_valid[..., None].float()).sum(1)
+
+    def after_prefill(self, runtime, cache) -> None:
+        runtime.shrink_caches_to_final(cache)
