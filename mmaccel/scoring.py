@@ -22,22 +22,29 @@ def query_subset_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.T
 
     query: (B, H, Tq, D); key: (B, Hkv, Tk, D) with H a multiple of Hkv (GQA); rows: (B, Q)
     long indices into Tq; mask: None (then ``causal`` decides), or (B|1, 1|H, Tq, Tk) bool
-    (True = attend) or additive float.
-    Returns (B, H, Q, Tk) float32. Cost O(B*H*Q*Tk*D), never Tq x Tk.
+    (True = attend) or additive float. Returns (B, H, Q, Tk) float32. Cost O(B*H*Q*Tk*D), never
+    Tq x Tk; on CUDA the softmax rows come from the Triton kernel in :mod:`mmaccel.kernels`.
     """
+    from .kernels import query_scores
+
     b, h, _, d = query.shape
-    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, -1, d)).float()
-    k = key.float().repeat_interleave(h // key.shape[1], dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if mask is None and causal:  # causal only: key j is visible to query i iff j <= i + (Tk - Tq)
-        offset = key.shape[2] - query.shape[2]
+    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, -1, d))
+    return query_scores(q, key, _row_bias(query, key, rows, mask, causal), scaling)
+
+
+def _row_bias(query, key, rows, mask, causal) -> torch.Tensor | None:
+    """Additive (B, 1|H, Q, Tk) bias of the selected rows: -inf where a key is not visible."""
+    b = rows.shape[0]
+    if mask is None:
+        if not causal:
+            return None
+        offset = key.shape[2] - query.shape[2]  # key j is visible to query i iff j <= i + (Tk - Tq)
         visible = torch.arange(key.shape[2], device=key.device)[None, None, :] <= (rows + offset)[:, :, None]
-        logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    elif mask is not None:
-        m = torch.gather(mask.expand(b, -1, -1, -1), 2,
-                         rows[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[-1]))
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
-    return torch.softmax(logits, dim=-1)
+        return torch.zeros(visible.shape, device=key.device).masked_fill(~visible, float("-inf"))[:, None]
+    m = torch.gather(mask.expand(b, -1, -1, -1), 2, rows[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[-1]))
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
+    return m.float()
 
 
 def mean_received_attention(query, key, mask, scaling, causal: bool = False, chunk: int = 256) -> torch.Tensor:
