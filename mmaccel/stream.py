@@ -22,12 +22,14 @@ from .stats import Stats, prefill_flops
 class StreamSession:
     """One stream. ``add_frame(frame)`` -> kept token count; ``ask(question)`` -> Answer."""
 
-    def __init__(self, model, processor, retention: float = 60 / 196):
+    def __init__(self, model, processor, retention: float = 60 / 196, cacher: bool = False,
+                 cache_interval: int = 2, update_ratio: float = 0.25):
         if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
             raise ValueError(f"StreamSession supports LlavaOnevisionForConditionalGeneration, not {type(model).__name__}")
         if not 0.0 < retention <= 1.0:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
         self.model, self.processor, self.retention = model, processor, retention
+        self.cacher, self._cacher_args = cacher, (cache_interval, update_ratio)
         self.reset()
 
     def reset(self) -> None:
@@ -37,6 +39,9 @@ class StreamSession:
         self.memory: list[torch.Tensor] = []  # STC temporal anchor: frame anchors seen so far
         self.tokens_seen = 0
         self.vision_seconds = 0.0
+        from .vision.stc_cacher import CacherState
+
+        self.cacher_state = CacherState(*self._cacher_args) if self.cacher else None
 
     @property
     def frames(self) -> int:
@@ -50,7 +55,7 @@ class StreamSession:
             raise ValueError(f"a frame must be (H, W, 3) RGB, got shape {frame.shape}")
         start = time.perf_counter()
         pixels = self.processor.video_processor(videos=[frame[None]], return_tensors="pt")["pixel_values_videos"]
-        feats = self.model.model.get_video_features(pixels.to(self.model.device, self.model.dtype)).pooler_output[0, :-1]
+        feats = self._encode(pixels.to(self.model.device, self.model.dtype))
         k = max(1, round(self.retention * feats.shape[0]))
         if k < feats.shape[0]:
             scores, _ = stc_scores(feats, self.memory)
@@ -62,6 +67,17 @@ class StreamSession:
         self.tokens_seen += feats.shape[0]
         self.vision_seconds += time.perf_counter() - start
         return int(index.numel())
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(1, 1, 3, H, W) -> (n, D) projected, pooled tokens of one frame (STC-Cacher if on)."""
+        encode = lambda: self.model.model.get_video_features(pixels).pooler_output[0, :-1]
+        if self.cacher_state is None:
+            return encode()
+        from .models import get_adapter
+        from .vision.stc_cacher import STCCacher
+
+        with STCCacher(get_adapter(self.model).vision_layers, self.cacher_state):
+            return encode()
 
     def _inputs(self, question: str):
         proc = self.processor

@@ -49,3 +49,79 @@ def test_stream_rejects_other_families_and_bad_frames(tiny_models):
     ov, ov_proc = tiny_models("llava_onevision")
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         StreamSession(ov, ov_proc).add_frame(torch.zeros(4, 4).numpy())
+
+
+def _layers(model):
+    from mmaccel.models import get_adapter
+
+    return get_adapter(model).vision_layers
+
+
+@pytest.mark.parametrize("fam", ["llava_onevision", "llava"])
+def test_cacher_reference_chunk_matches_the_library_layer(tiny_models, fam):
+    from mmaccel.vision.stc_cacher import CacherState, STCCacher
+
+    model, proc = tiny_models(fam)
+    tower = get_tower(model)
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        expected = tower(pixels).last_hidden_state
+        with STCCacher(_layers(model), CacherState()):
+            got = tower(pixels).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def get_tower(model):
+    from mmaccel.models import get_adapter
+
+    return get_adapter(model).vision_tower
+
+
+def test_cacher_reuses_exactly_on_static_frames_and_recomputes_a_quarter(tiny_models):
+    from mmaccel.vision.stc_cacher import CacherState, STCCacher
+
+    model, _ = tiny_models("llava_onevision")
+    tower, layers = get_tower(model), _layers(model)
+    frame = torch.randn(1, 3, 56, 56)
+    state = CacherState(cache_interval=4, update_ratio=0.25)
+    with torch.no_grad():
+        expected = tower(frame).last_hidden_state
+        outs = []
+        for _ in range(4):
+            with STCCacher(layers, state):
+                outs.append(tower(frame).last_hidden_state)
+    for out in outs:  # a static video: reused rows are exactly what would be recomputed
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    n = expected.shape[1]
+    assert state.recomputed == len(layers) * (n + 3 * round(0.25 * n))
+
+
+def test_cacher_full_update_ratio_equals_full_compute_on_moving_frames(tiny_models):
+    from mmaccel.vision.stc_cacher import CacherState, STCCacher
+
+    model, _ = tiny_models("llava_onevision")
+    tower, layers = get_tower(model), _layers(model)
+    state = CacherState(cache_interval=3, update_ratio=1.0)
+    torch.manual_seed(1)
+    for _ in range(3):
+        frame = torch.randn(1, 3, 56, 56)
+        with torch.no_grad():
+            expected = tower(frame).last_hidden_state
+            with STCCacher(layers, state):
+                got = tower(frame).last_hidden_state
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stream_sessions_with_cacher_are_independent(tiny_models):
+    model, proc = tiny_models("llava_onevision")
+    a_frames, b_frames = video(4, frames=4), video(5, frames=4)
+    alone = StreamSession(model, proc, retention=0.5, cacher=True)
+    for f in a_frames:
+        alone.add_frame(f)
+    a, b = StreamSession(model, proc, retention=0.5, cacher=True), StreamSession(model, proc, retention=0.5, cacher=True)
+    for fa, fb in zip(a_frames, b_frames):
+        a.add_frame(fa)
+        b.add_frame(fb)
+    assert all(torch.equal(x, y) for x, y in zip(a.kept, alone.kept))
+    assert a.cacher_state.recomputed < a.cacher_state.total
+    assert "forward" not in vars(_layers(model)[0])  # the tower is untouched between frames

@@ -1,0 +1,131 @@
+"""STC-Cacher (Wang et al., CVPR 2026): reuse the ViT computation of static tokens across frames.
+
+Frames are encoded one chunk at a time. Every ``cache_interval``-th chunk is a reference: each
+encoder layer runs in full and keeps its keys, values, attention output and MLP output. In the
+other chunks every layer computes the keys of all tokens, picks the ``update_ratio`` share
+least cosine-similar to the reference keys ("dynamic" tokens), and computes queries, values,
+attention rows and the MLP only for them; static tokens take their values, attention output and
+MLP output from the reference, while residuals still add the current states. Official
+defaults: ``cache_interval=2``, ``update_ratio=0.25``.
+
+The layer forward below is a re-statement of CLIP/SigLIP's ``EncoderLayer.forward`` +
+``Attention.forward`` (pre-norm attention and MLP blocks, with ``layer_norm1``, ``self_attn.
+{q,k,v,out}_proj``, ``layer_norm2``, ``mlp``) with the selective recompute added; a test pins it
+to the library's own output on reference chunks. Unlike the official code, every cached tensor
+lives in a ``CacherState`` owned by the caller (no process-wide singleton, no module attributes),
+so several streams can share one model, and it works with any attention implementation's math
+(it computes the dynamic rows with ``scaled_dot_product_attention``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CacherState:
+    """Per-stream STC-Cacher state: the reference chunk's per-layer tensors and a chunk counter."""
+
+    cache_interval: int = 2
+    update_ratio: float = 0.25
+    chunk: int = 0
+    reference: dict = field(default_factory=dict)  # layer -> {"k", "v", "attn", "mlp"}
+    recomputed: int = 0  # tokens whose attention/MLP rows were computed (for cost accounting)
+    total: int = 0
+
+    def __post_init__(self):
+        if self.cache_interval < 1:
+            raise ValueError(f"cache_interval must be >= 1, got {self.cache_interval}")
+        if not 0.0 < self.update_ratio <= 1.0:
+            raise ValueError(f"update_ratio must be in (0, 1], got {self.update_ratio}")
+
+    @property
+    def is_reference(self) -> bool:
+        return self.chunk % self.cache_interval == 0 or not self.reference
+
+
+def _heads(x: torch.Tensor, attn) -> torch.Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    return x.view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def reference_layer(layer, h: torch.Tensor, store: dict) -> torch.Tensor:
+    """Full layer forward that keeps k, v, attention output and MLP output in ``store``."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(h)
+    q, k, v = (_heads(p(x), attn) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v, scale=attn.scale)))
+    h = h + out
+    mlp = layer.mlp(layer.layer_norm2(h))
+    store.update(k=k, v=v, attn=out, mlp=mlp)
+    return h + mlp
+
+
+def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
+    """Selective recompute against the reference; returns (output, dynamic tokens per sample)."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(h)
+    k = _heads(attn.k_proj(x), attn)
+    similarity = F.cosine_similarity(_merge(k), _merge(ref["k"]), dim=-1)  # (B, N)
+    n_dyn = max(1, round(ratio * h.shape[1]))
+    dyn = similarity.topk(n_dyn, dim=1, largest=False).indices.sort(dim=1).values  # (B, n)
+    rows = dyn[:, :, None].expand(-1, -1, x.shape[-1])
+    x_dyn = torch.gather(x, 1, rows)
+    q_dyn, v_dyn = _heads(attn.q_proj(x_dyn), attn), _heads(attn.v_proj(x_dyn), attn)
+    v = ref["v"].clone()
+    v.scatter_(2, dyn[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]), v_dyn)
+    out = ref["attn"].clone()
+    out.scatter_(1, rows, attn.out_proj(_merge(F.scaled_dot_product_attention(q_dyn, k, v, scale=attn.scale))))
+    h = h + out
+    mlp = ref["mlp"].clone()
+    mlp.scatter_(1, rows, layer.mlp(layer.layer_norm2(torch.gather(h, 1, rows))))
+    return h + mlp, n_dyn
+
+
+class STCCacher:
+    """Install on a CLIP/SigLIP tower for the duration of one chunk's encoding:
+
+    >>> with STCCacher(layers, state):
+    ...     feats = model.model.get_video_features(pixels)
+    """
+
+    def __init__(self, layers, state: CacherState):
+        for layer in layers:
+            missing = [n for n in ("layer_norm1", "self_attn", "layer_norm2", "mlp") if not hasattr(layer, n)]
+            if missing:
+                raise ValueError(f"STC-Cacher needs CLIP/SigLIP-style encoder layers; {type(layer).__name__} lacks {missing}")
+        self.layers, self.state = list(layers), state
+
+    def _forward(self, index: int, layer):
+        state = self.state
+
+        def forward(hidden_states, attention_mask=None, *args, **kwargs):  # vision towers pass no mask
+            if state.is_reference:
+                store = state.reference.setdefault(index, {})
+                state.recomputed += hidden_states.shape[1] * hidden_states.shape[0]
+                state.total += hidden_states.shape[1] * hidden_states.shape[0]
+                return reference_layer(layer, hidden_states, store)
+            out, n_dyn = cached_layer(layer, hidden_states, state.reference[index], state.update_ratio)
+            state.recomputed += n_dyn * hidden_states.shape[0]
+            state.total += hidden_states.shape[1] * hidden_states.shape[0]
+            return out
+
+        return forward
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            layer.forward = self._forward(i, layer)
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.forward
+        if exc[0] is None:
+            self.state.chunk += 1
+        return False
