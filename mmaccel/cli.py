@@ -205,6 +205,7 @@ def bench_speed(
     warmup: int = typer.Option(2, "--warmup"),
     threads: int = typer.Option(2, "--threads"),
     small: bool = typer.Option(False, "--small", help="tiny decoder: checks the plumbing, not speed"),
+    stc: bool = typer.Option(False, "--stc", help="also time STC-Cacher on a mostly static video"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for speed.json and speed.md"),
 ):
     """Prefill wall-time speedup beside the analytic FLOP ratio on a LLaVA-1.5-shaped model."""
@@ -224,6 +225,15 @@ def bench_speed(
                                     err=True)
     result = run(names, rets, repeats, warmup, threads, small, progress)
     table = markdown(result)
+    if stc:
+        from .bench.speed import stc_vit_time
+
+        result["stc_cacher"] = stc_vit_time(frames=8 if small else 16, threads=threads, repeats=1 if small else 3)
+        table += "\n\nSTC-Cacher, mostly static video (SigLIP-shaped tower, 729 tokens/frame, 1 frame/chunk): full " \
+                 f"{result['stc_cacher']['full_s']:.2f} s\n\n| cache_interval | update_ratio | seconds | ViT time cut | rows recomputed |\n|---|---|---|---|---|\n"
+        table += "\n".join(f"| {c['cache_interval']} | {c['update_ratio']} | {c['seconds']:.2f} | "
+                            f"{100 * c['vit_time_cut']:.1f}% | {100 * c['rows_recomputed']:.1f}% |"
+                            for c in result["stc_cacher"]["cached"])
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps(result, indent=2))

@@ -163,3 +163,60 @@ def markdown(result: dict) -> str:
                      f"{p['base_ms']:.1f} | {p['accel_ms']:.1f} | {p['speedup']:.2f} | {p['flop_ratio']:.2f} | "
                      f"{p['efficiency']:.2f} | {100 * p['scoring_share']:.1f} | {100 * p['reduce_share']:.1f} |")
     return "\n".join(lines)
+
+
+def mostly_static_video(frames: int = 16, size: int = 384, seed: int = 0):
+    """A light background with a few fixed shapes and one small square drifting right."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = np.full((size, size, 3), 235, dtype=np.uint8)
+    for _ in range(4):
+        y, x = rng.integers(0, size - 60, 2)
+        base[y:y + 50, x:x + 50] = rng.integers(30, 220, 3)
+    clip = np.repeat(base[None], frames, 0)
+    for t in range(frames):
+        x = 10 + t * (size - 60) // max(1, frames - 1)
+        clip[t, size // 2:size // 2 + 30, x:x + 30] = (220, 40, 40)
+    return clip
+
+
+def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25, threads: int = 2,
+                 repeats: int = 3) -> dict:
+    """ViT time per frame with and without STC-Cacher on a SigLIP-shaped tower (384 px, patch 14 ->
+    729 tokens, 6 layers x 384), mostly static video, one frame per chunk. Median of ``repeats``."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from ..vision.stc_cacher import CacherState, STCCacher
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=384,
+                                                 intermediate_size=1536, num_hidden_layers=6,
+                                                 num_attention_heads=6)).eval()
+    clip = torch.tensor(mostly_static_video(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    layers = tower.vision_model.encoder.layers
+
+    def run(interval):
+        state = CacherState(cache_interval=interval, update_ratio=update_ratio) if interval else None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for frame in clip:
+                if state is None:
+                    tower(frame[None])
+                else:
+                    with STCCacher(layers, state):
+                        tower(frame[None])
+        return time.perf_counter() - start, state
+
+    run(None)  # warm-up
+    full = statistics.median(run(None)[0] for _ in range(repeats))
+    out = {"frames": frames, "tokens_per_frame": 729, "threads": threads, "full_s": full, "cached": []}
+    for interval in intervals:
+        times, state = zip(*[run(interval) for _ in range(repeats)])
+        t = statistics.median(times)
+        out["cached"].append({"cache_interval": interval, "update_ratio": update_ratio, "seconds": t,
+                              "vit_time_cut": 1 - t / full,
+                              "rows_recomputed": state[-1].recomputed / state[-1].total})
+    return out

@@ -1,0 +1,27 @@
+"""The speed benchmark's plumbing on a tiny decoder (numbers from it mean nothing)."""
+import json
+
+from typer.testing import CliRunner
+
+from mmaccel.bench.speed import mostly_static_video
+from mmaccel.cli import app
+
+
+def test_speed_bench_small_writes_results(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "fastv,pool", "--retentions", "0.25",
+                                   "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "speed.json").read_text())
+    points = {p["method"]: p for p in data["points"]}
+    assert set(points) == {"fastv", "pool"}
+    for p in points.values():
+        assert p["flop_ratio"] > 1.0 and p["visual_tokens_last_layer"] < p["visual_tokens_in"]
+        assert p["base_ms"] > 0 and p["accel_ms"] > 0
+    assert points["fastv"]["scoring_share"] > 0 and points["pool"]["scoring_share"] == 0
+    assert data["environment"]["threads"] == 2 and "| fastv | 0.25 |" in (tmp_path / "speed.md").read_text()
+
+
+def test_mostly_static_video_is_mostly_static():
+    clip = mostly_static_video(frames=6, size=96)
+    changed = (clip[1:] != clip[:-1]).any(-1).mean()
+    assert clip.shape == (6, 96, 96, 3) and 0 < changed < 0.2
