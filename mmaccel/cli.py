@@ -133,6 +133,27 @@ def _print_video_qa(result: dict) -> None:
         typer.echo(_row(result["config"]["method"], result))
 
 
+@app.command("caption")
+def caption_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", help="caption job YAML (see configs/caption.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set batch_size=4"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+):
+    """Caption a folder, glob or JSONL manifest of images into a JSONL file (resumable)."""
+    try:
+        from .caption import load_caption_config, run_caption
+
+        cfg = load_caption_config(config, set_)
+        cfg.accel_config()  # unknown method / preset fails before loading anything
+        _quiet_transformers()
+        summary = run_caption(cfg, progress=not quiet)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        _fail(str(err).splitlines()[0])
+    typer.echo(f"{cfg.output}: {summary.line()}")
+    for path in summary.skipped_files[:5]:
+        typer.echo(f"  skipped (not an image): {path}", err=True)
+
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks (fidelity, speed).")
 app.add_typer(bench_app, name="bench")
 
