@@ -154,6 +154,29 @@ def caption_cmd(
         typer.echo(f"  skipped (not an image): {path}", err=True)
 
 
+@app.command("demo")
+def demo_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to bind (default: this machine only)"),
+    port: int = typer.Option(7860, "--port"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model directory (default: embedded model)"),
+):
+    """Start the Gradio demo (baseline vs accelerated answers, kept-token pictures)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            _fail(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port")
+    try:
+        from .demo_app import launch
+    except ImportError as err:
+        _fail(f"the demo needs gradio: pip install 'mmaccel[demo]' ({err})")
+    _quiet_transformers()
+    typer.echo(f"mmaccel demo on http://{host}:{port}", err=True)
+    launch(str(model) if model else None, host, port, block=True)
+
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks (fidelity, speed).")
 app.add_typer(bench_app, name="bench")
 

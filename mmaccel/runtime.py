@@ -52,6 +52,7 @@ class Request:
     decode_tail: torch.Tensor | None = None  # (B, n) mask of decoded tokens
     decode_masks: dict = field(default_factory=dict)  # stage index -> mask of this step
     visual_in: list = field(default_factory=list)  # per sample: visual tokens at the LLM input
+    segments: list = field(default_factory=list)  # the visual segments of the prefill
     sources: list = field(default_factory=list)  # per sample: {kept position: merged source positions}
     final: Stage | None = None  # the stage the last decoder layer saw
 
@@ -326,6 +327,7 @@ class Runtime:
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         segments = self._segments(batch)
+        req.segments = segments
         self.records = []
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2) and self.splicing:

@@ -1,0 +1,101 @@
+"""The Gradio demo, headless: through gradio_client and in a real browser (Debian chromium +
+Playwright, never a browser download), with a screenshot the test inspects."""
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmaccel.testing.tiny import build
+
+gr = pytest.importorskip("gradio")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    from mmaccel.demo_app import build_demo
+
+    model, proc = build("llava_onevision", seed=4)
+    demo = build_demo(model, proc)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "scene.png"
+    img = np.full((90, 130, 3), 240, dtype=np.uint8)
+    img[20:60, 30:70] = (220, 40, 40)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def test_demo_binds_loopback_and_answers_through_the_api(demo_url, picture):
+    from gradio_client import Client, handle_file
+
+    assert demo_url.startswith("http://127.0.0.1:")
+    client = Client(demo_url, verbose=False)
+    base, fast, speed, gallery, stats = client.predict(handle_file(str(picture)), None, "what is the color ?",
+                                                       "pool", 0.25, api_name="/answer")
+    assert isinstance(base, str) and isinstance(fast, str)
+    assert "visual tokens kept" in speed and "| pool |" in speed
+    assert stats["visual_tokens_kept"] < stats["visual_tokens_in"] and len(gallery) == 1
+
+
+def test_demo_reports_missing_media(demo_url):
+    from gradio_client import Client
+
+    with pytest.raises(Exception, match="Upload an image or a video"):
+        Client(demo_url, verbose=False).predict(None, None, "what ?", "fastv", 0.25, api_name="/answer")
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not shutil.which("/usr/bin/chromium"),
+                    reason="Debian chromium is not installed (apt-get install -y chromium)")
+def test_demo_in_a_real_browser(demo_url, picture, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot = tmp_path / "demo.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1600})
+        page.goto(demo_url)
+        page.locator("#image input[type=file]").set_input_files(str(picture))
+        page.get_by_label("Question").fill("what is the color ?")
+        page.get_by_role("button", name="Run").click()
+        expect(page.locator("#speed")).to_contain_text("visual tokens kept", timeout=60_000)
+        expect(page.locator("#kept img").first).to_be_visible(timeout=30_000)
+        box = page.locator("#kept img").first.bounding_box()
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert box["width"] > 20 and box["height"] > 20
+    shot_img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    region = shot_img[int(box["y"]):int(box["y"] + box["height"]), int(box["x"]):int(box["x"] + box["width"])]
+    # the kept-token picture shows kept (bright background) and dropped (dimmed) cells side by side
+    bright = (region > 200).all(-1).mean()
+    dimmed = (region < 110).all(-1).mean()
+    assert bright > 0.05 and dimmed > 0.05, (bright, dimmed)
+    reds = (shot_img[..., 0] > 180) & (shot_img[..., 1] < 90) & (shot_img[..., 2] < 90)
+    assert reds.sum() > 200  # the uploaded picture (a red square) is on the page
+
+
+def test_demo_command_refuses_a_busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "mmaccel.cli", "demo", "--port", str(port)],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "cannot listen on 127.0.0.1" in out.stderr and "Traceback" not in out.stderr
