@@ -99,3 +99,15 @@ def test_demo_command_refuses_a_busy_port():
         out = subprocess.run([sys.executable, "-m", "mmaccel.cli", "demo", "--port", str(port)],
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot listen on 127.0.0.1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_answers_about_a_video(demo_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from test_pipeline_cli import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", frames=8)
+    base, fast, speed, gallery, stats = Client(demo_url, verbose=False).predict(
+        None, handle_file(str(clip)), "which direction ?", "pool", 0.25, api_name="/answer")
+    assert isinstance(fast, str) and stats["visual_tokens_kept"] < stats["visual_tokens_in"]
+    assert len(gallery) == 8  # one kept-token picture per sampled frame
