@@ -86,6 +86,8 @@ class Runtime:
         self._saved_attn = None
         self.vision_tap = None
         self._pack_calls: list[dict] = []
+        self.vision_maps: dict = {}  # per-row maps a tower-stage method leaves for the pre-LLM step
+        self.current_kind = "image"
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "Runtime":
@@ -94,6 +96,11 @@ class Runtime:
             if hasattr(inner, name):
                 self._patch(inner, name, self._wrap_features(getattr(inner, name), name))
         self._install_vision_tap()
+        if hasattr(self.method, "install_tower"):
+            self.handles += self.method.install_tower(self)
+            inner = self.adapter.inner
+            if hasattr(inner, "pack_image_features") and "pack_image_features" not in vars(inner):
+                self._patch(inner, "pack_image_features", self._wrap_pack(inner.pack_image_features))
         self._patch(self.adapter.model, "generate", self._wrap_generate(self.adapter.model.generate))
         self.handles.append(self.adapter.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
         self.handles.append(self.adapter.model.register_forward_hook(self._on_call_end))
@@ -230,13 +237,14 @@ class Runtime:
         def wrapper(*args, **kwargs):
             if self.vision_tap is not None:
                 self.vision_tap.clear()
-            self._pack_calls = []
+            self._pack_calls, self.vision_maps, self.current_kind = [], {}, kind
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             self.stats.add_time("vision", time.perf_counter() - start)
             call = dict(kwargs)
-            if self.vision_tap is not None:
-                call["_vision_scores"] = {k: list(v) for k, v in self.vision_tap.scores.items()}
+            if self.vision_tap is not None or self.vision_maps:
+                taps = self.vision_tap.scores.items() if self.vision_tap is not None else []
+                call["_vision_scores"] = {k: list(v) for k, v in taps} | self.vision_maps
                 call["_pack"] = self._pack_calls
             if args:
                 call.setdefault("pixel_values_videos" if kind == "video" else "pixel_values", args[0])
@@ -305,7 +313,7 @@ class Runtime:
 
     def _media_scores(self, kind, call, media_parts) -> list:
         """Per media, per part: {vision layer: (n, H) scores}, or None without a vision tap."""
-        if self.vision_tap is None or "_vision_scores" not in call:
+        if "_vision_scores" not in call:
             return [None] * len(media_parts)
         per_layer = {layer: self.adapter.media_scores(kind, entries, media_parts, call)
                      for layer, entries in call["_vision_scores"].items()}

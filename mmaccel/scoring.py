@@ -98,6 +98,12 @@ def _wrapped(base_name: str):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         fn = ALL_ATTENTION_FUNCTIONS[base_name] if base_name in ALL_ATTENTION_FUNCTIONS else _eager_of(module)
+        bias = getattr(module, "_mmaccel_bias", None)  # e.g. ToMe's proportional attention, log(size)
+        if bias is not None and bias.shape[-1] == key.shape[-2]:
+            bias = bias.to(query.dtype)
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                attention_mask = torch.zeros_like(bias).masked_fill(~attention_mask, float("-inf"))
+            attention_mask = bias if attention_mask is None else attention_mask + bias
         out = fn(module, query, key, value, attention_mask, *args, **kwargs)
         tap: TapRequest | None = getattr(module, "_mmaccel_tap", None)
         if tap is not None and tap.enabled and query.shape[2] > 1:

@@ -8,9 +8,10 @@ from .hired import HiRED
 from .mustdrop import MustDrop
 from .simple import NoneMethod, Pool, RandomDrop
 from .stc import STCPruner
+from .tome import ToMe
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip, STCPruner, MustDrop)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (NoneMethod, RandomDrop, Pool, FastV, AIM, HiRED, VisionZip, STCPruner, MustDrop, ToMe)}
 
 
 def list_methods() -> list[str]:

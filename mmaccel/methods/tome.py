@@ -1,0 +1,166 @@
+"""ToMe (Bolya et al., ICLR 2023; facebookresearch/ToMe) inside the vision tower.
+
+Before each tower block up to the feature layer, ``r`` token pairs are merged by bipartite
+soft matching on the block's keys averaged over heads (alternate A/B split, each A token to its
+most similar B token, the ``r`` best edges merged), with a size-weighted average, and later
+attention adds ``log(size)`` to the logits (proportional attention). The CLS token is never
+merged. ``r`` is constant per block and chosen so that ``retention`` of the tokens reach the
+feature layer. The tower then runs on fewer tokens; before the feature layer's block each merged
+token is copied back to its sources (its s copies weigh it s times in that block's attention,
+which is proportional attention), so the model's own packing and projection see the usual
+shapes, and the pre-LLM step keeps one token per merged group, at its first source's slot.
+
+Deliberate differences: merging happens at a block's input with that block's keys (the
+official code merges between a block's attention and MLP); tokens stay in spatial order; it
+runs on CLIP/SigLIP-style towers for images (LLaVA, LLaVA-NeXT, LLaVA-OneVision images), not
+on pooled video frames or Qwen2-VL's packed tower.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import Segment
+from .base import PreLLMReducer, Reduction
+from .visionzip import feature_layer
+
+
+def tome_match(metric: torch.Tensor, r: int, protect_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bipartite soft matching. metric: (B, N, C). Returns (src, dst), each (B, r): the A-set
+    tokens (even slots) merged away and the B-set tokens (odd slots) they merge into, as
+    indices into N."""
+    metric = F.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(1, 2)
+    if protect_first:
+        scores[:, 0] = float("-inf")  # the CLS token (slot 0) is never merged
+    best, dst = scores.max(-1)
+    src = best.argsort(-1, descending=True)[:, :r]
+    return src * 2, torch.gather(dst, 1, src) * 2 + 1
+
+
+def tome_merge(x, size, assign, src, dst):
+    """Size-weighted merge of ``src`` into ``dst`` (B, r); drops the src slots.
+
+    x: (B, N, D); size: (B, N); assign: (B, N0) current slot of every original token.
+    Returns (x, size, assign) for the shorter sequence, spatial order kept."""
+    bsz, n, d = x.shape
+    w = size[..., None]
+    total = (x * w).scatter_add(1, dst[..., None].expand(-1, -1, d), torch.gather(x * w, 1, src[..., None].expand(-1, -1, d)))
+    size = size.scatter_add(1, dst, torch.gather(size, 1, src))
+    x = total / size[..., None]
+    keep = torch.ones(bsz, n, dtype=torch.bool, device=x.device)
+    keep.scatter_(1, src, False)
+    redirect = torch.arange(n, device=x.device).expand(bsz, -1).clone()
+    redirect.scatter_(1, src, dst)
+    new_index = keep.long().cumsum(1) - 1
+    assign = torch.gather(new_index, 1, torch.gather(redirect, 1, assign))
+    kept = keep.nonzero()[:, 1].view(bsz, -1)
+    return torch.gather(x, 1, kept[..., None].expand(-1, -1, d)), torch.gather(size, 1, kept), assign
+
+
+@dataclass
+class ToMe(PreLLMReducer):
+    name = "tome"
+    description = "merge similar tokens inside the ViT blocks (size-weighted, proportional attention)"
+    retention: float | None = 0.5
+    _state: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def check_model(self, adapter) -> None:
+        if not hasattr(adapter.attention_of(adapter.vision_layers[0]), "k_proj") or adapter.uses_mrope:
+            raise ValueError("tome runs inside CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision)")
+
+    def install_tower(self, runtime) -> list:
+        from ..scoring import register_wrapper
+
+        adapter = runtime.adapter
+        layers = adapter.vision_layers
+        last = feature_layer(adapter)
+        handles = [layers[i].register_forward_pre_hook(self._merge_hook(runtime, i, last), with_kwargs=True)
+                   for i in range(1, last)]
+        handles.append(layers[last].register_forward_pre_hook(self._expand_hook(runtime, adapter), with_kwargs=True))
+        cfg = adapter.attention_of(layers[0]).config
+        saved = cfg._attn_implementation_internal
+        cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
+        handles.append(_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)))
+        handles.append(_Restore(lambda: [vars(adapter.attention_of(l)).pop("_mmaccel_bias", None) for l in layers]))
+        self._cls = adapter.vision_has_cls
+        return handles
+
+    def _merge_hook(self, runtime, index: int, last: int):
+        def hook(module, args, kwargs):
+            if runtime.current_kind != "image" or self.keep_fraction() >= 1.0:
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            st = self._state
+            if index == 1 or "assign" not in st or st["assign"].shape[0] != x.shape[0]:
+                n0 = x.shape[1]
+                st.update(n0=n0, assign=torch.arange(n0, device=x.device).expand(x.shape[0], -1).clone(),
+                          size=torch.ones(x.shape[:2], device=x.device))
+            target = max(1, round(self.keep_fraction() * (st["n0"] - int(self._cls)))) + int(self._cls)
+            r = min(math.ceil((x.shape[1] - target) / (last - index)), (x.shape[1] - int(self._cls)) // 2)
+            if r > 0:
+                attn = module.self_attn
+                keys = attn.k_proj(module.layer_norm1(x)).view(x.shape[0], x.shape[1], -1, attn.head_dim).mean(2)
+                src, dst = tome_match(keys, r, self._cls)
+                x, st["size"], st["assign"] = tome_merge(x, st["size"], st["assign"], src, dst)
+            attn_bias = st["size"].log()[:, None, None, :]
+            for layer in runtime.adapter.vision_layers:
+                runtime.adapter.attention_of(layer)._mmaccel_bias = attn_bias
+            return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        return hook
+
+    def _expand_hook(self, runtime, adapter):
+        """Before the feature layer's block: copy merged tokens back to all their sources. The
+        s copies of a token weigh it s times in attention, which is proportional attention."""
+        def hook(module, args, kwargs):
+            st = self._state
+            for layer in adapter.vision_layers:
+                vars(adapter.attention_of(layer)).pop("_mmaccel_bias", None)
+            if "assign" not in st or runtime.current_kind != "image":
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            assign = st.pop("assign")
+            full = torch.gather(x, 1, assign[..., None].expand(-1, -1, x.shape[-1]))
+            # ids unique across tower rows (crops), so groups never mix tiles after packing
+            offset = (torch.arange(assign.shape[0], device=x.device) * assign.shape[1])[:, None]
+            rep = (_representatives(assign) + offset).float()
+            own = (torch.arange(assign.shape[1], device=x.device)[None] + offset).float()
+            runtime.vision_maps["tome_rep"] = [rep[:, None]]
+            runtime.vision_maps["tome_own"] = [own[:, None]]
+            return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
+
+        return hook
+
+    def reduce(self, features, segment: Segment, budget: int) -> Reduction:
+        maps = segment.scores or {}
+        if "tome_rep" not in maps:
+            return Reduction(torch.arange(segment.n))
+        rep, own = maps["tome_rep"][:, 0], maps["tome_own"][:, 0]
+        is_rep = (rep == own) | torch.isnan(rep)  # NaN: structural newline tokens, kept
+        keep = is_rep.nonzero().flatten()
+        groups = [((rep == rep[k]) & ~torch.isnan(rep)).nonzero().flatten() if not torch.isnan(rep[k])
+                  else k[None] for k in keep]
+        return Reduction(keep, None, groups)
+
+
+def _representatives(assign: torch.Tensor) -> torch.Tensor:
+    """(B, N0) -> (B, N0): the first original index sharing each token's merged slot."""
+    big = assign.shape[1]
+    first = torch.full_like(assign, big).scatter_reduce(1, assign, torch.arange(big).expand_as(assign),
+                                                          reduce="amin", include_self=True)
+    return torch.gather(first, 1, assign)
+
+
+class _Restore:
+    """A removable handle that runs a function (restores state) on ``remove()``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remove(self):
+        self.fn()
