@@ -126,6 +126,8 @@ def register_wrapper(base_name: str) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if base_name.startswith(WRAPPER_PREFIX):  # already wrapped (several mmaccel stages share it)
+        return base_name
     name = WRAPPER_PREFIX + base_name
     if name not in ALL_ATTENTION_FUNCTIONS:
         if base_name not in ALL_ATTENTION_FUNCTIONS and base_name != "eager":

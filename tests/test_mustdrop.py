@@ -54,3 +54,45 @@ def test_generation_runs_on_the_shrunken_cache():
     lengths = [layer.keys.shape[-2] for layer in gen.cache.layers]
     assert all(n == final_len + 2 for n in lengths[first:])  # two decoded tokens appended to each
     assert all(torch.isfinite(l).all() for l in gen.logits)
+
+
+def test_window_similarity_and_groups_by_hand():
+    from mmaccel.vision.window_merge import merge_rows, window_groups, window_similarity
+
+    side = 6
+    x = torch.randn(side * side, 8)
+    x.view(side, side, 8)[:3, :3] = torch.tensor([1.0] * 8)  # the top-left window is uniform
+    sim = window_similarity(x, side)
+    assert sim.shape == (2, 2) and sim[0, 0] > 0.999 and sim[1, 1] < 0.8
+    groups = window_groups(x, side, 0.8)
+    assert set(groups.view(side, side)[:3, :3].flatten().tolist()) == {0}
+    assert torch.equal(groups.view(side, side)[3:, 3:], torch.arange(36).view(6, 6)[3:, 3:])
+    batch = torch.stack([torch.cat([torch.zeros(1, 8), x]), torch.cat([torch.zeros(1, 8), torch.randn(36, 8)])])
+    merged, assign, bias = merge_rows(batch, cls=True, threshold=0.8)
+    assert merged.shape[1] == 37 and int(torch.isinf(bias[0]).sum()) == 8  # row 0 lost 8 tokens, padded
+    assert torch.allclose(merged[0, assign[0, 1]], x[0]) and assign[0, 1] == assign[0, 1 + 2 * side + 2]
+
+
+def test_window_merge_shortens_the_tower_and_keeps_one_token_per_window():
+    from mmaccel.models import get_adapter
+    from mmaccel.testing import tiny
+
+    saved = tiny._clip_vision
+    tiny._clip_vision = lambda **k: saved(image_size=84, layers=4)  # a 6x6 patch grid
+    try:
+        model, proc = tiny.build("llava", seed=6)
+    finally:
+        tiny._clip_vision = saved
+    proc.patch_size, model.config.image_seq_length = 14, 36
+    proc.image_processor.size, proc.image_processor.crop_size = {"shortest_edge": 84}, {"height": 84, "width": 84}
+    inputs = make_inputs(proc)
+    adapter = get_adapter(model)
+    with accelerate_vlm(model, method="mustdrop", merge_threshold=-1.0) as handle, torch.no_grad():
+        seen = []
+        probe = adapter.vision_layers[1].register_forward_pre_hook(lambda m, a, k: seen.append(1), with_kwargs=True)
+        model(**inputs)
+        probe.remove()
+        kept = handle.stats.visual_tokens_per_layer[0]
+        prov = handle.provenance()[0]
+    assert kept == 4  # threshold -1: every 3x3 window merges, 36 patches -> 4 tokens
+    assert sorted(len(g) for g in prov.values()) == [9, 9, 9, 9]

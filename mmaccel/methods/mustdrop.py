@@ -15,8 +15,10 @@ attention go first, the kept share falling geometrically over the pruning layers
 ``retention`` at the last one, key tokens always kept. Deliberate differences: scores come from
 the query-subset tap (SDPA stays SDPA, never N x N), kept tokens keep their positions unless
 the policy is ``compact`` (the official code renumbers), batches get per-sample sets, layer
-choices scale with depth instead of the hard-coded 32. Not implemented yet: the 3x3 window
-merge after ViT layer 0.
+choices scale with depth instead of the hard-coded 32; the window merge (see
+:mod:`mmaccel.vision.window_merge`) is per image rather than ``min`` over the batch and keeps
+spatial order; merged windows are copied back to their cells before the feature layer's block
+and the pre-LLM step keeps one token per window.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import InLLMPruner, PreLLMReducer, Reduction
-from .visionzip import head_scores
+from .tome import one_per_group
+from .visionzip import feature_layer, head_scores
 
 OFFICIAL_LAYERS = (2, 6, 10, 14)
 
@@ -57,19 +60,74 @@ class MustDrop(PreLLMReducer, InLLMPruner):
     global_thr: float = 0.001
     individual_thr: float = 0.001
     key_ratio: float = 0.08
+    window_merge: bool = True
+    merge_threshold: float = 0.8
     vision_mode = "auto"
 
     def vision_layers(self, adapter) -> list[int]:
         return [len(adapter.vision_layers) - 1]
 
     def reduce_media(self, features, segments, budget):
-        """No pre-LLM drop: mark the key set (top ``key_ratio`` of each image by tower attention)."""
+        """Keep one token per merged window and mark the key set (top ``key_ratio`` of each image
+        by the tower's last-layer attention), which later stages never drop."""
         out = []
         for seg in segments:
-            scores = head_scores(next(iter(seg.scores.values())))
+            red = one_per_group(seg)
+            tap = [v for k, v in seg.scores.items() if not str(k).startswith("merge_")]
+            scores = head_scores(tap[0])[red.keep]
             k = min(math.ceil(self.key_ratio * seg.n), int(torch.isfinite(scores).sum()))
-            out.append(Reduction(torch.arange(seg.n), protected=scores.topk(k).indices))
+            red.protected = red.keep[scores.topk(k).indices]
+            out.append(red)
         return out
+
+    def install_tower(self, runtime) -> list:
+        if not self.window_merge or runtime.adapter.uses_mrope or self.retention == 1.0:
+            return []
+        from .tome import _Restore
+
+        adapter = runtime.adapter
+        layers, last = adapter.vision_layers, feature_layer(adapter)
+        if last < 1:
+            return []
+        state: dict = {}
+        handles = [layers[1].register_forward_pre_hook(self._merge_hook(runtime, state), with_kwargs=True),
+                   layers[last].register_forward_pre_hook(self._expand_hook(runtime, state), with_kwargs=True)]
+        cfg = adapter.attention_of(layers[0]).config
+        saved = cfg._attn_implementation_internal
+        from ..scoring import register_wrapper
+
+        cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
+        handles.append(_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)))
+        handles.append(_Restore(lambda: [vars(adapter.attention_of(l)).pop("_mmaccel_bias", None) for l in layers]))
+        return handles
+
+    def _merge_hook(self, runtime, state):
+        from ..vision.window_merge import merge_rows
+
+        def hook(module, args, kwargs):
+            if runtime.current_kind != "image":
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            merged, state["assign"], bias = merge_rows(x, runtime.adapter.vision_has_cls, self.merge_threshold)
+            for layer in runtime.adapter.vision_layers:
+                runtime.adapter.attention_of(layer)._mmaccel_bias = bias
+            return ((merged,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
+
+        return hook
+
+    def _expand_hook(self, runtime, state):
+        from .tome import expand_to_sources
+
+        def hook(module, args, kwargs):
+            for layer in runtime.adapter.vision_layers:
+                vars(runtime.adapter.attention_of(layer)).pop("_mmaccel_bias", None)
+            if "assign" not in state or runtime.current_kind != "image":
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            full = expand_to_sources(x, state.pop("assign"), runtime)
+            return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
+
+        return hook
 
     def keep_fraction(self) -> float:
         return 1.0  # nothing is dropped before the LLM

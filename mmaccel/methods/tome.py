@@ -124,28 +124,38 @@ class ToMe(PreLLMReducer):
             if "assign" not in st or runtime.current_kind != "image":
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            assign = st.pop("assign")
-            full = torch.gather(x, 1, assign[..., None].expand(-1, -1, x.shape[-1]))
-            # ids unique across tower rows (crops), so groups never mix tiles after packing
-            offset = (torch.arange(assign.shape[0], device=x.device) * assign.shape[1])[:, None]
-            rep = (_representatives(assign) + offset).float()
-            own = (torch.arange(assign.shape[1], device=x.device)[None] + offset).float()
-            runtime.vision_maps["tome_rep"] = [rep[:, None]]
-            runtime.vision_maps["tome_own"] = [own[:, None]]
+            full = expand_to_sources(x, st.pop("assign"), runtime)
             return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
 
         return hook
 
     def reduce(self, features, segment: Segment, budget: int) -> Reduction:
-        maps = segment.scores or {}
-        if "tome_rep" not in maps:
-            return Reduction(torch.arange(segment.n))
-        rep, own = maps["tome_rep"][:, 0], maps["tome_own"][:, 0]
-        is_rep = (rep == own) | torch.isnan(rep)  # NaN: structural newline tokens, kept
-        keep = is_rep.nonzero().flatten()
-        groups = [((rep == rep[k]) & ~torch.isnan(rep)).nonzero().flatten() if not torch.isnan(rep[k])
-                  else k[None] for k in keep]
-        return Reduction(keep, None, groups)
+        return one_per_group(segment)
+
+
+def one_per_group(segment: Segment) -> Reduction:
+    """Keep the first token of every merged group (maps left by a tower-stage merge)."""
+    maps = segment.scores or {}
+    if "merge_rep" not in maps:
+        return Reduction(torch.arange(segment.n))
+    rep, own = maps["merge_rep"][:, 0], maps["merge_own"][:, 0]
+    keep = ((rep == own) | torch.isnan(rep)).nonzero().flatten()  # NaN: structural newline tokens, kept
+    groups = [k[None] if torch.isnan(rep[k]) else ((rep == rep[k]) & ~torch.isnan(rep)).nonzero().flatten()
+              for k in keep]
+    return Reduction(keep, None, groups)
+
+
+def expand_to_sources(x: torch.Tensor, assign: torch.Tensor, runtime) -> torch.Tensor:
+    """Copy merged tokens back to every source slot and leave the group maps for the pre-LLM step.
+    x: (B, L, D) merged; assign: (B, N0) slot of every original token. Returns (B, N0, D)."""
+    full = torch.gather(x, 1, assign[..., None].expand(-1, -1, x.shape[-1]))
+    # ids unique across tower rows (crops), so groups never mix tiles after packing
+    offset = (torch.arange(assign.shape[0], device=x.device) * assign.shape[1])[:, None]
+    rep = (_representatives(assign) + offset).float()
+    own = (torch.arange(assign.shape[1], device=x.device)[None] + offset).float()
+    runtime.vision_maps["merge_rep"] = [rep[:, None]]
+    runtime.vision_maps["merge_own"] = [own[:, None]]
+    return full
 
 
 def _representatives(assign: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""MustDrop's local spatial merge after ViT layer 0: every non-overlapping 3x3 window of patch
+tokens whose mean pairwise cosine similarity (self excluded) reaches the threshold (official
+0.8) collapses into one token, the plain mean of its nine. Each image merges its own windows:
+rows of a batch get different lengths, padded and masked out of attention, so an image gets the
+same result alone or in a batch (the official code merges ``min`` over the batch). Tokens stay in
+spatial order, the merged token at its window's first cell (the official order puts merged
+windows first)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_similarity(x: torch.Tensor, side: int, window: int = 3) -> torch.Tensor:
+    """x: (N, D) patch tokens of a side x side grid -> (side//w, side//w) mean pairwise cosine
+    similarity inside each window, the diagonal excluded."""
+    n_win = side // window
+    g = F.normalize(x.float(), dim=-1).view(side, side, -1)[: n_win * window, : n_win * window]
+    tiles = g.view(n_win, window, n_win, window, -1).permute(0, 2, 1, 3, 4).reshape(n_win, n_win, window * window, -1)
+    sim = tiles @ tiles.transpose(-1, -2)
+    k = window * window
+    return (sim.sum((-1, -2)) - sim.diagonal(dim1=-2, dim2=-1).sum(-1)) / (k * (k - 1))
+
+
+def window_groups(x: torch.Tensor, side: int, threshold: float, window: int = 3) -> torch.Tensor:
+    """(N,) group id per patch (its window's first cell when merged, else itself)."""
+    groups = torch.arange(side * side)
+    sim = window_similarity(x, side, window)
+    for wi, wj in (sim >= threshold).nonzero().tolist():
+        rows = torch.arange(wi * window, wi * window + window)
+        cols = torch.arange(wj * window, wj * window + window)
+        cells = (rows[:, None] * side + cols[None]).flatten()
+        groups[cells] = cells[0]
+    return groups
+
+
+def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3):
+    """x: (B, N0, D) after ViT layer 0. Returns (merged (B, L, D) padded, assign (B, N0) slot of
+    every original token, bias (B, 1, 1, L) with -inf on padding)."""
+    offset = int(cls)
+    side = math.isqrt(x.shape[1] - offset)
+    rows, assigns = [], []
+    for b in range(x.shape[0]):
+        groups = window_groups(x[b, offset:], side, threshold, window) + offset
+        groups = torch.cat([torch.arange(offset), groups])
+        reps, slot = groups.unique(return_inverse=True)  # reps sorted: spatial order kept
+        merged = torch.zeros(reps.numel(), x.shape[-1], dtype=x.dtype).index_add_(0, slot, x[b])
+        merged = merged / torch.bincount(slot, minlength=reps.numel())[:, None].to(x.dtype)
+        rows.append(merged)
+        assigns.append(slot)
+    length = max(r.shape[0] for r in rows)
+    out = torch.zeros(x.shape[0], length, x.shape[-1], dtype=x.dtype)
+    bias = torch.zeros(x.shape[0], 1, 1, length)
+    for b, r in enumerate(rows):
+        out[b, : r.shape[0]] = r
+        bias[b, ..., r.shape[0]:] = float("-inf")
+    return out, torch.stack(assigns), bias
