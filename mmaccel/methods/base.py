@@ -32,7 +32,7 @@ class Method:
 
     @classmethod
     def field_defaults(cls) -> dict:
-        return {f.name: f.default for f in fields(cls)}
+        return {f.name: f.default for f in fields(cls) if f.init and not f.name.startswith("_")}
 
     def check_model(self, adapter) -> None:
         """Raise ``ValueError`` if this method cannot run on ``adapter``'s model."""

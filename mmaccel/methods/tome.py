@@ -67,7 +67,7 @@ class ToMe(PreLLMReducer):
     name = "tome"
     description = "merge similar tokens inside the ViT blocks (size-weighted, proportional attention)"
     retention: float | None = 0.5
-    _state: dict = field(default_factory=dict, repr=False, compare=False)
+    _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def check_model(self, adapter) -> None:
         if not hasattr(adapter.attention_of(adapter.vision_layers[0]), "k_proj") or adapter.uses_mrope:
