@@ -269,10 +269,15 @@ def bench_speed(
                                     err=True)
     result = run(names, rets, repeats, warmup, threads, small, progress)
     table = markdown(result)
+    if out:  # written before the optional STC part, so a failure there loses nothing
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2))
+        (out / "speed.md").write_text("# Prefill speed\n\n" + table + "\n")
     if stc:
         from .bench.speed import stc_vit_time
 
-        result["stc_cacher"] = stc_vit_time(frames=8 if small else 16, threads=threads, repeats=1 if small else 3)
+        sizes = dict(frames=6, repeats=1, image_size=112, layers=2) if small else dict(frames=16, repeats=3)
+        result["stc_cacher"] = stc_vit_time(threads=threads, **sizes)
         table += "\n\nSTC-Cacher, mostly static video (SigLIP-shaped tower, 729 tokens/frame, 1 frame/chunk): full " \
                  f"{result['stc_cacher']['full_s']:.2f} s\n\n| cache_interval | update_ratio | seconds | ViT time cut | rows recomputed |\n|---|---|---|---|---|\n"
         table += "\n".join(f"| {c['cache_interval']} | {c['update_ratio']} | {c['seconds']:.2f} | "

@@ -9,7 +9,7 @@ from mmaccel.cli import app
 
 def test_speed_bench_small_writes_results(tmp_path):
     res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "fastv,pool", "--retentions", "0.25",
-                                   "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+                                   "--repeats", "1", "--warmup", "0", "--stc", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "speed.json").read_text())
     points = {p["method"]: p for p in data["points"]}
@@ -19,6 +19,9 @@ def test_speed_bench_small_writes_results(tmp_path):
         assert p["base_ms"] > 0 and p["accel_ms"] > 0
     assert points["fastv"]["scoring_share"] > 0 and points["pool"]["scoring_share"] == 0
     assert data["environment"]["threads"] == 2 and "| fastv | 0.25 |" in (tmp_path / "speed.md").read_text()
+    stc = data["stc_cacher"]["cached"]
+    assert [c["cache_interval"] for c in stc] == [2, 4]
+    assert stc[1]["rows_recomputed"] < stc[0]["rows_recomputed"] < 1.0
 
 
 def test_mostly_static_video_is_mostly_static():

@@ -182,7 +182,7 @@ def mostly_static_video(frames: int = 16, size: int = 384, seed: int = 0):
 
 
 def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25, threads: int = 2,
-                 repeats: int = 3) -> dict:
+                 repeats: int = 3, image_size: int = 384, layers: int = 6) -> dict:
     """ViT time per frame with and without STC-Cacher on a SigLIP-shaped tower (384 px, patch 14 ->
     729 tokens, 6 layers x 384), mostly static video, one frame per chunk. Median of ``repeats``."""
     import torch
@@ -192,11 +192,11 @@ def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25,
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    tower = SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=384,
-                                                 intermediate_size=1536, num_hidden_layers=6,
+    tower = SiglipVisionModel(SiglipVisionConfig(image_size=image_size, patch_size=14, hidden_size=384,
+                                                 intermediate_size=1536, num_hidden_layers=layers,
                                                  num_attention_heads=6)).eval()
-    clip = torch.tensor(mostly_static_video(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    layers = tower.vision_model.encoder.layers
+    clip = torch.tensor(mostly_static_video(frames, image_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    layers = getattr(tower, "vision_model", tower).encoder.layers
 
     def run(interval):
         state = CacherState(cache_interval=interval, update_ratio=update_ratio) if interval else None
@@ -212,7 +212,8 @@ def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25,
 
     run(None)  # warm-up
     full = statistics.median(run(None)[0] for _ in range(repeats))
-    out = {"frames": frames, "tokens_per_frame": 729, "threads": threads, "full_s": full, "cached": []}
+    out = {"frames": frames, "tokens_per_frame": (image_size // 14) ** 2, "threads": threads, "full_s": full,
+           "cached": []}
     for interval in intervals:
         times, state = zip(*[run(interval) for _ in range(repeats)])
         t = statistics.median(times)
