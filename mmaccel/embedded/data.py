@@ -1,0 +1,80 @@
+"""Turn world samples into model inputs with the stock LLaVA-OneVision processor."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..world.samples import Sample
+from ..world.scene import blank_like
+
+IGNORE = -100
+
+
+def prompt_text(processor, sample: Sample) -> str:
+    """The chat prompt of a sample, ending with the assistant turn opener."""
+    return processor.apply_chat_template(sample.messages(), add_generation_prompt=True)
+
+
+def blanked(sample: Sample) -> Sample:
+    """The same question with every image / frame replaced by a white canvas."""
+    from dataclasses import replace
+
+    if sample.frames is not None:
+        return replace(sample, frames=np.full_like(sample.frames, 255))
+    return replace(sample, images=[blank_like(im.size[0]) for im in sample.images])
+
+
+def media_kwargs(samples: list[Sample]) -> dict:
+    """``images=`` / ``videos=`` keyword for the processor (samples share one kind)."""
+    kinds = {s.kind for s in samples}
+    if len(kinds) != 1:
+        raise ValueError(f"mixed kinds in one batch: {kinds}")
+    kind = kinds.pop()
+    if kind == "video":
+        return {"videos": [s.frames for s in samples]}
+    if kind == "multi":
+        return {"images": [list(s.images) for s in samples]}
+    return {"images": [s.image for s in samples]}
+
+
+def _call(processor, texts: list[str], samples: list[Sample], padding_side: str):
+    """Run the processor with ``padding_side`` and restore the tokenizer's own setting."""
+    tok = processor.tokenizer
+    old, tok.padding_side = tok.padding_side, padding_side
+    try:
+        return processor(text=texts, padding=True, return_tensors="pt", **media_kwargs(samples))
+    finally:
+        tok.padding_side = old
+
+
+def encode_prompts(processor, samples: list[Sample], padding_side: str = "left"):
+    """Batch of prompts (no answers) for ``generate``; left padded by default.
+
+    Returns a ``BatchFeature`` with input_ids / attention_mask (B, L) and pixel_values
+    (B, P, 3, 144, 144) with image_sizes (B, 2) and batch_num_images (B,), or
+    pixel_values_videos (B, T, 3, 144, 144).
+    """
+    return _call(processor, [prompt_text(processor, s) for s in samples], samples, padding_side)
+
+
+def encode_for_training(processor, samples: list[Sample]):
+    """Prompt + answer + eos, right padded, with ``labels`` (B, L) = -100 outside answers."""
+    eos = processor.tokenizer.eos_token
+    texts = [prompt_text(processor, s) + " " + s.answer + eos for s in samples]
+    batch = _call(processor, texts, samples, "right")
+    batch["labels"] = answer_labels(batch["input_ids"], batch["attention_mask"], assistant_id(processor))
+    return batch
+
+
+def assistant_id(processor) -> int:
+    """Id of the word that opens the assistant turn."""
+    return processor.tokenizer.convert_tokens_to_ids("\u2581assistant")
+
+
+def answer_labels(input_ids, attention_mask, marker_id: int):
+    """Labels (B, L): the tokens after the last ``marker_id`` of each row, else -100."""
+    import torch
+
+    pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    last = torch.where(input_ids == marker_id, pos, torch.full_like(pos, -1)).max(dim=1).values
+    keep = (pos > last[:, None]) & attention_mask.bool()
+    return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE))

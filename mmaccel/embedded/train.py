@@ -1,0 +1,282 @@
+"""Train the embedded VLM from scratch on freshly generated world samples.
+
+``python -m mmaccel.embedded.train --out DIR --minutes M --seed S``
+
+Every step draws a new batch of one *group* (normal images, high-res images, image
+pairs, or videos of 8/12/16 frames) so that all rows share one visual token count.
+The loss is the mean, over samples, of the per-sample mean cross-entropy on the
+answer tokens (answer + eos). AdamW, linear warm-up then cosine decay.
+
+Stage 1 (``vision_steps``, see :mod:`.pretrain`) first trains the vision tower and
+projector on dense patch labels; stage 2 trains everything on the questions.
+The cosine runs over ``--steps`` when given (fully reproducible), else over the wall
+time left in ``--minutes`` (the CPU is shared, so speed varies; data stream and init
+still follow the seed, and the log records the steps done).
+"""
+from __future__ import annotations
+
+import os
+
+# On a shared CPU, spinning OpenMP workers stall badly when another process holds a
+# core; passive waiting keeps 2 threads close to full speed (must precede torch import).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..world.samples import SPLIT_KEY, make_sample
+from .build import build_model, build_processor, build_tokenizer
+from .data import encode_for_training
+from .pretrain import pretrain_vision
+
+# group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
+IMAGE_MIX = {"color": 1.5, "count": 1.5, "exists": 1.0, "where": 1.5, "caption": 3.0, "digits": 2.0}
+HIRES_MIX = {"color": 1.0, "count": 1.0, "exists": 1.0, "where": 1.0, "caption": 1.5}
+VIDEO_MIX = {"motion": 1.2, "flash": 1.2, "appear": 1.0}
+GROUPS = {
+    "image": (0.50, 1.0, {"hires": False}, IMAGE_MIX),
+    "hires": (0.10, 0.5, {"hires": True}, HIRES_MIX),
+    "multi": (0.07, 1.0, {}, {"multi": 1.0}),
+    "video8": (0.21, 1.0, {"num_frames": 8}, VIDEO_MIX),
+    "video12": (0.07, 0.75, {"num_frames": 12}, VIDEO_MIX),
+    "video16": (0.05, 0.5, {"num_frames": 16}, VIDEO_MIX),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters (all recorded in ``train_config.json`` next to the weights)."""
+
+    seed: int = 0
+    minutes: float = 50.0
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 6e-4
+    warmup: int = 150
+    min_lr_frac: float = 0.05
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    vision_lr_mult: float = 1.0
+    vision_steps: int = 800
+    vision_lr: float = 2e-3
+    threads: int = 2
+    log_every: int = 25
+    eval_n: int = 100
+    text: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up (steps) to ``cfg.lr``, then cosine in ``progress`` (0..1) to ``min_lr_frac``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, max(0.0, progress))
+    lo = cfg.lr * cfg.min_lr_frac
+    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """Random stream of training step ``step`` (train seed space only)."""
+    return np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 1]))
+
+
+def draw_batch(rng: np.random.Generator, batch_size: int, groups=None):
+    """Pick a group, then ``batch_size * mult`` samples with families by weight."""
+    groups = groups or GROUPS
+    names = list(groups)
+    probs = np.array([groups[n][0] for n in names], float)
+    name = names[int(rng.choice(len(names), p=probs / probs.sum()))]
+    _, mult, kw, mix = groups[name]
+    fams, w = list(mix), np.array(list(mix.values()), float)
+    picks = rng.choice(len(fams), size=max(1, int(round(batch_size * mult))), p=w / w.sum())
+    return name, [make_sample(fams[int(i)], rng, **kw) for i in picks]
+
+
+def per_sample_loss(logits, labels):
+    """Mean answer-token cross-entropy per row. logits (B, L, V), labels (B, L) -> (B,)."""
+    import torch.nn.functional as F
+
+    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(lg.transpose(1, 2), lb, ignore_index=-100, reduction="none")
+    mask = (lb != -100).float()
+    return (ce * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def train_step(model, opt, processor, samples, lr: float, clip: float):
+    """One optimiser step; returns per-sample losses (B,) as a numpy array."""
+    import torch
+
+    batch = encode_for_training(processor, samples)
+    labels = batch.pop("labels")
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    out = model(**batch, use_cache=False)
+    losses = per_sample_loss(out.logits, labels)
+    losses.mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return losses.detach().numpy()
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW in four groups: (vision tower + projector | rest) x (decay | no decay).
+
+    The vision groups' lr is ``vision_lr_mult`` times the base lr (see ``train_step``).
+    """
+    import torch
+
+    groups = {}
+    for name, p in model.named_parameters():
+        vis = "vision_tower" in name or "multi_modal_projector" in name
+        key = (vis, p.ndim >= 2)
+        groups.setdefault(key, []).append(p)
+    return torch.optim.AdamW([
+        {"params": ps, "weight_decay": cfg.weight_decay if dec else 0.0,
+         "lr_mult": cfg.vision_lr_mult if vis else 1.0} for (vis, dec), ps in sorted(groups.items())
+    ], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+class Logger:
+    """Prints to stdout and appends to ``path`` (if given)."""
+
+    def __init__(self, path=None):
+        self.f = open(path, "a") if path else None
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        if self.f:
+            self.f.write(line + "\n")
+            self.f.flush()
+
+
+class FamilyLoss:
+    """Running mean of per-sample loss per family between log lines."""
+
+    def __init__(self):
+        self.sum, self.n = defaultdict(float), defaultdict(int)
+
+    def add(self, samples, losses) -> None:
+        for s, v in zip(samples, losses):
+            self.sum[s.family] += float(v)
+            self.n[s.family] += 1
+
+    def flush(self) -> str:
+        txt = " ".join(f"{f}={self.sum[f] / self.n[f]:.3f}" for f in sorted(self.n))
+        self.sum.clear()
+        self.n.clear()
+        return txt
+
+
+def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
+    """Train a fresh model; returns (model, processor, history list of dicts)."""
+    import torch
+
+    log = log or Logger()
+    torch.set_num_threads(cfg.threads)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    model = build_model(tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision)
+    model.train()
+    opt = make_optimizer(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"params {n_params / 1e6:.2f}M config {json.dumps(asdict(cfg))}")
+    t0 = time.time()
+    if cfg.vision_steps:
+        acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log)
+        log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
+    budget = cfg.minutes * 60.0 - (time.time() - t0) if cfg.minutes else None
+    history = run_loop(model, opt, processor, cfg, log, groups, budget)
+    model.eval()
+    if out_dir:
+        save(model, processor, cfg, out_dir, history)
+    return model, processor, history
+
+
+def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | None) -> float:
+    """Schedule position in [0, 1]: by steps when ``cfg.steps`` is set, else by wall time."""
+    if cfg.steps:
+        return (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return elapsed / budget
+
+
+def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=None) -> list[dict]:
+    """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent."""
+    t0, step, history = time.time(), 0, []
+    fam_loss, window = FamilyLoss(), []
+    while True:
+        elapsed = time.time() - t0
+        prog = progress_of(step, elapsed, cfg, budget)
+        if (cfg.steps and step >= cfg.steps) or (not cfg.steps and prog >= 1.0):
+            log(f"stage 2 done at step {step} ({elapsed:.0f}s)")
+            break
+        group, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups)
+        lr = lr_at(step, prog, cfg)
+        losses = train_step(model, opt, processor, samples, lr, cfg.clip)
+        fam_loss.add(samples, losses)
+        window.append(float(losses.mean()))
+        step += 1
+        if step % cfg.log_every == 0:
+            rec = {"step": step, "loss": float(np.mean(window)), "lr": lr, "seconds": time.time() - t0}
+            history.append(rec)
+            log(f"step {step} loss {rec['loss']:.4f} lr {lr:.2e} t {rec['seconds']:.0f}s | {fam_loss.flush()}")
+            window = []
+    return history
+
+
+def save(model, processor, cfg: TrainConfig, out_dir, history) -> None:
+    """save_pretrained (safetensors) for model and processor, plus the recipe."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.tokenizer.padding_side = "left"  # ready for batched generation
+    processor.save_pretrained(out)
+    steps = history[-1]["step"] if history else 0
+    (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "steps_done": steps}, indent=2))
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description="Train the embedded VLM on the synthetic world.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=50.0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--vision-lr-mult", type=float, default=TrainConfig.vision_lr_mult)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
+    p.add_argument("--log", default=None, help="also append log lines to this file")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, lr=a.lr,
+                      batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
+                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, vision_steps=a.vision_steps)
+    return cfg, a
+
+
+def main(argv=None):
+    from ..world.samples import generate_samples
+    from .evaluate import evaluate_samples, format_table
+
+    cfg, args = parse_args(argv)
+    log = Logger(args.log)
+    model, processor, _ = train(cfg, args.out, log)
+    if cfg.eval_n:
+        res = evaluate_samples(model, processor, generate_samples(cfg.eval_n, seed=cfg.seed, split="test"))
+        log("held-out quick eval:\n" + format_table(res))
+        (Path(args.out) / "quick_eval.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

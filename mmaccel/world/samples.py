@@ -1,0 +1,103 @@
+"""``Sample`` records and the deterministic sample generator.
+
+Every sample is drawn from its own random stream, seeded by
+``SeedSequence([SPLIT_KEY[split], seed, index])``: the same ``(seed, split)``
+always gives identical pixels and questions, and the ``train`` and ``test``
+splits come from disjoint seed spaces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+from .images import build_image_family, build_multi
+from .scene import PlacementError, render
+from .spec import ALL_FAMILIES, HIRES_FAMILIES, family_kind
+from .video import build_video_family
+
+SPLIT_KEY = {"train": 0x5EED0, "test": 0x7E570}
+
+
+@dataclass
+class Sample:
+    """One question about an image, several images, or a video.
+
+    images: list of RGB PIL images (one for image families, two for ``multi``);
+    frames: uint8 array (T, H, W, 3) for video families, else None.
+    """
+
+    id: str
+    family: str
+    question: str
+    answer: str
+    images: list[Image.Image] = field(default_factory=list)
+    frames: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """'image', 'multi' or 'video'."""
+        return family_kind(self.family)
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The image of a single-image sample, else None."""
+        return self.images[0] if len(self.images) == 1 else None
+
+    def messages(self) -> list[dict]:
+        """Chat messages for ``processor.apply_chat_template``."""
+        media = [{"type": "video"}] if self.frames is not None else [{"type": "image"} for _ in self.images]
+        return [{"role": "user", "content": media + [{"type": "text", "text": self.question}]}]
+
+
+def sample_rng(seed: int, index: int, split: str = "train") -> np.random.Generator:
+    """The random stream of sample ``index`` of ``(seed, split)``."""
+    return np.random.default_rng(np.random.SeedSequence([SPLIT_KEY[split], seed, index]))
+
+
+def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: bool | None = None,
+                num_frames: int | None = None, hires_p: float = 0.2) -> Sample:
+    """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``."""
+    kind = family_kind(family)
+    if kind == "video":
+        frames, q, a, meta = build_video_family(family, rng, num_frames)
+        return Sample(sid, family, q, a, frames=frames, meta=meta)
+    if kind == "multi":
+        scenes, q, a, meta = _retry(lambda: build_multi(rng))
+        meta = {**meta, "scenes": [s.to_meta() for s in scenes]}
+        return Sample(sid, family, q, a, images=[render(s) for s in scenes], meta=meta)
+    if hires is None:
+        hires = family in HIRES_FAMILIES and bool(rng.random() < hires_p)
+    scene, q, a, meta = build_image_family(family, rng, hires)
+    meta = {**meta, **scene.to_meta(), "hires": hires}
+    return Sample(sid, family, q, a, images=[render(scene)], meta=meta)
+
+
+def _retry(fn, tries: int = 100):
+    for _ in range(tries):
+        try:
+            return fn()
+        except PlacementError:
+            continue
+    raise PlacementError("could not build a scene")
+
+
+def generate_samples(n: int, seed: int = 0, split: str = "train",
+                     families: Iterable[str] | None = None, kinds: Iterable[str] | None = None,
+                     start: int = 0, **kw) -> list[Sample]:
+    """Deterministic list of ``n`` samples, families taken in turn (balanced).
+
+    families: subset of ``ALL_FAMILIES``; kinds: subset of {'image','multi','video'}.
+    Extra keywords go to :func:`make_sample` (``hires``, ``num_frames``, ``hires_p``).
+    """
+    fams = [f for f in (families or ALL_FAMILIES) if kinds is None or family_kind(f) in set(kinds)]
+    if not fams:
+        raise ValueError("no family selected")
+    out = []
+    for i in range(start, start + n):
+        fam = fams[i % len(fams)]
+        out.append(make_sample(fam, sample_rng(seed, i, split), f"{split}-{seed}-{i}", **kw))
+    return out

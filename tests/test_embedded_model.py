@@ -1,0 +1,166 @@
+"""The embedded default model: tokenizer, processor contract, training, shipped checkpoint."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmaccel.embedded import DEFAULT_MODEL_DIR, load_default_model, load_model
+from mmaccel.embedded.build import build_model, build_processor, build_tokenizer
+from mmaccel.embedded.data import encode_for_training, encode_prompts
+from mmaccel.embedded.evaluate import evaluate_samples, generate_answers
+from mmaccel.embedded.train import TrainConfig, train
+from mmaccel.world import generate_samples, make_sample, sample_rng
+from mmaccel.world.assets import load_sample_video
+
+HELD_OUT_SEED = 9090  # never used by the training recipe (train split) or the report (seed 0)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(build_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(2)
+    return load_default_model()
+
+
+def _answer(model, processor, msgs, **media):
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = processor(text=[text], return_tensors="pt", **media)
+    out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def test_import_is_light():
+    code = "import sys, mmaccel, mmaccel.embedded; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tokenizer_round_trips_every_answer(processor):
+    tok = processor.tokenizer
+    for s in generate_samples(60, seed=1, split="test"):
+        ids = tok(s.answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids, skip_special_tokens=True).strip() == s.answer
+        q_ids = tok(s.question, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in q_ids
+
+
+def test_chat_template_and_visual_token_counts(processor):
+    img = make_sample("color", sample_rng(0, 0, "test"), hires=False)
+    hi = make_sample("color", sample_rng(0, 1, "test"), hires=True)
+    pair = make_sample("multi", sample_rng(0, 2, "test"))
+    vid = make_sample("motion", sample_rng(0, 3, "test"), num_frames=12)
+    text = processor.apply_chat_template(img.messages(), add_generation_prompt=True)
+    assert text == f"<|im_start|>user <image> {img.question} <|im_end|><|im_start|>assistant"
+    expect = {id(img): 36 + 36 + 6, id(hi): 36 + 144 + 12, id(pair): 2 * 37, id(vid): 12 * 9 + 1}
+    for s in (img, hi, pair, vid):
+        ids = encode_prompts(processor, [s])["input_ids"][0]
+        token = processor.video_token_id if s.frames is not None else processor.image_token_id
+        assert int((ids == token).sum()) == expect[id(s)]
+
+
+def test_training_labels_cover_only_the_answer(processor):
+    samples = generate_samples(4, seed=0, families=["caption", "count"], hires=False)
+    batch = encode_for_training(processor, samples)
+    tok = processor.tokenizer
+    for row, lab, s in zip(batch["input_ids"], batch["labels"], samples):
+        ans = lab[lab != -100].tolist()
+        assert ans[-1] == tok.eos_token_id
+        assert tok.decode(ans, skip_special_tokens=True).strip() == s.answer
+
+
+@pytest.mark.slow
+def test_short_training_lowers_loss(tmp_path):
+    cfg = TrainConfig(seed=1, steps=40, minutes=0, batch_size=12, lr=1e-3, warmup=10, log_every=5,
+                      eval_n=0, vision_steps=20, text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2})
+    groups = {"image": (1.0, 1.0, {"hires": False}, {"count": 1.0, "exists": 1.0})}
+    model, processor, hist = train(cfg, tmp_path / "m", groups=groups)
+    assert len(hist) == 8 and hist[-1]["step"] == 40
+    assert hist[-1]["loss"] < 0.6 * hist[0]["loss"]
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_save_reload_round_trip(tmp_path, processor):
+    model = build_model(processor.tokenizer, seed=3).eval()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    model2, proc2 = load_model(tmp_path)
+    samples = generate_samples(2, seed=4, families=["caption"], hires=False)
+    a, b = encode_prompts(processor, samples), encode_prompts(proc2, samples)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**a).logits, model2(**b).logits)
+
+
+def test_shipped_model_size_and_config():
+    files = list(DEFAULT_MODEL_DIR.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 3 open: the shipped model (35.7% held-out exact match) is below the targets", strict=True)
+def test_shipped_model_answers_held_out(shipped):
+    model, processor = shipped
+    samples = generate_samples(40, seed=HELD_OUT_SEED, split="test")
+    res = evaluate_samples(model, processor, samples)
+    assert res["aggregates"]["all"]["accuracy"] >= 0.9, res["families"]
+
+
+@pytest.mark.xfail(reason="issue 3 open: the shipped model (35.7% held-out exact match) is below the targets", strict=True)
+def test_inference_contract_image_and_video(shipped):
+    model, processor = shipped
+    s = make_sample("color", sample_rng(HELD_OUT_SEED, 100, "test"), hires=False)
+    assert _answer(model, processor, s.messages(), images=[s.image]) == s.answer
+    frames, question, answer = load_sample_video()
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    assert _answer(model, processor, msgs, videos=[frames]) == answer
+
+
+def _contract_batch(model, processor, pair):
+    """The documented batch call: left padding, padding=True, decode new tokens."""
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(s.messages(), add_generation_prompt=True) for s in pair]
+    media = {"videos": [s.frames for s in pair]} if pair[0].frames is not None else {"images": [s.image for s in pair]}
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **media)
+    assert (inputs["attention_mask"][:, 0] == 0).any()  # the prompts really differ in length
+    out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+@pytest.mark.slow
+def test_batch2_left_padding_matches_batch1(shipped):
+    model, processor = shipped
+    pairs = [generate_samples(2, seed=HELD_OUT_SEED, split="test", start=10, families=f, hires=False)
+             for f in (["caption", "count"], ["where", "digits"])]
+    pairs.append(generate_samples(2, seed=HELD_OUT_SEED, start=20, split="test",
+                                  families=["motion", "flash"], num_frames=8))
+    for pair in pairs:
+        batch = encode_prompts(processor, pair)
+        assert (batch["attention_mask"][:, 0] == 0).any()  # left padded: prompts differ in length
+        single = [generate_answers(model, processor, [s])[0] for s in pair]
+        assert generate_answers(model, processor, pair, batch_size=2) == single
+        assert _contract_batch(model, processor, pair) == single
+    # (whether the answers are right is test_shipped_model_answers_held_out's job)
+
+
+def test_patch_targets_mark_object_and_digit_centres():
+    from mmaccel.embedded.pretrain import cell_of, digit_centres, patch_targets
+    from mmaccel.world import COLORS, SHAPES
+
+    s = generate_samples(1, seed=0, families=["digits"])[0]
+    cls, pos = patch_targets(s.meta, 6)
+    side = s.meta["side"]
+    for o in s.meta["objects"]:
+        i = cell_of(o["cx"], o["cy"], side, 6)
+        assert cls[i] in (1 + SHAPES.index(o["shape"]) * 4 + list(COLORS).index(o["color"]), *range(15, 25))
+    chars = digit_centres(s.meta)
+    assert "".join(c for c, _, _ in chars) == s.answer
+    assert all(cls[cell_of(x, y, side, 6)] == 15 + int(c) for c, x, y in chars)
+    assert pos.min() >= 0 and pos.max() <= 1
