@@ -116,18 +116,9 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         return hook
 
     def _expand_hook(self, runtime, state):
-        from .tome import expand_to_sources
+        from .tome import expand_hook
 
-        def hook(module, args, kwargs):
-            for layer in runtime.adapter.vision_layers:
-                vars(runtime.adapter.attention_of(layer)).pop("_mmaccel_bias", None)
-            if "assign" not in state or runtime.current_kind != "image":
-                return None
-            x = args[0] if args else kwargs["hidden_states"]
-            full = expand_to_sources(x, state.pop("assign"), runtime)
-            return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
-
-        return hook
+        return expand_hook(runtime, state)
 
     def keep_fraction(self) -> float:
         return 1.0  # nothing is dropped before the LLM

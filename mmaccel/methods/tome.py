@@ -115,22 +115,26 @@ class ToMe(PreLLMReducer):
         return hook
 
     def _expand_hook(self, runtime, adapter):
-        """Before the feature layer's block: copy merged tokens back to all their sources. The
-        s copies of a token weigh it s times in attention, which is proportional attention."""
-        def hook(module, args, kwargs):
-            st = self._state
-            for layer in adapter.vision_layers:
-                vars(adapter.attention_of(layer)).pop("_mmaccel_bias", None)
-            if "assign" not in st or runtime.current_kind != "image":
-                return None
-            x = args[0] if args else kwargs["hidden_states"]
-            full = expand_to_sources(x, st.pop("assign"), runtime)
-            return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
-
-        return hook
+        return expand_hook(runtime, self._state)
 
     def reduce(self, features, segment: Segment, budget: int) -> Reduction:
         return one_per_group(segment)
+
+
+def expand_hook(runtime, state: dict):
+    """Pre-hook for the feature layer's block: copy merged tokens back to all their sources
+    (``state["assign"]``). The s copies of a token weigh it s times in attention, which is
+    proportional attention; the attention bias of the merged blocks is removed."""
+    def hook(module, args, kwargs):
+        for layer in runtime.adapter.vision_layers:
+            vars(runtime.adapter.attention_of(layer)).pop("_mmaccel_bias", None)
+        if "assign" not in state or runtime.current_kind != "image":
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        full = expand_to_sources(x, state.pop("assign"), runtime)
+        return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
+
+    return hook
 
 
 def one_per_group(segment: Segment) -> Reduction:
