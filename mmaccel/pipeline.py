@@ -138,7 +138,6 @@ class Media:
 def prepare_media(media, num_frames: int | None = 8, fps: float | None = None, backend: str = "auto") -> Media:
     """Load an image, images, a video path or decoded frames into what the processor takes."""
     import numpy as np
-    from PIL import Image
 
     from .vision.io import is_video_path, load_image, read_video
 
@@ -155,5 +154,5 @@ def prepare_media(media, num_frames: int | None = 8, fps: float | None = None, b
         return Media("image", images, {"kind": "image", "count": len(images)})
     if media is None:
         raise ValueError("no media given: pass an image, a list of images, a video path or frames")
-    image = load_image(media if not isinstance(media, Image.Image) else media)
+    image = load_image(media)
     return Media("image", [image], {"kind": "image", "count": 1, "size": list(image.size)})

@@ -51,6 +51,7 @@ class Request:
     next_pos: torch.Tensor | None = None  # (B,) next position of each sample
     decode_tail: torch.Tensor | None = None  # (B, n) mask of decoded tokens
     decode_masks: dict = field(default_factory=dict)  # stage index -> mask of this step
+    full_tokens: list = field(default_factory=list)  # per sample: real tokens before any reduction
     visual_in: list = field(default_factory=list)  # per sample: visual tokens at the LLM input
     segments: list = field(default_factory=list)  # the visual segments of the prefill
     sources: list = field(default_factory=list)  # per sample: {kept position: merged source positions}
@@ -205,13 +206,10 @@ class Runtime:
             cache = getattr(output, "cache", None)
             if self.request.stages and cache is not None:
                 self.method.after_prefill(self, cache)
-            self._finish_prefill_stats()
-            if cache is not None and hasattr(cache, "layers"):
-                self.stats.kv_cache_tokens = sum(int(l.keys.shape[0] * l.keys.shape[-2]) for l in cache.layers
-                                                 if getattr(l, "keys", None) is not None)
+            self._finish_prefill_stats(cache)
             self.request.prefill = False
 
-    def _finish_prefill_stats(self) -> None:
+    def _finish_prefill_stats(self, cache) -> None:
         scoring = sum(attn._mmaccel_tap.seconds for attn in self.taps.values())
         for attn in self.taps.values():
             attn._mmaccel_tap.seconds = 0.0
@@ -221,13 +219,13 @@ class Runtime:
         cfg = self.adapter.text_config
         self.stats.tokens_per_layer = [sum(x) for x in per_layer]
         self.stats.prefill_flops = prefill_flops(cfg, per_layer)
-        full = self._full_tokens_per_sample()
+        full = self.request.full_tokens
         self.stats.prefill_flops_full = prefill_flops(cfg, [full] * len(per_layer)) if full else 0.0
-        self.stats.kv_cache_tokens = sum(self.stats.tokens_per_layer)
-
-    def _full_tokens_per_sample(self) -> list[int]:
-        req = self.request
-        return getattr(req, "full_tokens", [])
+        if cache is not None and hasattr(cache, "layers"):  # physical K/V entries, padding included
+            self.stats.kv_cache_tokens = sum(int(l.keys.shape[0] * l.keys.shape[-2]) for l in cache.layers
+                                             if getattr(l, "keys", None) is not None)
+        else:
+            self.stats.kv_cache_tokens = sum(self.stats.tokens_per_layer)
 
     # ------------------------------------------------------------------ vision features
     def _wrap_features(self, fn, name):
@@ -354,7 +352,7 @@ class Runtime:
         if not self.splicing:
             req.stages = []
             orig = torch.arange(length, device=embeds.device).expand(batch, -1)
-            self._stage0_unspliced = req.final = Stage(0, valid, visual, positions, orig)
+            req.final = Stage(0, valid, visual, positions, orig)
             return None
         self._protected = torch.zeros_like(valid)
         keep, embeds = self._pre_llm(embeds, segments, valid, visual)
@@ -489,7 +487,7 @@ class Runtime:
                 self.stats.add_time("reduce", time.perf_counter() - start)
             if idx in self.taps:  # after this layer's own pruning: rows index what it will see
                 self._set_query_rows(idx)
-            stage = req.stages[-1] if req.stages else self._stage0_unspliced
+            stage = req.stages[-1] if req.stages else req.final
             self._count_layer(stage)
             if len(req.stages) > 1:
                 kwargs.update(stage.layer_kwargs)

@@ -13,16 +13,12 @@ from typer.testing import CliRunner
 
 from mmaccel.caption import completed_ids, load_caption_config, resolve_inputs
 from mmaccel.cli import app
-from mmaccel.testing.tiny import build
+from mmaccel.testing.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_caption_model")
-    model, proc = build("llava_onevision", seed=2)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return save_tiny("llava_onevision", tmp_path_factory.mktemp("tiny_caption_model"), seed=2)
 
 
 def make_folder(root, n=5):

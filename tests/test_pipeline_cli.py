@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mmaccel import Pipeline
 from mmaccel.cli import app
-from mmaccel.testing.tiny import build
+from mmaccel.testing.tiny import save_tiny
 from conftest import image
 
 
@@ -34,11 +34,7 @@ def write_video(path, frames=12, size=56):
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_ov")
-    model, proc = build("llava_onevision", seed=1)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return save_tiny("llava_onevision", tmp_path_factory.mktemp("tiny_ov"), seed=1)
 
 
 def test_pipeline_image_and_video(saved_model, tmp_path):

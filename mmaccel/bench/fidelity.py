@@ -30,9 +30,6 @@ class RunResult:
 
 def run_samples(model, processor, samples, batch_size: int = 16, max_new_tokens: int = 32, handle=None) -> RunResult:
     """Greedy answers of ``samples``, batched like the model's evaluation (same media shape per batch)."""
-    import torch
-
-    from ..embedded.data import encode_prompts
     from ..embedded.evaluate import group_key
 
     groups = defaultdict(list)

@@ -177,3 +177,11 @@ def build(family: str, seed: int = 0, text_layers: int = 4):
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
     return builders[family](seed=seed, text_layers=text_layers)
+
+
+def save_tiny(family: str, path, seed: int = 0):
+    """Build a tiny ``family`` model and write it with its processor to ``path`` (safetensors)."""
+    model, proc = build(family, seed=seed)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
