@@ -228,10 +228,11 @@ def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, meth
     from .bench.fidelity import sweep as run_sweep, write_sweep
     from .pipeline import load_model
     from .world.samples import generate_samples
+    from .world.spec import MODEL_FAMILIES
 
     _quiet_transformers()
     loaded = load_model(model_dir) if model_dir else _default_model()
-    samples = generate_samples(n, seed=seed, split="test")
+    samples = generate_samples(n, seed=seed, split="test", families=MODEL_FAMILIES)
     progress = lambda p: typer.echo(f"{p['method']} r={p['retention']}: acc {p['aggregates']['all']:.3f} "
                                     f"agree {p['agreement']:.3f}", err=True)
     result = run_sweep(*loaded, samples, names, rets, batch_size, progress)

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +165,45 @@ def test_patch_targets_mark_object_and_digit_centres():
     assert "".join(c for c, _, _ in chars) == s.answer
     assert all(cls[cell_of(x, y, side, 6)] == 15 + int(c) for c, x, y in chars)
     assert pos.min() >= 0 and pos.max() <= 1
+
+
+def test_curriculum_phases_and_flat_then_cosine_lr():
+    from mmaccel.embedded.train import CURRICULUM, GROUPS, curriculum, lr_at, phase_groups
+
+    assert phase_groups(CURRICULUM, 0.0)["image"][2]["max_objects"] == 2
+    assert phase_groups(CURRICULUM, 0.99) is GROUPS
+    ends = [p.end for p in CURRICULUM]
+    assert ends == sorted(ends) and ends[-1] == 1.0
+    only = {"image": (1.0, 1.0, {}, {"color": 1.0})}
+    assert phase_groups(curriculum(only), 0.5) is only
+    cfg = TrainConfig(lr=1e-3, warmup=10, decay_from=0.5, min_lr_frac=0.1)
+    assert lr_at(4, 0.0, cfg) == pytest.approx(5e-4)
+    assert lr_at(50, 0.2, cfg) == lr_at(50, 0.5, cfg) == pytest.approx(1e-3)
+    assert lr_at(50, 0.75, cfg) == pytest.approx(0.55e-3)
+    assert lr_at(50, 1.0, cfg) == pytest.approx(1e-4)
+
+
+def test_projector_rescale_sets_visual_token_norm(processor):
+    from mmaccel.embedded.pretrain import rescale_projector, vision_batch
+
+    model = build_model(processor.tokenizer, seed=5, text={"num_hidden_layers": 1},
+                        vision={"num_hidden_layers": 1})
+    rescale_projector(model, processor, seed=0, target_norm=2.5)
+    pix = vision_batch(processor, np.random.default_rng(0), 16, 6)[0]
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1]  # LLaVA-OV's feature layer
+        feats = model.model.multi_modal_projector(hidden)
+    assert feats.norm(dim=-1).mean().item() == pytest.approx(2.5, rel=0.1)
+
+
+def test_summary_subsets_small_objects_and_counting():
+    from mmaccel.embedded.evaluate import summarize
+
+    samples = generate_samples(40, seed=2, split="test", families=["count", "color", "flash"], hires_p=0.5)
+    answers = [s.answer if i % 2 else "wrong" for i, s in enumerate(samples)]
+    sub = summarize(samples, answers)["subsets"]
+    counting = [i for i, s in enumerate(samples) if s.family in ("count", "flash")]
+    small = [i for i, s in enumerate(samples) if s.meta.get("hires")]
+    assert sub["counting"]["n"] == len(counting) and sub["small_objects"]["n"] == len(small) > 0
+    assert sub["counting"]["correct"] == sum(i % 2 for i in counting)
+    assert sub["small_objects"]["correct"] == sum(i % 2 for i in small)

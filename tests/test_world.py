@@ -193,3 +193,21 @@ def test_bundled_assets_small_and_consistent():
     assert frames.shape == regen.frames.shape
     assert np.abs(frames.astype(int) - regen.frames.astype(int)).mean() < 4.0
     assert SAMPLE_IMAGE.exists()
+
+
+def test_max_objects_caps_scenes_and_counts():
+    for fam in ("color", "count", "exists", "where", "caption", "digits"):
+        for i in range(30):
+            s = make_sample(fam, sample_rng(3, i, "train"), hires=False, max_objects=2)
+            assert len(s.meta["objects"]) <= 2
+            if fam == "count":
+                assert int(s.answer) <= 2
+    with pytest.raises(ValueError, match="max_objects"):
+        make_sample("color", sample_rng(3, 0, "train"), max_objects=7)
+
+
+def test_caption_scenes_hold_at_most_four_objects():
+    from mmaccel.world.spec import CAPTION_MAX_OBJECTS
+
+    counts = {len(s.meta["objects"]) for s in generate_samples(120, seed=4, families=["caption"])}
+    assert counts == set(range(1, CAPTION_MAX_OBJECTS + 1))

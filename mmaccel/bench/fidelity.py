@@ -84,6 +84,7 @@ def compare(samples, base: RunResult, run: RunResult) -> dict:
     return {
         "families": {f: r["accuracy"] for f, r in summary["families"].items()},
         "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
+        "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
         "agreement": agree,
         "first_token_kl": sum(kls) / n,
         "visual_tokens_in_per_sample": run.visual_tokens_in / n,
@@ -125,6 +126,8 @@ def sweep(model, processor, samples, methods: list[str], retentions: list[float]
     out = {"environment": environment(), "n": len(samples), "points": [],
            "baseline": {"families": {f: r["accuracy"] for f, r in summary["families"].items()},
                         "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
+                        "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
+                        "subset_n": {k: r["n"] for k, r in summary["subsets"].items()},
                         "seconds": base.seconds}}
     for method in methods:
         for retention in retentions:
@@ -136,22 +139,49 @@ def sweep(model, processor, samples, methods: list[str], retentions: list[float]
 
 
 def markdown_table(result: dict) -> str:
-    """One row per (method, retention): accuracy, agreement, KL, tokens, FLOP ratio, time."""
+    """One row per (method, retention): accuracy (and its share of the baseline's), the
+    small-object and counting subsets, agreement, KL, tokens, FLOP ratio, time."""
     fams = list(result["baseline"]["families"])
-    head = ["method", "retention", "all", *fams, "agree", "KL", "vis tok/sample (last layer)", "FLOP x", "s"]
+    subs = list(result["baseline"].get("subsets", {}))
+    head = ["method", "retention", "all", "kept", *fams, *subs, "agree", "KL",
+            "vis tok/sample (last layer)", "FLOP x", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result["baseline"]
-    lines.append("| " + " | ".join(["baseline", "1.0", f"{base['aggregates']['all']:.3f}",
-                                     *[f"{base['families'][f]:.3f}" for f in fams], "1.000", "0", "", "1.00",
+    lines.append("| " + " | ".join(["baseline", "1.0", f"{base['aggregates']['all']:.3f}", "1.000",
+                                     *[f"{base['families'][f]:.3f}" for f in fams],
+                                     *[f"{base['subsets'][k]:.3f}" for k in subs], "1.000", "0", "", "1.00",
                                      f"{base['seconds']:.1f}"]) + " |")
     for p in result["points"]:
         vis = p["visual_tokens_per_layer_per_sample"]
-        row = [p["method"], str(p["retention"]), f"{p['aggregates']['all']:.3f}",
-               *[f"{p['families'].get(f, float('nan')):.3f}" for f in fams], f"{p['agreement']:.3f}",
+        row = [p["method"], str(p["retention"]), f"{p['aggregates']['all']:.3f}", f"{kept_share(result, p):.3f}",
+               *[f"{p['families'].get(f, float('nan')):.3f}" for f in fams],
+               *[f"{p.get('subsets', {}).get(k, float('nan')):.3f}" for k in subs], f"{p['agreement']:.3f}",
                f"{p['first_token_kl']:.4f}", f"{vis[-1]:.1f}" if vis else "", f"{p['flop_ratio']:.2f}",
                f"{p['seconds']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def kept_share(result: dict, point: dict) -> float:
+    """The point's overall accuracy as a share of the unaccelerated model's."""
+    base = result["baseline"]["aggregates"]["all"]
+    return point["aggregates"]["all"] / base if base else float("nan")
+
+
+def versus_random(result: dict, retention: float) -> list[str]:
+    """Lines saying, per method at ``retention``, its kept share and whether it beats
+    ``random`` on each subset (small objects, counting)."""
+    pts = {p["method"]: p for p in result["points"] if p["retention"] == retention}
+    rnd = pts.get("random")
+    lines = []
+    for name, p in pts.items():
+        txt = f"- `{name}` at {retention}: keeps {kept_share(result, p):.1%} of full accuracy"
+        if rnd is not None and name != "random":
+            for k, acc in p.get("subsets", {}).items():
+                r = rnd["subsets"].get(k, float("nan"))
+                txt += f"; {k} {acc:.3f} vs random {r:.3f} ({'beats' if acc > r else 'does not beat'})"
+        lines.append(txt)
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -186,6 +216,8 @@ def write_sweep(result: dict, out_dir: Path) -> dict[str, Path]:
     env = result["environment"]
     note = (f"Machine: {env['processor']}, {env['threads']} threads, torch {env['torch']}, "
             f"transformers {env['transformers']}, {env['date']}. n={result['n']} held-out samples.\n\n")
-    paths["md"].write_text("# Fidelity sweep\n\n" + note + markdown_table(result) + "\n")
+    summary = [line for r in sorted({p["retention"] for p in result["points"]}) if r < 1.0
+               for line in ["", f"## Retention {r}", *versus_random(result, r)]]
+    paths["md"].write_text("# Fidelity sweep\n\n" + note + markdown_table(result) + "\n" + "\n".join(summary) + "\n")
     plot(result, paths["png"])
     return paths

@@ -20,7 +20,7 @@ import time
 from collections import Counter, defaultdict
 
 from ..world.samples import Sample, generate_samples
-from ..world.spec import ALL_FAMILIES, family_kind
+from ..world.spec import ALL_FAMILIES, MODEL_FAMILIES, family_kind
 from .data import blanked, encode_prompts
 
 MAX_NEW_TOKENS = 32
@@ -59,7 +59,8 @@ def summarize(samples: list[Sample], answers: list[str]) -> dict:
 
     chance: share of the family's most common gold answer (the best blind guess).
     Aggregates: ``image_questions`` (image + multi families except caption),
-    ``caption``, ``video``, ``all``.
+    ``caption``, ``video``, ``all``. Subsets (``SUBSETS``, where present): ``small_objects``
+    (high-resolution stills, objects 3.5-10% of the side) and ``counting`` (count, flash).
     """
     per = defaultdict(lambda: {"n": 0, "correct": 0})
     gold = defaultdict(Counter)
@@ -72,7 +73,22 @@ def summarize(samples: list[Sample], answers: list[str]) -> dict:
               "caption": lambda f: f == "caption", "video": lambda f: family_kind(f) == "video",
               "all": lambda f: True}
     agg = {name: _aggregate([fams[f] for f in fams if pick(f)]) for name, pick in groups.items()}
-    return {"families": fams, "aggregates": {k: v for k, v in agg.items() if v["n"]}}
+    return {"families": fams, "aggregates": {k: v for k, v in agg.items() if v["n"]},
+            "subsets": subset_rates(samples, answers)}
+
+
+SUBSETS = {"small_objects": lambda s: bool(s.meta.get("hires")),
+           "counting": lambda s: s.family in ("count", "flash")}
+
+
+def subset_rates(samples: list[Sample], answers: list[str]) -> dict:
+    """{name: {n, correct, accuracy}} for each non-empty subset of ``SUBSETS``."""
+    out = {}
+    for name, pick in SUBSETS.items():
+        hits = [a == s.answer for s, a in zip(samples, answers) if pick(s)]
+        if hits:
+            out[name] = {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits)}
+    return out
 
 
 def _rates(p: dict, gold: Counter) -> dict:
@@ -134,7 +150,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     model, processor = load_model(args.model or DEFAULT_MODEL_DIR)
     fams = args.families.split(",") if args.families else None
-    samples = generate_samples(args.n, seed=args.seed, split="test", families=fams)
+    samples = generate_samples(args.n, seed=args.seed, split="test", families=fams or MODEL_FAMILIES)
     res = evaluate_samples(model, processor, samples, args.batch_size, blank=args.blank)
     res.update({"model": str(args.model or DEFAULT_MODEL_DIR), "n": args.n, "seed": args.seed,
                 "split": "test", "blank": args.blank})

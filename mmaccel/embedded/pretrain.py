@@ -159,3 +159,27 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
                 f"cell acc {np.mean(accs[-50:]):.3f} pos err {np.mean(errs[-50:]):.4f} "
                 f"t {time.time() - t0:.0f}s")
     return float(np.mean(accs[-50:])) if accs else 0.0
+
+
+def rescale_projector(model, processor, seed: int, target_norm: float = 1.0, n: int = 32) -> float:
+    """Scale the projector's output layer so visual tokens have mean L2 norm ``target_norm``.
+
+    The alignment term grows the projected features to norms of 20-40, against about
+    0.3 for the word embeddings. Tokens that large are nearly frozen in the language
+    model's residual stream (each layer adds an O(1) update), so the LM could not
+    write question information into them. One linear rescale keeps every direction.
+    Returns the factor applied.
+    """
+    import torch
+
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, 3]))
+    pix = vision_batch(processor, rng, n, grid)[0]
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        feats = proj(model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1])
+        factor = target_norm / feats.norm(dim=-1).mean().item()
+        proj.linear_2.weight.mul_(factor)
+        if proj.linear_2.bias is not None:
+            proj.linear_2.bias.mul_(factor)
+    return factor

@@ -35,20 +35,54 @@ import numpy as np
 from ..world.samples import SPLIT_KEY, make_sample
 from .build import build_model, build_processor, build_tokenizer
 from .data import encode_for_training
-from .pretrain import pretrain_vision
+from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
-IMAGE_MIX = {"color": 1.5, "count": 1.5, "exists": 1.0, "where": 1.5, "caption": 3.0, "digits": 2.0}
+CORE_MIX = {"color": 1.0, "count": 1.2, "exists": 1.2, "where": 1.0, "caption": 1.5}
 HIRES_MIX = {"color": 1.0, "count": 1.0, "exists": 1.0, "where": 1.0, "caption": 1.5}
 VIDEO_MIX = {"motion": 1.2, "flash": 1.2, "appear": 1.0}
 GROUPS = {
-    "image": (0.50, 1.0, {"hires": False}, IMAGE_MIX),
+    "image": (0.52, 1.0, {"hires": False}, CORE_MIX),
     "hires": (0.10, 0.5, {"hires": True}, HIRES_MIX),
     "multi": (0.07, 1.0, {}, {"multi": 1.0}),
-    "video8": (0.21, 1.0, {"num_frames": 8}, VIDEO_MIX),
+    "video8": (0.19, 1.0, {"num_frames": 8}, VIDEO_MIX),
     "video12": (0.07, 0.75, {"num_frames": 12}, VIDEO_MIX),
     "video16": (0.05, 0.5, {"num_frames": 16}, VIDEO_MIX),
 }
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of stage 2: until schedule progress ``end`` (0..1), draw from ``groups``."""
+
+    end: float
+    groups: dict
+
+
+# From few objects to the full world: with 1-2 objects the model first learns to find
+# *an* object and read its color / shape / position; binding a color to a shape among
+# distractors, counting, and the videos come after (short runs showed the crowded world
+# alone sits on a chance plateau for 1,000+ steps).
+CURRICULUM = (
+    Phase(0.15, {"image": (1.0, 1.0, {"hires": False, "max_objects": 2}, CORE_MIX)}),
+    Phase(0.35, {"image": (0.6, 1.0, {"hires": False, "max_objects": 4}, CORE_MIX),
+                 "multi": (0.1, 1.0, {}, {"multi": 1.0}),
+                 "video8": (0.3, 1.0, {"num_frames": 8}, VIDEO_MIX)}),
+    Phase(1.0, GROUPS),
+)
+
+
+def curriculum(groups: dict | None = None) -> tuple[Phase, ...]:
+    """The default stage-2 curriculum, or one phase of ``groups`` when given."""
+    return (Phase(1.0, groups),) if groups else CURRICULUM
+
+
+def phase_groups(phases: tuple[Phase, ...], progress: float) -> dict:
+    """The groups of the first phase whose ``end`` lies beyond ``progress``."""
+    for ph in phases:
+        if progress < ph.end:
+            return ph.groups
+    return phases[-1].groups
 
 
 @dataclass
@@ -58,15 +92,17 @@ class TrainConfig:
     seed: int = 0
     minutes: float = 50.0
     steps: int | None = None
-    batch_size: int = 32
-    lr: float = 6e-4
-    warmup: int = 150
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup: int = 200
+    decay_from: float = 0.6
     min_lr_frac: float = 0.05
     weight_decay: float = 0.01
     clip: float = 1.0
     vision_lr_mult: float = 1.0
     vision_steps: int = 800
     vision_lr: float = 2e-3
+    visual_norm: float = 1.0
     threads: int = 2
     log_every: int = 25
     eval_n: int = 100
@@ -75,10 +111,11 @@ class TrainConfig:
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warm-up (steps) to ``cfg.lr``, then cosine in ``progress`` (0..1) to ``min_lr_frac``."""
+    """Linear warm-up (steps) to ``cfg.lr``, flat until progress ``decay_from``, then cosine
+    to ``min_lr_frac`` at progress 1 (a long flat stretch gets past the loss plateau sooner)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, max(0.0, progress))
+    frac = min(1.0, max(0.0, (progress - cfg.decay_from) / (1.0 - cfg.decay_from)))
     lo = cfg.lr * cfg.min_lr_frac
     return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
@@ -194,6 +231,9 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     if cfg.vision_steps:
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
+        if cfg.visual_norm:
+            factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
+            log(f"projector output scaled by {factor:.4f} to mean token norm {cfg.visual_norm}")
     budget = cfg.minutes * 60.0 - (time.time() - t0) if cfg.minutes else None
     history = run_loop(model, opt, processor, cfg, log, groups, budget)
     model.eval()
@@ -212,14 +252,14 @@ def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | Non
 def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=None) -> list[dict]:
     """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent."""
     t0, step, history = time.time(), 0, []
-    fam_loss, window = FamilyLoss(), []
+    fam_loss, window, phases = FamilyLoss(), [], curriculum(groups)
     while True:
         elapsed = time.time() - t0
         prog = progress_of(step, elapsed, cfg, budget)
         if (cfg.steps and step >= cfg.steps) or (not cfg.steps and prog >= 1.0):
             log(f"stage 2 done at step {step} ({elapsed:.0f}s)")
             break
-        group, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups)
+        group, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, phase_groups(phases, prog))
         lr = lr_at(step, prog, cfg)
         losses = train_step(model, opt, processor, samples, lr, cfg.clip)
         fam_loss.add(samples, losses)
@@ -267,13 +307,14 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
 
 def main(argv=None):
     from ..world.samples import generate_samples
+    from ..world.spec import MODEL_FAMILIES
     from .evaluate import evaluate_samples, format_table
 
     cfg, args = parse_args(argv)
     log = Logger(args.log)
     model, processor, _ = train(cfg, args.out, log)
     if cfg.eval_n:
-        res = evaluate_samples(model, processor, generate_samples(cfg.eval_n, seed=cfg.seed, split="test"))
+        res = evaluate_samples(model, processor, generate_samples(cfg.eval_n, seed=cfg.seed, split="test", families=MODEL_FAMILIES))
         log("held-out quick eval:\n" + format_table(res))
         (Path(args.out) / "quick_eval.json").write_text(json.dumps(res, indent=2))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .scene import Obj, PlacementError, Scene, place, place_text, random_background
-from .spec import (COLORS, DIRECTIONS_2D, HIRES_SIDE, HIRES_SIZE_RANGE, IMAGE_SIDE, MAX_COUNT,
+from .spec import (CAPTION_MAX_OBJECTS, COLORS, DIRECTIONS_2D, HIRES_SIDE, HIRES_SIZE_RANGE, IMAGE_SIDE, MAX_COUNT,
                    MAX_OBJECTS, SHAPES, SIZE_RANGE, TEMPLATES)
 
 COLOR_NAMES = tuple(COLORS)
@@ -73,9 +73,9 @@ def where(o: Obj, side: int) -> str:
     return "top" if dy < 0 else "bottom"
 
 
-def build_color(rng, hires=False):
+def build_color(rng, hires=False, max_objects=MAX_OBJECTS):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, max_objects + 1))
     scene = new_scene(rng, hires)
     maybe_text(scene, rng)
     add(scene, rng, shape, color, n)
@@ -84,9 +84,9 @@ def build_color(rng, hires=False):
     return scene, q, color, {"target": [shape, color]}
 
 
-def build_count(rng, hires=False):
-    shape, k = _pick(rng, SHAPES), int(rng.integers(0, MAX_COUNT + 1))
-    m = int(rng.integers(1 if k == 0 else 0, MAX_OBJECTS - k + 1))
+def build_count(rng, hires=False, max_objects=MAX_OBJECTS):
+    shape, k = _pick(rng, SHAPES), int(rng.integers(0, min(MAX_COUNT, max_objects) + 1))
+    m = int(rng.integers(1 if k == 0 else 0, max_objects - k + 1))
     scene = new_scene(rng, hires)
     maybe_text(scene, rng)
     for _ in range(k):
@@ -101,10 +101,10 @@ def _hard_negative_kinds(shape: str, color: str):
     return lambda s, c: (s == shape) != (c == color)
 
 
-def build_exists(rng, hires=False):
+def build_exists(rng, hires=False, max_objects=MAX_OBJECTS):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
     yes = bool(rng.random() < 0.5)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, max_objects + 1))
     scene = new_scene(rng, hires)
     maybe_text(scene, rng)
     if yes:
@@ -128,9 +128,9 @@ def where_region(direction: str, side: int):
     return c - band, y0, c + band, y1
 
 
-def build_where(rng, hires=False):
+def build_where(rng, hires=False, max_objects=MAX_OBJECTS):
     shape, color, d = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES), _pick(rng, DIRECTIONS_2D)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, max_objects + 1))
     scene = new_scene(rng, hires)
     target = add(scene, rng, shape, color, n, where_region(d, scene.side))
     add_others(scene, rng, n - 1, n, lambda s, c: (s, c) != (shape, color))
@@ -139,19 +139,19 @@ def build_where(rng, hires=False):
     return scene, q, d, {"target": [shape, color]}
 
 
-def build_caption(rng, hires=False):
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+def build_caption(rng, hires=False, max_objects=MAX_OBJECTS):
+    n = int(rng.integers(1, min(max_objects, CAPTION_MAX_OBJECTS) + 1))
     scene = new_scene(rng, hires)
     maybe_text(scene, rng)
     add_others(scene, rng, n, n, lambda s, c: True)
     return scene, TEMPLATES["caption"], caption(scene.objects), {}
 
 
-def build_digits(rng, hires=False):
+def build_digits(rng, hires=False, max_objects=MAX_OBJECTS):
     scene = new_scene(rng, False)
     text = random_number(rng)
     place_text(scene, text, rng)
-    n = int(rng.integers(0, 4))
+    n = int(rng.integers(0, min(3, max_objects) + 1))
     add_others(scene, rng, n, max(n, 1), lambda s, c: True)
     return scene, TEMPLATES["digits"], text, {}
 
@@ -162,11 +162,18 @@ BUILDERS = {
 }
 
 
-def build_image_family(family: str, rng: np.random.Generator, hires: bool = False):
-    """Build (scene, question, answer, meta) for an image family, resampling on failure."""
+def build_image_family(family: str, rng: np.random.Generator, hires: bool = False,
+                       max_objects: int = MAX_OBJECTS):
+    """Build (scene, question, answer, meta) for an image family, resampling on failure.
+
+    ``max_objects`` (1..MAX_OBJECTS) caps the objects per scene (training curricula);
+    count answers are capped by it too.
+    """
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
     for _ in range(100):
         try:
-            return BUILDERS[family](rng, hires)
+            return BUILDERS[family](rng, hires, max_objects)
         except PlacementError:
             continue
     raise PlacementError(f"could not build a {family} scene")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .images import build_image_family, build_multi
 from .scene import PlacementError, render
-from .spec import ALL_FAMILIES, HIRES_FAMILIES, family_kind
+from .spec import ALL_FAMILIES, HIRES_FAMILIES, MAX_OBJECTS, family_kind
 from .video import build_video_family
 
 SPLIT_KEY = {"train": 0x5EED0, "test": 0x7E570}
@@ -59,8 +59,12 @@ def sample_rng(seed: int, index: int, split: str = "train") -> np.random.Generat
 
 
 def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: bool | None = None,
-                num_frames: int | None = None, hires_p: float = 0.2) -> Sample:
-    """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``."""
+                num_frames: int | None = None, hires_p: float = 0.2,
+                max_objects: int | None = None) -> Sample:
+    """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``.
+
+    ``max_objects`` caps the objects of still-image scenes (default: the world's 6).
+    """
     kind = family_kind(family)
     if kind == "video":
         frames, q, a, meta = build_video_family(family, rng, num_frames)
@@ -71,7 +75,7 @@ def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: boo
         return Sample(sid, family, q, a, images=[render(s) for s in scenes], meta=meta)
     if hires is None:
         hires = family in HIRES_FAMILIES and bool(rng.random() < hires_p)
-    scene, q, a, meta = build_image_family(family, rng, hires)
+    scene, q, a, meta = build_image_family(family, rng, hires, max_objects or MAX_OBJECTS)
     meta = {**meta, **scene.to_meta(), "hires": hires}
     return Sample(sid, family, q, a, images=[render(scene)], meta=meta)
 

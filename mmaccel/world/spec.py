@@ -16,6 +16,7 @@ IMAGE_SIDE = 144  # normal still images and video frames (one vision tile)
 HIRES_SIDE = 288  # high-resolution stills (2x2 crops + base tile)
 MAX_OBJECTS = 6
 MAX_COUNT = 5  # answers of the count family are 0..MAX_COUNT
+CAPTION_MAX_OBJECTS = 4  # caption scenes hold 1-4 objects (a caption lists them all, exactly)
 SIZE_RANGE = (0.06, 0.25)  # object size as a fraction of the side, normal images
 HIRES_SIZE_RANGE = (0.035, 0.10)  # small objects on high-resolution images
 VIDEO_SIZE_RANGE = (0.10, 0.20)
@@ -27,6 +28,9 @@ MULTI_FAMILIES: tuple[str, ...] = ("multi",)
 VIDEO_FAMILIES: tuple[str, ...] = ("motion", "flash", "appear")
 HIRES_FAMILIES: tuple[str, ...] = ("color", "count", "exists", "where", "caption")
 ALL_FAMILIES: tuple[str, ...] = IMAGE_FAMILIES + MULTI_FAMILIES + VIDEO_FAMILIES
+# The families the embedded model is trained and evaluated on. ``digits`` stays a world
+# family, but its 1-3 digit strings are too fine for 24 px patches at 144 px to be read.
+MODEL_FAMILIES: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "digits")
 
 TEMPLATES: dict[str, str] = {
     "color": "What color is the {shape}?",
