@@ -2,9 +2,10 @@
 
 ``StreamSession`` encodes each frame as it arrives (vision tower, projector and the model's own
 2x2 frame pooling), keeps the ``retention`` share of its tokens that STC-Pruner finds most novel
-against the frame anchor and the session's running temporal anchor, and stores only those.
-``ask`` prefills the prompt with the kept tokens (compact positions, as STC appends them to the
-cache) and generates. All state lives in the session object: sessions never share anything, so
+against the frame anchor and the session's running temporal anchor, and appends only those to
+the session's KV cache right away (compact positions, as STC/ReKV append them). ``ask`` then
+prefills just the question's tokens on top of that cache, decodes greedily, and crops the cache
+back, so a question costs the question and never the video again. All state lives in the session object: sessions never share anything, so
 several streams can run side by side on one model. LLaVA-OneVision only (the official target).
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ class StreamSession:
         self.kept_index: list[torch.Tensor] = []  # per frame: kept token indices
         self.memory: list[torch.Tensor] = []  # STC temporal anchor: frame anchors seen so far
         self.tokens_seen = 0
-        self.vision_seconds = 0.0
+        self.vision_seconds = self.append_seconds = 0.0
+        self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens
+        self.cached = 0  # positions held by the cache
         from .vision.stc_cacher import CacherState
 
         self.cacher_state = CacherState(*self._cacher_args) if self.cacher else None
@@ -66,7 +69,33 @@ class StreamSession:
         self.kept_index.append(index)
         self.tokens_seen += feats.shape[0]
         self.vision_seconds += time.perf_counter() - start
+        self._append(feats[index])
         return int(index.numel())
+
+    def _append(self, feats: torch.Tensor) -> None:
+        """Run the language model on one frame's kept tokens (n, D), extending the cache.
+
+        The first frame also carries the prompt text before the video marker."""
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        if self.cache is None:
+            self.prefix_ids = self._split_prompt("?")[0]
+            self.cache = DynamicCache(config=self.model.config.text_config)
+            feats = torch.cat([self._embed(self.prefix_ids), feats])
+        self._forward(feats)
+        self.append_seconds += time.perf_counter() - start
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.model.device))
+
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(n, D) embeddings at the next n positions -> (n, D) last hidden states."""
+        lm = self.model.model.language_model
+        pos = torch.arange(self.cached, self.cached + embeds.shape[0], device=embeds.device)[None]
+        out = lm(inputs_embeds=embeds[None].to(self.model.dtype), position_ids=pos, cache=self.cache, use_cache=True)
+        self.cached += embeds.shape[0]
+        return out.last_hidden_state[0]
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(1, 1, 3, H, W) -> (n, D) projected, pooled tokens of one frame (STC-Cacher if on)."""
@@ -79,35 +108,52 @@ class StreamSession:
         with STCCacher(get_adapter(self.model).vision_layers, self.cacher_state):
             return encode()
 
-    def _inputs(self, question: str):
+    def _split_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (1-D) of the chat prompt before and after its one video marker."""
         proc = self.processor
         content = [{"type": "video"}, {"type": "text", "text": question}]
         text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         ids = proc.tokenizer(text, return_tensors="pt")["input_ids"][0]
-        video_id = self.model.config.video_token_id
-        at = (ids == video_id).nonzero().flatten()
+        at = (ids == self.model.config.video_token_id).nonzero().flatten()
         if at.numel() != 1:
             raise ValueError("the chat template must place exactly one video marker")
-        feats = torch.cat(self.kept + [self.model.model.image_newline[None].to(self.kept[0])])
-        ids = torch.cat([ids[:at], torch.full((feats.shape[0],), video_id), ids[at + 1:]])[None]
-        return ids, feats
+        return ids[:at], ids[at + 1:]
 
     @torch.inference_mode()
     def ask(self, question: str, max_new_tokens: int = 32) -> Answer:
-        """Answer from the frames so far (greedy)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+        """Answer from the frames so far (greedy); the session's cache is left as it was."""
         if not self.kept:
             raise ValueError("no frames yet: add_frame() first")
-        ids, feats = self._inputs(question)
-        start = time.perf_counter()
-        out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=torch.ones_like(ids).to(self.model.device),
-                                  mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=feats[None])},
-                                  max_new_tokens=max_new_tokens, do_sample=False)
+        prefix, suffix = self._split_prompt(question)
+        if not torch.equal(prefix, self.prefix_ids):
+            raise ValueError("the chat template's text before the video depends on the question")
+        start, before = time.perf_counter(), self.cached
+        newline = self.model.model.image_newline[None].to(self.model.device, self.model.dtype)
+        try:
+            tokens = self._decode(torch.cat([newline, self._embed(suffix)]), max_new_tokens)
+        finally:
+            if self.cached > before:  # transformers 5: a negative count removes the newest tokens
+                self.cache.crop(before - self.cached)
+            self.cached = before
         elapsed = time.perf_counter() - start
-        text = self.processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)[0].strip()
-        return Answer(text, self._stats(ids.shape[1], feats.shape[0], elapsed, out.shape[1] - ids.shape[1]),
-                      {"kind": "stream", "frames": self.frames})
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        length = before + 1 + suffix.numel()
+        kept = sum(k.shape[0] for k in self.kept) + 1
+        return Answer(text, self._stats(length, kept, elapsed, len(tokens)), {"kind": "stream", "frames": self.frames})
+
+    def _decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Greedy tokens after ``embeds`` (n, D), stopping at an end-of-sequence id."""
+        eos = self.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            hidden = self._forward(embeds)
+            nxt = int(self.model.lm_head(hidden[-1]).argmax())
+            if nxt in stop:
+                break
+            tokens.append(nxt)
+            embeds = self._embed(torch.tensor([nxt]))
+        return tokens
 
     def _stats(self, length: int, kept: int, seconds: float, new_tokens: int) -> Stats:
         cfg = self.model.config.text_config
@@ -117,4 +163,5 @@ class StreamSession:
                      tokens_per_layer=[length] * cfg.num_hidden_layers,
                      prefill_flops=prefill_flops(cfg, [[length]] * cfg.num_hidden_layers),
                      prefill_flops_full=prefill_flops(cfg, [[full_length]] * cfg.num_hidden_layers),
-                     new_tokens=int(new_tokens), timings={"vision": self.vision_seconds, "total": seconds})
+                     new_tokens=int(new_tokens),
+                     timings={"vision": self.vision_seconds, "append": self.append_seconds, "total": seconds})

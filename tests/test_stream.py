@@ -125,3 +125,23 @@ def test_stream_sessions_with_cacher_are_independent(tiny_models):
     assert all(torch.equal(x, y) for x, y in zip(a.kept, alone.kept))
     assert a.cacher_state.recomputed < a.cacher_state.total
     assert "forward" not in vars(_layers(model)[0])  # the tower is untouched between frames
+
+
+def test_questions_leave_the_cache_as_it_was(tiny_models):
+    model, proc = tiny_models("llava_onevision")
+    frames = video(4, frames=6)
+    live, fresh = StreamSession(model, proc, retention=0.5), StreamSession(model, proc, retention=0.5)
+    for f in frames[:3]:
+        live.add_frame(f)
+    held = live.cached
+    first = live.ask("what is the color ?", 3)
+    assert live.cached == held == live.cache.get_seq_length()
+    assert live.ask("what is the color ?", 3).text == first.text
+    for f in frames[3:]:
+        live.add_frame(f)  # frames after a question extend the same cache
+    for f in frames:
+        fresh.add_frame(f)
+    assert live.cached == fresh.cached
+    for a, b in zip(live.cache.layers, fresh.cache.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert live.ask("which shape ?", 3).text == fresh.ask("which shape ?", 3).text
