@@ -42,6 +42,7 @@ class StreamSession:
         self.vision_seconds = self.append_seconds = 0.0
         self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens
         self.cached = 0  # positions held by the cache
+        self._incremental = None
         from .vision.stc_cacher import CacherState
 
         self.cacher_state = CacherState(*self._cacher_args) if self.cacher else None
@@ -78,6 +79,8 @@ class StreamSession:
         The first frame also carries the prompt text before the video marker."""
         from transformers import DynamicCache
 
+        if not self.incremental:
+            return
         start = time.perf_counter()
         if self.cache is None:
             self.prefix_ids = self._split_prompt("?")[0]
@@ -85,6 +88,15 @@ class StreamSession:
             feats = torch.cat([self._embed(self.prefix_ids), feats])
         self._forward(feats)
         self.append_seconds += time.perf_counter() - start
+
+    @property
+    def incremental(self) -> bool:
+        """Whether frames can be prefilled as they arrive: the chat template's text before
+        the video must not depend on the question (a template that puts the question first
+        makes ``ask`` prefill the whole prompt instead)."""
+        if self._incremental is None:
+            self._incremental = torch.equal(self._split_prompt("?")[0], self._split_prompt("a b ?")[0])
+        return self._incremental
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.model.device))
@@ -125,16 +137,27 @@ class StreamSession:
         if not self.kept:
             raise ValueError("no frames yet: add_frame() first")
         prefix, suffix = self._split_prompt(question)
-        if not torch.equal(prefix, self.prefix_ids):
-            raise ValueError("the chat template's text before the video depends on the question")
         start, before = time.perf_counter(), self.cached
         newline = self.model.model.image_newline[None].to(self.model.device, self.model.dtype)
+        embeds = torch.cat([newline, self._embed(suffix)])
+        throwaway = self.cache is None  # question-dependent prefix: prefill it all, then forget it
+        if throwaway:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.model.config.text_config)
+            embeds = torch.cat([self._embed(prefix), *self.kept, embeds])
+            before += prefix.numel() + sum(k.shape[0] for k in self.kept)
+        elif not torch.equal(prefix, self.prefix_ids):
+            raise ValueError("the chat template's text before the video changed")
         try:
-            tokens = self._decode(torch.cat([newline, self._embed(suffix)]), max_new_tokens)
+            tokens = self._decode(embeds, max_new_tokens)
         finally:
-            if self.cached > before:  # transformers 5: a negative count removes the newest tokens
-                self.cache.crop(before - self.cached)
-            self.cached = before
+            if throwaway:
+                self.cache, self.cached = None, 0
+            else:
+                if self.cached > before:  # transformers 5: a negative count removes the newest tokens
+                    self.cache.crop(before - self.cached)
+                self.cached = before
         elapsed = time.perf_counter() - start
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         length = before + 1 + suffix.numel()

@@ -145,3 +145,31 @@ def test_questions_leave_the_cache_as_it_was(tiny_models):
     for a, b in zip(live.cache.layers, fresh.cache.layers):
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
     assert live.ask("which shape ?", 3).text == fresh.ask("which shape ?", 3).text
+
+
+QUESTION_FIRST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}\n{% endif %}{% endfor %}"
+                  "{% for c in m['content'] %}{% if c['type'] == 'video' %}<video>{% endif %}{% endfor %}"
+                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_question_first_template_prefills_at_ask_time(tiny_models):
+    import copy
+
+    model, proc = tiny_models("llava_onevision")
+    proc = copy.deepcopy(proc)
+    proc.chat_template = QUESTION_FIRST
+    frames, question = video(5, frames=3), "which direction does the red square move ?"
+    session = StreamSession(model, proc, retention=1.0)
+    for f in frames:
+        session.add_frame(f)
+    assert not session.incremental and session.cache is None
+    streamed = session.ask(question, max_new_tokens=4)
+    assert session.cache is None and session.cached == 0
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}],
+                                    add_generation_prompt=True)
+    assert text.index(question) < text.index("<video>")
+    inputs = proc(text=[text], videos=[frames], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert streamed.text == proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
