@@ -251,6 +251,7 @@ def bench_speed(
     threads: int = typer.Option(2, "--threads"),
     small: bool = typer.Option(False, "--small", help="tiny decoder: checks the plumbing, not speed"),
     stc: bool = typer.Option(False, "--stc", help="also time STC-Cacher on a mostly static video"),
+    vision_layers: int = typer.Option(2, "--vision-layers", help="CLIP tower depth (tome needs several)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for speed.json and speed.md"),
 ):
     """Prefill wall-time speedup beside the analytic FLOP ratio on a LLaVA-1.5-shaped model."""
@@ -268,7 +269,7 @@ def bench_speed(
     _quiet_transformers()
     progress = lambda p: typer.echo(f"{p.method} r={p.retention}: {p.speedup:.2f}x (FLOP ratio {p.flop_ratio:.2f})",
                                     err=True)
-    result = run(names, rets, repeats, warmup, threads, small, progress)
+    result = run(names, rets, repeats, warmup, threads, small, progress, vision_layers)
     table = markdown(result)
     if out:  # written before the optional STC part, so a failure there loses nothing
         out.mkdir(parents=True, exist_ok=True)

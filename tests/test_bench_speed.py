@@ -28,3 +28,13 @@ def test_mostly_static_video_is_mostly_static():
     clip = mostly_static_video(frames=6, size=96)
     changed = (clip[1:] != clip[:-1]).any(-1).mean()
     assert clip.shape == (6, 96, 96, 3) and 0 < changed < 0.2
+
+
+def test_speed_bench_times_the_tower_and_tome_shrinks_a_deeper_one(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "tome", "--retentions", "0.25",
+                                   "--repeats", "1", "--warmup", "0", "--vision-layers", "4", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "speed.json").read_text())
+    (p,) = data["points"]
+    assert data["vision_layers"] == 4 and p["base_vit_ms"] > 0 and p["accel_vit_ms"] > 0
+    assert p["visual_tokens_last_layer"] < p["visual_tokens_in"] and p["flop_ratio"] > 1.0

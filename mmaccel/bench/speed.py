@@ -42,11 +42,11 @@ def build_llava15_shaped(text: dict | None = None, image_size: int = 336, vision
 
 
 class LMTimer:
-    """Times each language-model call; registered before ``accelerate_vlm`` so it includes the
-    splice and pruning hooks."""
+    """Times each call of ``module`` (default: the language model); registered before
+    ``accelerate_vlm`` so it includes the splice and pruning hooks."""
 
-    def __init__(self, model):
-        lm = model.model.language_model
+    def __init__(self, model, module=None):
+        lm = module if module is not None else model.model.language_model
         self.times: list[float] = []
         self._handles = [lm.register_forward_pre_hook(self._start), lm.register_forward_hook(self._stop)]
 
@@ -72,6 +72,8 @@ class Point:
     reduce_share: float
     visual_tokens_in: int
     visual_tokens_last_layer: int
+    base_vit_ms: float = 0.0
+    accel_vit_ms: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -103,22 +105,26 @@ def measure(model, inputs, method: str, retention: float, repeats: int = 5, warm
 
     from ..api import accelerate_vlm
 
-    timer = LMTimer(model)
-    base, accel = [], []
+    timer, vit = LMTimer(model), LMTimer(model, model.model.vision_tower)
+    base, accel, base_vit, accel_vit = [], [], [], []
     try:
         for _ in range(repeats):
             base.append(time_prefill(model, inputs, timer, 1, warmup))
+            base_vit.append(vit.times[-1] * 1e3)
             with accelerate_vlm(model, method=method, retention=retention) as handle:
                 accel.append(time_prefill(model, inputs, timer, 1, warmup))
+                accel_vit.append(vit.times[-1] * 1e3)
                 stats = handle.stats
             warmup = 0
     finally:
         timer.remove()
+        vit.remove()
     accel_ms = statistics.median(accel)
     t = stats.timings
     return Point(method, retention, statistics.median(base), accel_ms, stats.flop_ratio,
                  t.get("scoring", 0.0) * 1e3 / accel_ms, t.get("reduce", 0.0) * 1e3 / accel_ms,
-                 stats.visual_tokens_in, stats.visual_tokens_kept)
+                 stats.visual_tokens_in, stats.visual_tokens_kept,
+                 statistics.median(base_vit), statistics.median(accel_vit))
 
 
 def environment(threads: int) -> dict:
@@ -133,12 +139,15 @@ def environment(threads: int) -> dict:
 
 
 def run(methods: list[str], retentions: list[float], repeats: int = 5, warmup: int = 2, threads: int = 2,
-        small: bool = False, progress=None) -> dict:
-    """The whole benchmark; ``small`` uses a tiny decoder (for tests of the plumbing only)."""
+        small: bool = False, progress=None, vision_layers: int = 2) -> dict:
+    """The whole benchmark; ``small`` uses a tiny decoder (for tests of the plumbing only).
+    ``vision_layers``: depth of the CLIP tower (methods that work inside it, like ``tome``,
+    need several blocks before the feature layer)."""
     import torch
 
     torch.set_num_threads(threads)
-    model, inputs = build_llava15_shaped(SMALL_TEXT if small else None, image_size=112 if small else 336)
+    model, inputs = build_llava15_shaped(SMALL_TEXT if small else None, image_size=112 if small else 336,
+                                         vision_layers=vision_layers)
     params = sum(p.numel() for p in model.model.language_model.parameters())
     points = []
     for method in methods:
@@ -147,7 +156,7 @@ def run(methods: list[str], retentions: list[float], repeats: int = 5, warmup: i
             points.append(point.to_dict())
             if progress:
                 progress(point)
-    return {"environment": environment(threads), "llm_parameters": params,
+    return {"environment": environment(threads), "llm_parameters": params, "vision_layers": vision_layers,
             "sequence_length": int(inputs["input_ids"].shape[1]), "repeats": repeats, "points": points}
 
 
@@ -155,13 +164,16 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"LLaVA-1.5-shaped random model: {result['llm_parameters'] / 1e6:.0f}M-parameter decoder, "
              f"{result['sequence_length']} tokens. CPU, {env['threads']} threads, torch {env['torch']}, "
-             f"transformers {env['transformers']}, {env['date']}. Median of {result['repeats']}.", "",
+             f"transformers {env['transformers']}, {env['date']}. Median of {result['repeats']}. "
+             f"CLIP tower: {result.get('vision_layers', 2)} layers x 256 (ViT ms below).", "",
              "| method | retention | visual tokens (last layer) | base ms | accel ms | speedup | FLOP ratio | "
-             "speedup / FLOP ratio | scoring % | reduce % |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "speedup / FLOP ratio | scoring % | reduce % | ViT base ms | ViT accel ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         lines.append(f"| {p['method']} | {p['retention']} | {p['visual_tokens_in']} -> {p['visual_tokens_last_layer']} | "
                      f"{p['base_ms']:.1f} | {p['accel_ms']:.1f} | {p['speedup']:.2f} | {p['flop_ratio']:.2f} | "
-                     f"{p['efficiency']:.2f} | {100 * p['scoring_share']:.1f} | {100 * p['reduce_share']:.1f} |")
+                     f"{p['efficiency']:.2f} | {100 * p['scoring_share']:.1f} | {100 * p['reduce_share']:.1f} | "
+                     f"{p.get('base_vit_ms', 0.0):.1f} | {p.get('accel_vit_ms', 0.0):.1f} |")
     return "\n".join(lines)
 
 
