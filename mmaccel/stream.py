@@ -137,32 +137,40 @@ class StreamSession:
         if not self.kept:
             raise ValueError("no frames yet: add_frame() first")
         prefix, suffix = self._split_prompt(question)
-        start, before = time.perf_counter(), self.cached
+        start = time.perf_counter()
         newline = self.model.model.image_newline[None].to(self.model.device, self.model.dtype)
-        embeds = torch.cat([newline, self._embed(suffix)])
-        throwaway = self.cache is None  # question-dependent prefix: prefill it all, then forget it
-        if throwaway:
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache(config=self.model.config.text_config)
-            embeds = torch.cat([self._embed(prefix), *self.kept, embeds])
-            before += prefix.numel() + sum(k.shape[0] for k in self.kept)
-        elif not torch.equal(prefix, self.prefix_ids):
-            raise ValueError("the chat template's text before the video changed")
-        try:
-            tokens = self._decode(embeds, max_new_tokens)
-        finally:
-            if throwaway:
-                self.cache, self.cached = None, 0
-            else:
-                if self.cached > before:  # transformers 5: a negative count removes the newest tokens
-                    self.cache.crop(before - self.cached)
-                self.cached = before
+        tail = torch.cat([newline, self._embed(suffix)])
+        if self.cache is None:
+            tokens, length = self._ask_from_scratch(prefix, tail, max_new_tokens)
+        else:
+            tokens, length = self._ask_on_cache(prefix, tail, max_new_tokens)
         elapsed = time.perf_counter() - start
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        length = before + 1 + suffix.numel()
         kept = sum(k.shape[0] for k in self.kept) + 1
         return Answer(text, self._stats(length, kept, elapsed, len(tokens)), {"kind": "stream", "frames": self.frames})
+
+    def _ask_on_cache(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+        """Decode after ``tail`` on the session cache, then crop it back. -> (tokens, prompt length)."""
+        if not torch.equal(prefix, self.prefix_ids):
+            raise ValueError("the chat template's text before the video changed")
+        before = self.cached
+        try:
+            return self._decode(tail, max_new_tokens), before + tail.shape[0]
+        finally:
+            if self.cached > before:  # transformers 5: a negative count removes the newest tokens
+                self.cache.crop(before - self.cached)
+            self.cached = before
+
+    def _ask_from_scratch(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+        """Question-dependent prefix: prefill prefix + kept tokens + tail in a throwaway cache."""
+        from transformers import DynamicCache
+
+        embeds = torch.cat([self._embed(prefix), *self.kept, tail])
+        self.cache = DynamicCache(config=self.model.config.text_config)
+        try:
+            return self._decode(embeds, max_new_tokens), embeds.shape[0]
+        finally:
+            self.cache, self.cached = None, 0
 
     def _decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
         """Greedy tokens after ``embeds`` (n, D), stopping at an end-of-sequence id."""
