@@ -56,3 +56,29 @@ def test_context_manager_restores_on_error(tiny_models):
         with accelerate_vlm(model, method="pool", retention=0.25):
             raise RuntimeError("boom")
     assert torch.equal(last_logits(model, inputs), before)
+
+
+@pytest.mark.parametrize("method", ["random", "stc", "hired"])
+def test_selection_equals_generating_on_the_kept_tokens_alone(tiny_models, method):
+    """A pre-LLM selection with compact positions must equal a plain, hook-free generate on the
+    prompt with the dropped visual tokens cut out (prefill and every decode step)."""
+    model, proc = tiny_models("llava_onevision")
+    inputs = make_inputs(proc, batch=1)
+    seen = []
+    probe = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["inputs_embeds"].clone()), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)  # the full spliced embeddings, unaccelerated
+    probe.remove()
+    with accelerate_vlm(model, method=method, retention=0.25, position_policy="compact") as h, torch.no_grad():
+        fast = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        kept = h.kept_visual_positions()[0]
+    ids = inputs["input_ids"][0]
+    keep = (ids != model.config.image_token_id).clone()
+    keep[kept] = True
+    assert 0 < keep.sum() < ids.numel()
+    embeds = seen[0][:, keep]
+    with torch.no_grad():
+        ref = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert torch.equal(fast[0, ids.numel():], ref[0, -8:])

@@ -11,8 +11,9 @@ per frame (``retention = 60/196``).
 Differences: the temporal anchor includes the current frame (the official running list is
 appended before use and is never reset between videos; here it is reset per video, and a
 streaming session will own it); images are treated as one-frame videos; structural newline
-tokens are always kept. STC-Cacher (ViT reuse across frames) and the streaming session are
-separate pieces not implemented yet.
+tokens are always kept. STC-Cacher (ViT reuse across frames, ``mmaccel/vision/stc_cacher.py``)
+and the streaming session (``mmaccel/stream.py``, frames appended to a per-session KV cache)
+are separate pieces.
 """
 from __future__ import annotations
 
