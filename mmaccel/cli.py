@@ -24,13 +24,13 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _sample_video() -> tuple[Path, str]:
-    """The bundled sample video and its question (written by the world generator)."""
+def _sample_video() -> tuple[Path, str, str | None]:
+    """The bundled sample video, its question and the world's true answer."""
     meta_path = ASSETS / "sample_video.json"
     if not meta_path.exists():
         raise UserError(f"no bundled sample video at {meta_path}; pass a VIDEO and -q QUESTION")
     meta = json.loads(meta_path.read_text())
-    return ASSETS / meta.get("video", "sample_video.mp4"), meta["question"]
+    return ASSETS / meta.get("video", "sample_video.mp4"), meta["question"], meta.get("answer")
 
 
 @app.command("methods")
@@ -78,8 +78,10 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
                   max_new_tokens, compare) -> dict:
     if frames is not None and fps is not None:
         raise UserError("give either --frames or --fps, not both")
+    reference = None
     if video is None:
-        video, default_q = _sample_video()
+        video, default_q, default_a = _sample_video()
+        reference = default_a if question is None else None
         question = question or default_q
     if not question:
         raise UserError("a question is required: -q 'What happens in the video?'")
@@ -91,6 +93,8 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     _quiet_transformers()
     loaded = load_model(model_dir) if model_dir else _default_model()
     result = {"video": str(video), "question": question}
+    if reference is not None:
+        result["reference"] = reference
     if compare:
         base = Pipeline(*loaded, method="none")
         result["baseline"] = base.ask(media, question, max_new_tokens).to_dict()
@@ -125,6 +129,8 @@ def _row(label: str, item: dict) -> str:
 def _print_video_qa(result: dict) -> None:
     typer.echo(f"video:    {result['video']} ({result['media'].get('frames', '?')} frames)")
     typer.echo(f"question: {result['question']}")
+    if "reference" in result:
+        typer.echo(f"true answer (bundled sample): {result['reference']}")
     if "baseline" in result:
         typer.echo(_row("baseline", result["baseline"]))
         typer.echo(_row(result["config"]["method"], result))

@@ -3,12 +3,14 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import mmaccel
 from mmaccel import Pipeline
 from mmaccel.cli import app
 from mmaccel.testing.tiny import save_tiny
@@ -120,3 +122,14 @@ def test_import_mmaccel_is_light():
     code = "import sys, mmaccel; print(sorted(m for m in ('torch','gradio','av','triton','cv2') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_cli_video_qa_default_sample_shows_its_true_answer(saved_model):
+    meta = json.loads((Path(mmaccel.__file__).parent / "assets" / "sample_video.json").read_text())
+    runner = CliRunner()
+    res = runner.invoke(app, ["video-qa", "--model", str(saved_model), "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert meta["question"] in res.stdout and f"true answer (bundled sample): {meta['answer']}" in res.stdout
+    res = runner.invoke(app, ["video-qa", "-q", "which shape ?", "--model", str(saved_model), "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert "true answer" not in res.stdout  # the reference belongs to the bundled question only
