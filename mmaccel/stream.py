@@ -5,8 +5,9 @@
 against the frame anchor and the session's running temporal anchor, and appends only those to
 the session's KV cache right away (compact positions, as STC/ReKV append them). ``ask`` then
 prefills just the question's tokens on top of that cache, decodes greedily, and crops the cache
-back, so a question costs the question and never the video again. All state lives in the session object: sessions never share anything, so
-several streams can run side by side on one model. LLaVA-OneVision only (the official target).
+back, so a question costs the question and never the video again. All state lives in the
+session object: sessions never share anything, so several streams can run side by side on one
+model. LLaVA-OneVision only (the official target).
 """
 from __future__ import annotations
 
@@ -77,14 +78,11 @@ class StreamSession:
         """Run the language model on one frame's kept tokens (n, D), extending the cache.
 
         The first frame also carries the prompt text before the video marker."""
-        from transformers import DynamicCache
-
         if not self.incremental:
             return
         start = time.perf_counter()
         if self.cache is None:
-            self.prefix_ids = self._split_prompt("?")[0]
-            self.cache = DynamicCache(config=self.model.config.text_config)
+            self.cache = self._new_cache()
             feats = torch.cat([self._embed(self.prefix_ids), feats])
         self._forward(feats)
         self.append_seconds += time.perf_counter() - start
@@ -95,8 +93,14 @@ class StreamSession:
         the video must not depend on the question (a template that puts the question first
         makes ``ask`` prefill the whole prompt instead)."""
         if self._incremental is None:
-            self._incremental = torch.equal(self._split_prompt("?")[0], self._split_prompt("a b ?")[0])
+            self.prefix_ids = self._split_prompt("?")[0]
+            self._incremental = torch.equal(self.prefix_ids, self._split_prompt("a b ?")[0])
         return self._incremental
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.text_config)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.model.device))
@@ -163,10 +167,8 @@ class StreamSession:
 
     def _ask_from_scratch(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
         """Question-dependent prefix: prefill prefix + kept tokens + tail in a throwaway cache."""
-        from transformers import DynamicCache
-
         embeds = torch.cat([self._embed(prefix), *self.kept, tail])
-        self.cache = DynamicCache(config=self.model.config.text_config)
+        self.cache = self._new_cache()
         try:
             return self._decode(embeds, max_new_tokens), embeds.shape[0]
         finally:

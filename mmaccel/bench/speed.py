@@ -41,7 +41,7 @@ def build_llava15_shaped(text: dict | None = None, image_size: int = 336, vision
     return model, inputs
 
 
-class LMTimer:
+class ModuleTimer:
     """Times each call of ``module`` (default: the language model); registered before
     ``accelerate_vlm`` so it includes the splice and pruning hooks."""
 
@@ -88,7 +88,7 @@ class Point:
         return {**self.__dict__, "speedup": self.speedup, "efficiency": self.efficiency}
 
 
-def time_prefill(model, inputs, timer: LMTimer, repeats: int, warmup: int) -> float:
+def time_prefill(model, inputs, timer: ModuleTimer, repeats: int, warmup: int) -> float:
     """Median LLM prefill milliseconds of ``repeats`` forward passes after ``warmup``."""
     import torch
 
@@ -105,7 +105,7 @@ def measure(model, inputs, method: str, retention: float, repeats: int = 5, warm
 
     from ..api import accelerate_vlm
 
-    timer, vit = LMTimer(model), LMTimer(model, model.model.vision_tower)
+    timer, vit = ModuleTimer(model), ModuleTimer(model, model.model.vision_tower)
     base, accel, base_vit, accel_vit = [], [], [], []
     try:
         for _ in range(repeats):

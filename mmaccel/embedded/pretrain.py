@@ -117,12 +117,18 @@ def alignment_loss(model, feats, cls, words: dict) -> "torch.Tensor":
     return loss
 
 
+def projected_tokens(model, pix):
+    """(n, 3, S, S) tiles -> (n, G*G, D) projected tokens: what the LLM will read (LLaVA-OV's
+    feature layer -1 is the last hidden state before SigLIP's post-layernorm)."""
+    hidden = model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1]
+    return model.model.multi_modal_projector(hidden)
+
+
 def patch_loss(model, head, pix, cls, pos, words=None):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment."""
     import torch.nn.functional as F
 
-    h = model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1]
-    feats = model.model.multi_modal_projector(h)  # (n, G*G, D): what the LLM will read
+    feats = projected_tokens(model, pix)
     out = head(feats)  # (n, G*G, N_CLASSES + 2)
     ce = F.cross_entropy(out[..., :N_CLASSES].flatten(0, 1), cls.flatten())
     l1 = 4.0 * (out[..., N_CLASSES:].sigmoid() - pos).abs().sum(-1).mean()
@@ -177,8 +183,7 @@ def rescale_projector(model, processor, seed: int, target_norm: float = 1.0, n: 
     pix = vision_batch(processor, rng, n, grid)[0]
     proj = model.model.multi_modal_projector
     with torch.no_grad():
-        feats = proj(model.model.vision_tower(pix, output_hidden_states=True).hidden_states[-1])
-        factor = target_norm / feats.norm(dim=-1).mean().item()
+        factor = target_norm / projected_tokens(model, pix).norm(dim=-1).mean().item()
         proj.linear_2.weight.mul_(factor)
         if proj.linear_2.bias is not None:
             proj.linear_2.bias.mul_(factor)

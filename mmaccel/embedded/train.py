@@ -314,7 +314,8 @@ def main(argv=None):
     log = Logger(args.log)
     model, processor, _ = train(cfg, args.out, log)
     if cfg.eval_n:
-        res = evaluate_samples(model, processor, generate_samples(cfg.eval_n, seed=cfg.seed, split="test", families=MODEL_FAMILIES))
+        held_out = generate_samples(cfg.eval_n, seed=cfg.seed, split="test", families=MODEL_FAMILIES)
+        res = evaluate_samples(model, processor, held_out)
         log("held-out quick eval:\n" + format_table(res))
         (Path(args.out) / "quick_eval.json").write_text(json.dumps(res, indent=2))
 

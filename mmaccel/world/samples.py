@@ -60,7 +60,7 @@ def sample_rng(seed: int, index: int, split: str = "train") -> np.random.Generat
 
 def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: bool | None = None,
                 num_frames: int | None = None, hires_p: float = 0.2,
-                max_objects: int | None = None) -> Sample:
+                max_objects: int = MAX_OBJECTS) -> Sample:
     """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``.
 
     ``max_objects`` caps the objects of still-image scenes (default: the world's 6).
@@ -75,7 +75,7 @@ def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: boo
         return Sample(sid, family, q, a, images=[render(s) for s in scenes], meta=meta)
     if hires is None:
         hires = family in HIRES_FAMILIES and bool(rng.random() < hires_p)
-    scene, q, a, meta = build_image_family(family, rng, hires, max_objects or MAX_OBJECTS)
+    scene, q, a, meta = build_image_family(family, rng, hires, max_objects)
     meta = {**meta, **scene.to_meta(), "hires": hires}
     return Sample(sid, family, q, a, images=[render(scene)], meta=meta)
 
