@@ -362,7 +362,7 @@ class Runtime:
                       gather_tokens(self._protected, index) & new_valid)
         req.stages, req.final = [stage], stage
         req.visual_in = (stage.visual & stage.valid).sum(1).tolist()
-        req.next_pos = self._next_positions(positions, valid)
+        req.next_pos = self._next_positions(positions, valid, new_valid)
         kwargs["inputs_embeds"] = gather_tokens(embeds, index)
         kwargs["attention_mask"] = new_valid.long()
         kwargs["position_ids"] = self._lm_position_ids(stage.positions, new_valid, kwargs.get("position_ids"))
@@ -383,10 +383,11 @@ class Runtime:
             return compact_positions(valid, 3 if positions.dim() == 3 else None)
         return gather_positions(positions, index)
 
-    def _next_positions(self, positions, valid) -> torch.Tensor:
-        """(B,) the position of each sample's first generated token."""
+    def _next_positions(self, positions, valid, kept_valid) -> torch.Tensor:
+        """(B,) the position of each sample's first generated token: right after the kept
+        tokens when positions are compacted, after the whole original prompt when preserved."""
         if self.policy == "compact":
-            return valid.sum(1)
+            return kept_valid.sum(1)
         pos = positions.amax(0) if positions.dim() == 3 else positions
         return (pos.masked_fill(~valid, -1)).amax(1) + 1
 

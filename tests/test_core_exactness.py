@@ -70,8 +70,9 @@ def test_selection_equals_generating_on_the_kept_tokens_alone(tiny_models, metho
     with torch.no_grad():
         model(**inputs)  # the full spliced embeddings, unaccelerated
     probe.remove()
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with accelerate_vlm(model, method=method, retention=0.25, position_policy="compact") as h, torch.no_grad():
-        fast = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        fast = model.generate(**inputs, **gen)
         kept = h.kept_visual_positions()[0]
     ids = inputs["input_ids"][0]
     keep = (ids != model.config.image_token_id).clone()
@@ -79,6 +80,7 @@ def test_selection_equals_generating_on_the_kept_tokens_alone(tiny_models, metho
     assert 0 < keep.sum() < ids.numel()
     embeds = seen[0][:, keep]
     with torch.no_grad():
-        ref = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                             max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert torch.equal(fast[0, ids.numel():], ref[0, -8:])
+        ref = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **gen)
+    assert torch.equal(fast.sequences[0, ids.numel():], ref.sequences[0, -8:])
+    for step_fast, step_ref in zip(fast.logits, ref.logits):  # prefill and every decode step
+        torch.testing.assert_close(step_fast, step_ref, rtol=1e-4, atol=1e-5)
