@@ -29,9 +29,11 @@ def test_query_scores_kernel_matches_reference(dtype, tol, with_bias):
     torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, 3), atol=tol, rtol=tol)
 
 
-def test_dispatch_uses_the_reference_on_cpu():
+def test_dispatch_uses_the_reference_unless_triton_is_asked():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
     assert torch.equal(query_scores(q, k, None, 0.5), query_scores_reference(q, k, None, 0.5))
+    with pytest.raises(ValueError, match="unknown backend"):
+        query_scores(q, k, None, 0.5, backend="cuda")
 
 
 @pytest.mark.gpu
@@ -39,5 +41,5 @@ def test_dispatch_uses_the_reference_on_cpu():
 def test_query_scores_kernel_on_gpu_bf16():
     q = torch.randn(2, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(query_scores(q, k, None, 0.125), query_scores_reference(q, k, None, 0.125),
-                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(query_scores(q, k, None, 0.125, backend="triton"),
+                               query_scores_reference(q, k, None, 0.125), atol=2e-2, rtol=2e-2)
