@@ -74,6 +74,59 @@ def test_training_labels_cover_only_the_answer(processor):
         assert tok.decode(ans, skip_special_tokens=True).strip() == s.answer
 
 
+def test_followup_turns_are_labelled_answer_by_answer(processor):
+    samples = [make_sample(f, sample_rng(3, i, "train"), hires=False, followups=3)
+               for i, f in enumerate(("exists", "count", "where"))]
+    batch = encode_for_training(processor, samples)
+    tok = processor.tokenizer
+    for row, lab, s in zip(batch["input_ids"], batch["labels"], samples):
+        labelled = (lab != -100).nonzero().flatten().tolist()
+        spans, cur = [], [labelled[0]]
+        for p in labelled[1:]:
+            if p == cur[-1] + 1:
+                cur.append(p)
+            else:
+                spans.append(cur)
+                cur = [p]
+        spans.append(cur)
+        answers = [s.answer] + [a for _, a in s.followups]
+        assert len(spans) == len(answers) == 1 + len(s.followups) > 1
+        for span, answer in zip(spans, answers):
+            assert row[span[-1]] == tok.eos_token_id
+            assert tok.convert_ids_to_tokens(int(row[span[0] - 1])) == "\u2581assistant"
+            assert tok.decode(row[span], skip_special_tokens=True).strip() == answer
+
+
+def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import per_turn_loss, turn_index
+
+    samples = [make_sample("count", sample_rng(5, 0, "train"), hires=False, followups=2),
+               make_sample("color", sample_rng(5, 1, "train"), hires=False)]
+    batch = encode_for_training(processor, samples)
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = torch.randn(*ids.shape, len(processor.tokenizer), generator=torch.Generator().manual_seed(0))
+    losses, present = per_turn_loss(logits, labels, turn_index(ids, assistant_id(processor)))
+    assert present.tolist() == [[True, True, True], [True, False, False]]
+    for b in range(2):
+        marks = (ids[b] == assistant_id(processor)).nonzero().flatten().tolist() + [ids.shape[1]]
+        for t in range(int(present[b].sum())):
+            pos = [p for p in range(marks[t] + 1, marks[t + 1]) if labels[b, p] != -100]
+            ce = torch.nn.functional.cross_entropy(logits[b, [p - 1 for p in pos]], labels[b, pos])
+            torch.testing.assert_close(losses[b, t], ce)
+
+
+def test_prefetched_batches_equal_inline_batches(processor):
+    from mmaccel.embedded.train import CURRICULUM, phase_groups, prefetched, progress_of, step_batch
+
+    cfg = TrainConfig(seed=3, steps=4, batch_size=3, warmup=1, followups=2, workers=2)
+    for step, (fams, batch) in enumerate(prefetched(cfg, CURRICULUM)):
+        groups = phase_groups(CURRICULUM, progress_of(step, 0.0, cfg, None))
+        fams0, batch0 = step_batch(processor, cfg, step, groups)
+        assert fams == fams0 and batch.keys() == batch0.keys()
+        assert all(torch.equal(batch[k], batch0[k]) for k in batch)
+
+
 @pytest.mark.slow
 def test_short_training_lowers_loss(tmp_path):
     cfg = TrainConfig(seed=1, steps=40, minutes=0, batch_size=12, lr=1e-3, warmup=10, log_every=5,

@@ -211,3 +211,46 @@ def test_caption_scenes_hold_at_most_four_objects():
 
     counts = {len(s.meta["objects"]) for s in generate_samples(120, seed=4, families=["caption"])}
     assert counts == set(range(1, CAPTION_MAX_OBJECTS + 1))
+
+
+def _family_of(question: str) -> str:
+    from mmaccel.world.spec import TEMPLATES
+
+    heads = {t.split("{")[0]: f for f, t in TEMPLATES.items()}
+    return next(f for head, f in heads.items() if question.startswith(head) and head)
+
+
+def test_followups_answer_the_same_scene_exactly():
+    """Every derived follow-up answer equals what the scene metadata says (the same
+    independent checkers as the main questions), none repeats the main question, and
+    both answers of exists come up."""
+    from dataclasses import replace
+
+    seen = set()
+    for i in range(120):
+        fam = ("color", "count", "exists", "where", "caption", "multi", "motion")[i % 7]
+        s = make_sample(fam, sample_rng(4, i, "test"), followups=6)
+        assert len(s.followups) <= 6 and s.question not in [q for q, _ in s.followups]
+        for q, a in s.followups:
+            f = _family_of(q)
+            probe = replace(s, family=f, question=q, answer=a)
+            if f == "multi":
+                color, shape = _parse(q)
+                has = [any((o["shape"], o["color"]) == (shape, color) for o in sc["objects"])
+                       for sc in s.meta["scenes"]]
+                assert sum(has) == 1 and a == ("first", "second")[has.index(True)]
+            elif f == "motion":
+                assert a == _expected_video_answer(probe)
+            else:
+                assert a == _expected_image_answer(probe), (q, a)
+            seen.add((f, a) if f == "exists" else f)
+    assert {("exists", "yes"), ("exists", "no"), "count", "color", "where", "multi", "motion"} <= seen
+
+
+def test_followups_leave_the_main_sample_unchanged():
+    for fam in ("exists", "multi", "motion", "flash"):
+        plain = make_sample(fam, sample_rng(2, 7, "train"))
+        extra = make_sample(fam, sample_rng(2, 7, "train"), followups=4)
+        assert (plain.question, plain.answer, plain.meta) == (extra.question, extra.answer, extra.meta)
+        assert plain.followups == []
+        assert (extra.followups == []) if fam == "flash" else (fam == "motion" or extra.followups)

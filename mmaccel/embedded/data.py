@@ -57,12 +57,26 @@ def encode_prompts(processor, samples: list[Sample], padding_side: str = "left")
 
 
 def encode_for_training(processor, samples: list[Sample]):
-    """Prompt + answer + eos, right padded, with ``labels`` (B, L) = -100 outside answers."""
-    eos = processor.tokenizer.eos_token
-    texts = [prompt_text(processor, s) + " " + s.answer + eos for s in samples]
+    """Prompt + answer + eos (+ follow-up turns), right padded, with ``labels`` (B, L).
+
+    Labels are -100 except on every assistant answer (its words and the closing eos).
+    """
+    texts = [training_text(processor, s) for s in samples]
     batch = _call(processor, texts, samples, "right")
-    batch["labels"] = answer_labels(batch["input_ids"], batch["attention_mask"], assistant_id(processor))
+    tok = processor.tokenizer
+    batch["labels"] = answer_labels(batch["input_ids"], batch["attention_mask"], assistant_id(processor),
+                                    tok.convert_tokens_to_ids("<|im_start|>"))
     return batch
+
+
+def training_text(processor, sample: Sample) -> str:
+    """The whole supervised conversation of a sample: main turn, then its follow-ups."""
+    eos = processor.tokenizer.eos_token
+    text = prompt_text(processor, sample) + " " + sample.answer + eos
+    for q, a in sample.followups:
+        turn = [{"role": "user", "content": [{"type": "text", "text": q}]}]
+        text += processor.apply_chat_template(turn, add_generation_prompt=True) + " " + a + eos
+    return text
 
 
 def assistant_id(processor) -> int:
@@ -70,11 +84,21 @@ def assistant_id(processor) -> int:
     return processor.tokenizer.convert_tokens_to_ids("\u2581assistant")
 
 
-def answer_labels(input_ids, attention_mask, marker_id: int):
-    """Labels (B, L): the tokens after the last ``marker_id`` of each row, else -100."""
+def answer_labels(input_ids, attention_mask, marker_id: int, turn_id: int | None = None):
+    """Labels (B, L): tokens inside assistant turns, else -100.
+
+    A token is labelled when an assistant ``marker_id`` comes after the last turn opener
+    ``turn_id`` before it (so each answer runs from its marker to the next turn). With
+    ``turn_id`` None, only the tokens after the last marker of each row are labelled.
+    """
     import torch
 
     pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    last = torch.where(input_ids == marker_id, pos, torch.full_like(pos, -1)).max(dim=1).values
-    keep = (pos > last[:, None]) & attention_mask.bool()
+    last_marker = torch.where(input_ids == marker_id, pos, -1).cummax(dim=1).values
+    if turn_id is None:
+        keep = pos > last_marker.max(dim=1, keepdim=True).values
+    else:
+        last_turn = torch.where(input_ids == turn_id, pos, -1).cummax(dim=1).values
+        keep = (last_marker > last_turn) & (pos > last_marker)
+    keep &= attention_mask.bool()
     return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE))

@@ -9,6 +9,13 @@ describe each patch of a tile, from labels computed from the scene metadata:
 - ``pos`` (G*G, 2): where the cell's content is, as (x, y) / side in [0, 1]: the object
   centre for object-centre cells, else the cell centre (so tokens carry 2-D position).
 
+- scene summary (``summary`` mode "mean" or "token"): which of the 12 (shape, color)
+  kinds are present and how many objects of each shape (0-6), read by a second head
+  from the mean of the tile's tokens ("mean") or from every token alone ("token"). This
+  puts the aggregate facts that existence and counting questions need into the tokens
+  themselves, where the language model can read them with any attention pattern (the
+  LM alone learns neither aggregate in a 60-minute budget; see RECIPE.md).
+
 A temporary linear head reads the projected features (the tokens the language model
 will see); it is discarded afterwards, so the saved model stays a stock checkpoint.
 An alignment term also scores each object-centre (digit-centre) token against the
@@ -27,6 +34,9 @@ from ..world.samples import SPLIT_KEY, make_sample
 from ..world.spec import SHAPES
 
 N_CLASSES = 25
+N_KINDS = len(SHAPES) * len(COLOR_NAMES)
+MAX_SHAPE_COUNT = 6
+SUMMARY_OUT = N_KINDS + len(SHAPES) * (MAX_SHAPE_COUNT + 1)
 
 
 def digit_centres(meta: dict) -> list[tuple[str, float, float]]:
@@ -75,13 +85,27 @@ def patch_targets(meta: dict, grid: int):
     return cls, pos
 
 
-def vision_batch(processor, rng: np.random.Generator, n: int, grid: int):
-    """Pixel tiles (n, 3, S, S) with stacked patch targets from random normal-size scenes."""
+def summary_targets(meta: dict):
+    """(present (N_KINDS,) float32 0/1, shape counts (len(SHAPES),) int64) of a still scene."""
+    present = np.zeros(N_KINDS, np.float32)
+    counts = np.zeros(len(SHAPES), np.int64)
+    for o in meta["objects"]:
+        s = SHAPES.index(o["shape"])
+        present[s * len(COLOR_NAMES) + COLOR_NAMES.index(o["color"])] = 1.0
+        counts[s] += 1
+    return present, counts
+
+
+def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded: bool = False):
+    """Pixel tiles (n, 3, S, S) with stacked patch targets (cls, pos) from random normal-size
+    scenes; with ``crowded``, every other scene holds up to 6 objects (a count scene) and the
+    summary targets (present, counts) follow."""
     import torch
 
-    samples = [make_sample("caption", rng, hires=False) for _ in range(n)]
+    fams = ["caption", "count"] if crowded else ["caption"]
+    samples = [make_sample(fams[i % len(fams)], rng, hires=False) for i in range(n)]
     pix = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"][:, 0]
-    tg = [patch_targets(s.meta, grid) for s in samples]
+    tg = [patch_targets(s.meta, grid) + (summary_targets(s.meta) if crowded else ()) for s in samples]
     return pix, *(torch.from_numpy(np.stack(t)) for t in zip(*tg))
 
 
@@ -124,8 +148,10 @@ def projected_tokens(model, pix):
     return model.model.multi_modal_projector(hidden)
 
 
-def patch_loss(model, head, pix, cls, pos, words=None):
-    """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment."""
+def patch_loss(model, head, pix, cls, pos, present=None, counts=None, words=None, summary=None):
+    """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, and
+    with ``summary`` = (mode, head) the scene-summary loss. Returns (loss, cell accuracy,
+    position error, summary accuracy or nan)."""
     import torch.nn.functional as F
 
     feats = projected_tokens(model, pix)
@@ -134,37 +160,62 @@ def patch_loss(model, head, pix, cls, pos, words=None):
     l1 = 4.0 * (out[..., N_CLASSES:].sigmoid() - pos).abs().sum(-1).mean()
     align = alignment_loss(model, feats, cls, words) if words else 0.0
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
-    return ce + l1 + align, acc.item(), l1.item() / 4.0
+    extra, s_acc = (summary_loss(feats, present, counts, *summary) if summary else (0.0, float("nan")))
+    return ce + l1 + align + extra, acc.item(), l1.item() / 4.0, s_acc
+
+
+def summary_loss(feats, present, counts, mode: str, head):
+    """BCE on kind presence + CE on per-shape counts, from the tokens' mean ("mean") or
+    from each token ("token"). feats (n, T, D); present (n, N_KINDS); counts (n, S).
+    Returns (loss, share of scenes whose presence bits and counts are all right)."""
+    import torch.nn.functional as F
+
+    x = feats.mean(1, keepdim=True) if mode == "mean" else feats
+    out = head(x)  # (n, T or 1, SUMMARY_OUT)
+    pres_logit = out[..., :N_KINDS]
+    cnt_logit = out[..., N_KINDS:].unflatten(-1, (len(SHAPES), MAX_SHAPE_COUNT + 1))
+    tgt_p = present[:, None].expand_as(pres_logit)
+    tgt_c = counts[:, None].expand(cnt_logit.shape[:-1])
+    loss = F.binary_cross_entropy_with_logits(pres_logit, tgt_p) + \
+        F.cross_entropy(cnt_logit.flatten(0, -2), tgt_c.flatten())
+    right = ((pres_logit > 0) == (tgt_p > 0.5)).all(-1) & (cnt_logit.argmax(-1) == tgt_c).all(-1)
+    return loss, right.float().mean().item()
 
 
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
-                    log=print) -> float:
-    """Train tower + projector for ``steps`` on patch targets; returns final cell accuracy."""
+                    log=print, summary: str = "") -> float:
+    """Train tower + projector for ``steps`` on patch targets (plus the scene summary when
+    ``summary`` is "mean" or "token"); returns the final cell accuracy."""
     import torch
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    head = torch.nn.Linear(model.config.text_config.hidden_size, N_CLASSES + 2)
+    hidden = model.config.text_config.hidden_size
+    head = torch.nn.Linear(hidden, N_CLASSES + 2).to(model.device)
+    s_head = torch.nn.Linear(hidden, SUMMARY_OUT).to(model.device) if summary else None
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     params.append(model.get_input_embeddings().weight)
     words = word_ids(processor.tokenizer)
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.01)
-    t0, accs, errs = time.time(), [], []
+    heads = list(head.parameters()) + (list(s_head.parameters()) if s_head else [])
+    opt = torch.optim.AdamW(params + heads, lr=lr, weight_decay=0.01)
+    t0, stats = time.time(), []
     for step in range(steps):
         rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 2]))
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        loss, acc, err = patch_loss(model, head, *vision_batch(processor, rng, batch_size, grid), words=words)
+        batch = [t.to(model.device) for t in vision_batch(processor, rng, batch_size, grid, bool(summary))]
+        if not summary:
+            batch += [None, None]
+        loss, *st = patch_loss(model, head, *batch, words=words, summary=(summary, s_head) if summary else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        accs.append(acc)
-        errs.append(err)
+        stats.append(st)
         if (step + 1) % 50 == 0:
-            log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} "
-                f"cell acc {np.mean(accs[-50:]):.3f} pos err {np.mean(errs[-50:]):.4f} "
-                f"t {time.time() - t0:.0f}s")
-    return float(np.mean(accs[-50:])) if accs else 0.0
+            acc, err, s_acc = np.mean(stats[-50:], axis=0)
+            log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} cell acc {acc:.3f} "
+                f"pos err {err:.4f} summary acc {s_acc:.3f} t {time.time() - t0:.0f}s")
+    return float(np.mean([a for a, _, _ in stats[-50:]])) if stats else 0.0
 
 
 def rescale_projector(model, processor, seed: int, target_norm: float = 1.0, n: int = 32) -> float:
@@ -180,7 +231,7 @@ def rescale_projector(model, processor, seed: int, target_norm: float = 1.0, n: 
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, 3]))
-    pix = vision_batch(processor, rng, n, grid)[0]
+    pix = vision_batch(processor, rng, n, grid)[0].to(model.device)
     proj = model.model.multi_modal_projector
     with torch.no_grad():
         factor = target_norm / projected_tokens(model, pix).norm(dim=-1).mean().item()

@@ -4,14 +4,18 @@
 
 Every step draws a new batch of one *group* (normal images, high-res images, image
 pairs, or videos of 8/12/16 frames) so that all rows share one visual token count.
-The loss is the mean, over samples, of the per-sample mean cross-entropy on the
-answer tokens (answer + eos). AdamW, linear warm-up then cosine decay.
+With ``--followups K`` each sample also carries up to K more questions about the same
+media as further chat turns (one vision pass, several supervised answers; see
+:mod:`mmaccel.world.followups`). The loss is the mean, over every answered turn, of
+the turn's mean cross-entropy on its answer tokens (answer + eos). AdamW, linear
+warm-up, flat, then cosine decay.
 
 Stage 1 (``vision_steps``, see :mod:`.pretrain`) first trains the vision tower and
 projector on dense patch labels; stage 2 trains everything on the questions.
-The cosine runs over ``--steps`` when given (fully reproducible), else over the wall
-time left in ``--minutes`` (the CPU is shared, so speed varies; data stream and init
-still follow the seed, and the log records the steps done).
+The cosine runs over ``--steps`` when given (fully reproducible; ``--minutes`` is then
+only a hard cap), else over the wall time left in ``--minutes`` (the CPU is shared, so
+speed varies; data stream and init still follow the seed, and the log records the
+steps done).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import numpy as np
 
 from ..world.samples import SPLIT_KEY, make_sample
 from .build import build_model, build_processor, build_tokenizer
-from .data import encode_for_training
+from .data import assistant_id, encode_for_training
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -102,8 +106,12 @@ class TrainConfig:
     vision_lr_mult: float = 1.0
     vision_steps: int = 800
     vision_lr: float = 2e-3
+    summary: str = ""
     visual_norm: float = 1.0
     threads: int = 2
+    followups: int = 0
+    device: str = "cpu"
+    workers: int = 0
     log_every: int = 25
     eval_n: int = 100
     text: dict = field(default_factory=dict)
@@ -125,8 +133,9 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 1]))
 
 
-def draw_batch(rng: np.random.Generator, batch_size: int, groups=None):
-    """Pick a group, then ``batch_size * mult`` samples with families by weight."""
+def draw_batch(rng: np.random.Generator, batch_size: int, groups=None, followups: int = 0):
+    """Pick a group, then ``batch_size * mult`` samples with families by weight, each with
+    up to ``followups`` extra questions about its media."""
     groups = groups or GROUPS
     names = list(groups)
     probs = np.array([groups[n][0] for n in names], float)
@@ -134,34 +143,54 @@ def draw_batch(rng: np.random.Generator, batch_size: int, groups=None):
     _, mult, kw, mix = groups[name]
     fams, w = list(mix), np.array(list(mix.values()), float)
     picks = rng.choice(len(fams), size=max(1, int(round(batch_size * mult))), p=w / w.sum())
-    return name, [make_sample(fams[int(i)], rng, **kw) for i in picks]
+    return name, [make_sample(fams[int(i)], rng, followups=followups, **kw) for i in picks]
 
 
-def per_sample_loss(logits, labels):
-    """Mean answer-token cross-entropy per row. logits (B, L, V), labels (B, L) -> (B,)."""
+def per_turn_loss(logits, labels, turn_of):
+    """Mean answer-token cross-entropy per assistant turn.
+
+    logits (B, L, V); labels (B, L) with -100 outside answers; turn_of (B, L) the
+    1-based index of the assistant turn each token belongs to. Returns (losses (B, T),
+    present (B, T) bool), T the most turns of any row; turn 1 is the main question.
+    """
+    import torch
     import torch.nn.functional as F
 
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    lg, lb, turn = logits[:, :-1].float(), labels[:, 1:], turn_of[:, 1:]
     ce = F.cross_entropy(lg.transpose(1, 2), lb, ignore_index=-100, reduction="none")
     mask = (lb != -100).float()
-    return (ce * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    n_turns = int(turn.max())
+    idx = (turn - 1).clamp(min=0)
+    total = torch.zeros(ce.shape[0], n_turns, device=ce.device).scatter_add_(1, idx, ce * mask)
+    count = torch.zeros_like(total).scatter_add_(1, idx, mask)
+    return total / count.clamp(min=1.0), count > 0
 
 
-def train_step(model, opt, processor, samples, lr: float, clip: float):
-    """One optimiser step; returns per-sample losses (B,) as a numpy array."""
+def turn_index(input_ids, marker_id: int):
+    """(B, L) number of assistant markers at or before each position."""
+    return (input_ids == marker_id).long().cumsum(dim=1)
+
+
+def train_step(model, opt, batch, marker_id: int, lr: float, clip: float):
+    """One optimiser step on the mean over all answered turns of an encoded ``batch``
+    (see :func:`encode_for_training`); returns the main question's loss per sample (B,)
+    and the follow-ups' mean loss (nan if none)."""
     import torch
 
-    batch = encode_for_training(processor, samples)
     labels = batch.pop("labels")
+    turns = turn_index(batch["input_ids"], marker_id).to(model.device)
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
-    out = model(**batch, use_cache=False)
-    losses = per_sample_loss(out.logits, labels)
-    losses.mean().backward()
+    out = model(**batch.to(model.device), use_cache=False)
+    losses, present = per_turn_loss(out.logits, labels.to(model.device), turns)
+    losses[present].mean().backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return losses.detach().numpy()
+    losses = losses.detach()
+    extra = losses[:, 1:][present[:, 1:]]
+    follow = float(extra.mean()) if extra.numel() else float("nan")
+    return losses[:, 0].cpu().numpy(), follow
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -202,10 +231,10 @@ class FamilyLoss:
     def __init__(self):
         self.sum, self.n = defaultdict(float), defaultdict(int)
 
-    def add(self, samples, losses) -> None:
-        for s, v in zip(samples, losses):
-            self.sum[s.family] += float(v)
-            self.n[s.family] += 1
+    def add(self, families: list[str], losses) -> None:
+        for f, v in zip(families, losses):
+            self.sum[f] += float(v)
+            self.n[f] += 1
 
     def flush(self) -> str:
         txt = " ".join(f"{f}={self.sum[f] / self.n[f]:.3f}" for f in sorted(self.n))
@@ -222,14 +251,15 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision)
+    model = build_model(tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision).to(cfg.device)
     model.train()
     opt = make_optimizer(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"params {n_params / 1e6:.2f}M config {json.dumps(asdict(cfg))}")
     t0 = time.time()
     if cfg.vision_steps:
-        acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log)
+        acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
+                              summary=cfg.summary)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -249,28 +279,78 @@ def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | Non
     return elapsed / budget
 
 
+def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
+    """Families and encoded batch of training step ``step`` (a pure function of its inputs)."""
+    _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups)
+    return [s.family for s in samples], encode_for_training(processor, samples)
+
+
+_WORKER = {}
+
+
+def _worker_batch(args):
+    cfg, step, groups = args
+    import torch
+
+    torch.set_num_threads(1)
+    if "processor" not in _WORKER:
+        _WORKER["processor"] = build_processor(build_tokenizer())
+    return step_batch(_WORKER["processor"], cfg, step, groups)
+
+
+def prefetched(cfg: TrainConfig, phases, ahead: int = 4):
+    """Batches of steps 0..cfg.steps-1 built by ``cfg.workers`` processes, at most
+    ``ahead`` per worker in flight (step schedules only: the curriculum phase of a step
+    must not depend on wall time)."""
+    import multiprocessing as mp
+    from collections import deque
+
+    job = lambda i: (cfg, i, phase_groups(phases, progress_of(i, 0.0, cfg, None)))  # noqa: E731
+    with mp.get_context("fork").Pool(cfg.workers) as pool:
+        pending, nxt = deque(), 0
+        for step in range(cfg.steps):
+            while nxt < cfg.steps and len(pending) < ahead * cfg.workers:
+                pending.append(pool.apply_async(_worker_batch, (job(nxt),)))
+                nxt += 1
+            yield pending.popleft().get()
+
+
 def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=None) -> list[dict]:
     """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent."""
     t0, step, history = time.time(), 0, []
-    fam_loss, window, phases = FamilyLoss(), [], curriculum(groups)
+    fam_loss, window, follow, phases = FamilyLoss(), [], [], curriculum(groups)
+    source = prefetched(cfg, phases) if cfg.workers and cfg.steps else None
+    marker = assistant_id(processor)
     while True:
         elapsed = time.time() - t0
         prog = progress_of(step, elapsed, cfg, budget)
         if (cfg.steps and step >= cfg.steps) or (not cfg.steps and prog >= 1.0):
             log(f"stage 2 done at step {step} ({elapsed:.0f}s)")
             break
-        group, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, phase_groups(phases, prog))
+        if cfg.steps and budget is not None and elapsed >= budget:
+            log(f"stage 2 stopped by the --minutes cap at step {step} of {cfg.steps} ({elapsed:.0f}s)")
+            break
+        fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog))
         lr = lr_at(step, prog, cfg)
-        losses = train_step(model, opt, processor, samples, lr, cfg.clip)
-        fam_loss.add(samples, losses)
+        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip)
+        fam_loss.add(fams, losses)
         window.append(float(losses.mean()))
+        follow.append(follow_loss)
         step += 1
         if step % cfg.log_every == 0:
-            rec = {"step": step, "loss": float(np.mean(window)), "lr": lr, "seconds": time.time() - t0}
-            history.append(rec)
-            log(f"step {step} loss {rec['loss']:.4f} lr {lr:.2e} t {rec['seconds']:.0f}s | {fam_loss.flush()}")
-            window = []
+            history.append(log_step(log, step, window, follow, lr, time.time() - t0, fam_loss))
+            window, follow = [], []
     return history
+
+
+def log_step(log, step: int, window, follow, lr: float, seconds: float, fam_loss: FamilyLoss) -> dict:
+    """Log one line (main-question loss, follow-up loss, per-family losses); return its record."""
+    follow = [f for f in follow if not math.isnan(f)]
+    rec = {"step": step, "loss": float(np.mean(window)), "followups": float(np.mean(follow)) if follow else None,
+           "lr": lr, "seconds": seconds}
+    extra = f" follow-ups {rec['followups']:.4f}" if follow else ""
+    log(f"step {step} loss {rec['loss']:.4f}{extra} lr {lr:.2e} t {seconds:.0f}s | {fam_loss.flush()}")
+    return rec
 
 
 def save(model, processor, cfg: TrainConfig, out_dir, history) -> None:
@@ -296,13 +376,33 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--followups", type=int, default=TrainConfig.followups,
+                   help="extra questions about each sample's media, as further chat turns")
+    p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
+    p.add_argument("--summary", choices=["", "mean", "token"], default=TrainConfig.summary,
+                   help="stage 1 also learns scene-summary targets (kinds present, shape counts)")
+    p.add_argument("--families", default=None,
+                   help="probe runs: train only these still-image families (comma list), no curriculum")
+    p.add_argument("--max-objects", type=int, default=None, help="with --families: objects per scene cap")
+    p.add_argument("--text-layers", type=int, default=None, help="language-model layers (default: build's)")
+    p.add_argument("--workers", type=int, default=0, help="batch-building processes (with --steps only)")
     p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     p.add_argument("--log", default=None, help="also append log lines to this file")
     a = p.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, lr=a.lr,
                       batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
-                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, vision_steps=a.vision_steps)
+                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, vision_steps=a.vision_steps,
+                      followups=a.followups, device=a.device, workers=a.workers, summary=a.summary,
+                      text={"num_hidden_layers": a.text_layers} if a.text_layers else {})
     return cfg, a
+
+
+def probe_groups(families: str | None, max_objects: int | None) -> dict | None:
+    """One group of 144 px images of ``families`` (comma list), or None for the curriculum."""
+    if not families:
+        return None
+    kw = {"hires": False, **({"max_objects": max_objects} if max_objects else {})}
+    return {"image": (1.0, 1.0, kw, {f: 1.0 for f in families.split(",")})}
 
 
 def main(argv=None):
@@ -312,7 +412,7 @@ def main(argv=None):
 
     cfg, args = parse_args(argv)
     log = Logger(args.log)
-    model, processor, _ = train(cfg, args.out, log)
+    model, processor, _ = train(cfg, args.out, log, probe_groups(args.families, args.max_objects))
     if cfg.eval_n:
         held_out = generate_samples(cfg.eval_n, seed=cfg.seed, split="test", families=MODEL_FAMILIES)
         res = evaluate_samples(model, processor, held_out)

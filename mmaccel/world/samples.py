@@ -13,6 +13,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from .followups import followups_for
 from .images import build_image_family, build_multi
 from .scene import PlacementError, render
 from .spec import ALL_FAMILIES, HIRES_FAMILIES, MAX_OBJECTS, family_kind
@@ -27,6 +28,8 @@ class Sample:
 
     images: list of RGB PIL images (one for image families, two for ``multi``);
     frames: uint8 array (T, H, W, 3) for video families, else None.
+    followups: extra (question, answer) pairs about the same media, for training only
+    (see :mod:`.followups`); prompts and evaluation use the main question alone.
     """
 
     id: str
@@ -36,6 +39,7 @@ class Sample:
     images: list[Image.Image] = field(default_factory=list)
     frames: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    followups: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -60,11 +64,19 @@ def sample_rng(seed: int, index: int, split: str = "train") -> np.random.Generat
 
 def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: bool | None = None,
                 num_frames: int | None = None, hires_p: float = 0.2,
-                max_objects: int = MAX_OBJECTS) -> Sample:
+                max_objects: int = MAX_OBJECTS, followups: int = 0) -> Sample:
     """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``.
 
     ``max_objects`` caps the objects of still-image scenes (default: the world's 6).
+    ``followups``: up to this many extra questions about the same media (training).
     """
+    sample = _build_sample(family, rng, sid, hires, num_frames, hires_p, max_objects)
+    if followups:
+        sample.followups = followups_for(family, sample.meta, sample.question, rng, followups)
+    return sample
+
+
+def _build_sample(family, rng, sid, hires, num_frames, hires_p, max_objects) -> Sample:
     kind = family_kind(family)
     if kind == "video":
         frames, q, a, meta = build_video_family(family, rng, num_frames)
