@@ -58,11 +58,15 @@ def test_context_manager_restores_on_error(tiny_models):
     assert torch.equal(last_logits(model, inputs), before)
 
 
-@pytest.mark.parametrize("method", ["random", "stc", "hired"])
-def test_selection_equals_generating_on_the_kept_tokens_alone(tiny_models, method):
+@pytest.mark.parametrize("family, method", [("llava_onevision", "random"), ("llava_onevision", "stc"),
+                                            ("llava_onevision", "hired"), ("qwen2_vl", "random"),
+                                            ("qwen2_vl", "stc"), ("qwen2_5_vl", "random")])
+def test_selection_equals_generating_on_the_kept_tokens_alone(tiny_models, family, method):
     """A pre-LLM selection with compact positions must equal a plain, hook-free generate on the
-    prompt with the dropped visual tokens cut out (prefill and every decode step)."""
-    model, proc = tiny_models("llava_onevision")
+    prompt with the dropped visual tokens cut out (prefill and every decode step). For Qwen's
+    M-RoPE, compact positions are 0..n-1 on all three axes, which is what the model itself
+    gives a prompt of embeddings with no media."""
+    model, proc = tiny_models(family)
     inputs = make_inputs(proc, batch=1)
     seen = []
     probe = model.model.language_model.register_forward_pre_hook(
