@@ -3,7 +3,7 @@ import json
 
 from typer.testing import CliRunner
 
-from mmaccel.bench.speed import mostly_static_video
+from mmaccel.bench.speed import mostly_static_video, stc_flop_cut
 from mmaccel.cli import app
 
 
@@ -22,6 +22,15 @@ def test_speed_bench_small_writes_results(tmp_path):
     stc = data["stc_cacher"]["cached"]
     assert [c["cache_interval"] for c in stc] == [2, 4]
     assert stc[1]["rows_recomputed"] < stc[0]["rows_recomputed"] < 1.0
+    assert 0 < stc[0]["vit_flop_cut"] < stc[1]["vit_flop_cut"] < 1.0
+
+
+def test_stc_flop_cut_by_hand():
+    # N=4 tokens, D=2, I=4, one layer, patch 1: full token 4*4 + 2*2*4 + 2*4*2 = 48, embed 3*1*2 = 6;
+    # a cached token: K 4 + (1/4) * (48 - 4) = 15. Two frames, interval 2: 1 - (54 + 21) / 108.
+    assert abs(stc_flop_cut(4, 2, 4, 1, 1, 2, 2, 0.25) - (1 - 75 / 108)) < 1e-12
+    assert stc_flop_cut(729, 384, 1536, 6, 14, 16, 1, 0.25) == 0.0  # every frame a reference
+    assert abs(stc_flop_cut(729, 384, 1536, 6, 14, 16, 2, 1.0)) < 1e-12  # recompute everything
 
 
 def test_mostly_static_video_is_mostly_static():

@@ -173,3 +173,23 @@ def test_question_first_template_prefills_at_ask_time(tiny_models):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert streamed.text == proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def test_fast_cached_layer_equals_the_plain_restatement_bit_for_bit(tiny_models):
+    from mmaccel.vision.stc_cacher import CacherState, STCCacher, cached_layer_reference
+
+    model, _ = tiny_models("llava_onevision")
+    tower, layers = get_tower(model), _layers(model)
+    torch.manual_seed(3)
+    frames = torch.randn(4, 1, 3, 56, 56)
+    runs = []
+    for fn in (None, cached_layer_reference):
+        state, outs = CacherState(cache_interval=4, update_ratio=0.25), []
+        with torch.no_grad():
+            for f in frames:
+                with STCCacher(layers, state, layer_fn=fn):
+                    outs.append(tower(f).last_hidden_state)
+        runs.append(outs)
+    full = tower(frames[1]).last_hidden_state
+    assert not torch.allclose(runs[0][1], full, atol=1e-3)  # moving frames: the cache really changed them
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -56,36 +56,71 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_layer(layer, h: torch.Tensor, store: dict) -> torch.Tensor:
-    """Full layer forward that keeps k, v, attention output and MLP output in ``store``."""
+    """Full layer forward that keeps keys (flat (B, N, D)), values, attention output and MLP
+    output in ``store``."""
     attn = layer.self_attn
     x = layer.layer_norm1(h)
-    q, k, v = (_heads(p(x), attn) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    out = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v, scale=attn.scale)))
+    k = attn.k_proj(x)
+    q, v = _heads(attn.q_proj(x), attn), _heads(attn.v_proj(x), attn)
+    out = attn.out_proj(_merge(F.scaled_dot_product_attention(q, _heads(k, attn), v, scale=attn.scale)))
     h = h + out
     mlp = layer.mlp(layer.layer_norm2(h))
     store.update(k=k, v=v, attn=out, mlp=mlp)
     return h + mlp
 
 
+def _dynamic_rows(k: torch.Tensor, ref_k: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(B, n) sorted indices of the ``ratio`` share of tokens whose keys are least cosine-similar
+    to the reference keys (k, ref_k: (B, N, D))."""
+    similarity = F.cosine_similarity(k, ref_k, dim=-1)  # (B, N)
+    n_dyn = max(1, round(ratio * k.shape[1]))
+    return similarity.topk(n_dyn, dim=1, largest=False).indices.sort(dim=1).values
+
+
 def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
-    """Selective recompute against the reference; returns (output, dynamic tokens per sample)."""
+    """Selective recompute against the reference; returns (output, dynamic tokens per sample).
+
+    Same values as :func:`cached_layer_reference`, bit for bit, with fewer full-size copies:
+    the residual adds the reference's attention / MLP output to every row and then overwrites
+    the dynamic rows, instead of cloning the reference outputs and scattering into them.
+    """
     attn = layer.self_attn
     x = layer.layer_norm1(h)
-    k = _heads(attn.k_proj(x), attn)
-    similarity = F.cosine_similarity(_merge(k), _merge(ref["k"]), dim=-1)  # (B, N)
-    n_dyn = max(1, round(ratio * h.shape[1]))
-    dyn = similarity.topk(n_dyn, dim=1, largest=False).indices.sort(dim=1).values  # (B, n)
+    k = attn.k_proj(x)
+    dyn = _dynamic_rows(k, ref["k"], ratio)
+    rows = dyn[:, :, None].expand(-1, -1, x.shape[-1])
+    x_dyn = torch.gather(x, 1, rows)
+    q_dyn, v_dyn = _heads(attn.q_proj(x_dyn), attn), _heads(attn.v_proj(x_dyn), attn)
+    v = ref["v"].clone()
+    v.scatter_(2, dyn[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]), v_dyn)
+    attn_dyn = attn.out_proj(_merge(F.scaled_dot_product_attention(q_dyn, _heads(k, attn), v, scale=attn.scale)))
+    mid = h + ref["attn"]
+    mid.scatter_(1, rows, torch.gather(h, 1, rows) + attn_dyn)
+    mid_dyn = torch.gather(mid, 1, rows)
+    out = mid + ref["mlp"]
+    out.scatter_(1, rows, mid_dyn + layer.mlp(layer.layer_norm2(mid_dyn)))
+    return out, dyn.shape[1]
+
+
+def cached_layer_reference(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
+    """Plain re-statement of the official selective recompute (clone the reference outputs,
+    scatter the dynamic rows in); the test oracle of :func:`cached_layer`."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(h)
+    k = attn.k_proj(x)
+    dyn = _dynamic_rows(k, ref["k"], ratio)
     rows = dyn[:, :, None].expand(-1, -1, x.shape[-1])
     x_dyn = torch.gather(x, 1, rows)
     q_dyn, v_dyn = _heads(attn.q_proj(x_dyn), attn), _heads(attn.v_proj(x_dyn), attn)
     v = ref["v"].clone()
     v.scatter_(2, dyn[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]), v_dyn)
     out = ref["attn"].clone()
-    out.scatter_(1, rows, attn.out_proj(_merge(F.scaled_dot_product_attention(q_dyn, k, v, scale=attn.scale))))
+    out.scatter_(1, rows, attn.out_proj(_merge(F.scaled_dot_product_attention(q_dyn, _heads(k, attn), v,
+                                                                             scale=attn.scale))))
     h = h + out
     mlp = ref["mlp"].clone()
     mlp.scatter_(1, rows, layer.mlp(layer.layer_norm2(torch.gather(h, 1, rows))))
-    return h + mlp, n_dyn
+    return h + mlp, dyn.shape[1]
 
 
 class STCCacher:
@@ -95,12 +130,13 @@ class STCCacher:
     ...     feats = model.model.get_video_features(pixels)
     """
 
-    def __init__(self, layers, state: CacherState):
+    def __init__(self, layers, state: CacherState, layer_fn=None):
         for layer in layers:
             missing = [n for n in ("layer_norm1", "self_attn", "layer_norm2", "mlp") if not hasattr(layer, n)]
             if missing:
                 raise ValueError(f"STC-Cacher needs CLIP/SigLIP-style encoder layers; {type(layer).__name__} lacks {missing}")
         self.layers, self.state = list(layers), state
+        self.layer_fn = layer_fn or cached_layer
 
     def _forward(self, index: int, layer):
         state = self.state
@@ -111,7 +147,7 @@ class STCCacher:
                 state.recomputed += hidden_states.shape[1] * hidden_states.shape[0]
                 state.total += hidden_states.shape[1] * hidden_states.shape[0]
                 return reference_layer(layer, hidden_states, store)
-            out, n_dyn = cached_layer(layer, hidden_states, state.reference[index], state.update_ratio)
+            out, n_dyn = self.layer_fn(layer, hidden_states, state.reference[index], state.update_ratio)
             state.recomputed += n_dyn * hidden_states.shape[0]
             state.total += hidden_states.shape[1] * hidden_states.shape[0]
             return out
