@@ -77,13 +77,10 @@ def _dynamic_rows(k: torch.Tensor, ref_k: torch.Tensor, ratio: float) -> torch.T
     return similarity.topk(n_dyn, dim=1, largest=False).indices.sort(dim=1).values
 
 
-def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
-    """Selective recompute against the reference; returns (output, dynamic tokens per sample).
-
-    Same values as :func:`cached_layer_reference`, bit for bit, with fewer full-size copies:
-    the residual adds the reference's attention / MLP output to every row and then overwrites
-    the dynamic rows, instead of cloning the reference outputs and scattering into them.
-    """
+def _dynamic_attention(layer, h: torch.Tensor, ref: dict, ratio: float):
+    """The recompute shared by both cached-layer forms: keys of all tokens, the dynamic rows,
+    and those rows' attention output (queries of dynamic rows against all current keys, with
+    the reference values outside them). Returns (dyn (B, n), rows (B, n, D), attn_dyn (B, n, D))."""
     attn = layer.self_attn
     x = layer.layer_norm1(h)
     k = attn.k_proj(x)
@@ -93,7 +90,18 @@ def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch
     q_dyn, v_dyn = _heads(attn.q_proj(x_dyn), attn), _heads(attn.v_proj(x_dyn), attn)
     v = ref["v"].clone()
     v.scatter_(2, dyn[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]), v_dyn)
-    attn_dyn = attn.out_proj(_merge(F.scaled_dot_product_attention(q_dyn, _heads(k, attn), v, scale=attn.scale)))
+    out = F.scaled_dot_product_attention(q_dyn, _heads(k, attn), v, scale=attn.scale)
+    return dyn, rows, attn.out_proj(_merge(out))
+
+
+def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
+    """Selective recompute against the reference; returns (output, dynamic tokens per sample).
+
+    Same values as :func:`cached_layer_reference`, bit for bit, with fewer full-size copies:
+    the residual adds the reference's attention / MLP output to every row and then overwrites
+    the dynamic rows, instead of cloning the reference outputs and scattering into them.
+    """
+    dyn, rows, attn_dyn = _dynamic_attention(layer, h, ref, ratio)
     mid = h + ref["attn"]
     mid.scatter_(1, rows, torch.gather(h, 1, rows) + attn_dyn)
     mid_dyn = torch.gather(mid, 1, rows)
@@ -105,18 +113,9 @@ def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch
 def cached_layer_reference(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
     """Plain re-statement of the official selective recompute (clone the reference outputs,
     scatter the dynamic rows in); the test oracle of :func:`cached_layer`."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(h)
-    k = attn.k_proj(x)
-    dyn = _dynamic_rows(k, ref["k"], ratio)
-    rows = dyn[:, :, None].expand(-1, -1, x.shape[-1])
-    x_dyn = torch.gather(x, 1, rows)
-    q_dyn, v_dyn = _heads(attn.q_proj(x_dyn), attn), _heads(attn.v_proj(x_dyn), attn)
-    v = ref["v"].clone()
-    v.scatter_(2, dyn[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]), v_dyn)
+    dyn, rows, attn_dyn = _dynamic_attention(layer, h, ref, ratio)
     out = ref["attn"].clone()
-    out.scatter_(1, rows, attn.out_proj(_merge(F.scaled_dot_product_attention(q_dyn, _heads(k, attn), v,
-                                                                             scale=attn.scale))))
+    out.scatter_(1, rows, attn_dyn)
     h = h + out
     mlp = ref["mlp"].clone()
     mlp.scatter_(1, rows, layer.mlp(layer.layer_norm2(torch.gather(h, 1, rows))))
