@@ -28,6 +28,11 @@ def test_compare_metrics_by_hand():
     q = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 3.0]]), -1)
     gold = [s.answer for s in samples]
     base = RunResult(gold, list(p), seconds=1.0)
+    run_on = gold[0] + " " + gold[0] + " " + gold[0]  # right first word, never ended
+    run = RunResult([run_on] + gold[1:3] + ["wrong"], list(q), visual_tokens_in=40,
+                    visual_tokens_per_layer=[40, 20], prefill_flops=1.0, prefill_flops_full=3.0, seconds=0.5)
+    res = compare(samples, base, run)
+    assert res["first_word"] == 0.75 and res["aggregates"]["all"] == 0.5 and res["agreement"] == 0.5
     run = RunResult(gold[:3] + ["wrong"], list(q), visual_tokens_in=40, visual_tokens_per_layer=[40, 20],
                     prefill_flops=1.0, prefill_flops_full=3.0, seconds=0.5)
     res = compare(samples, base, run)

@@ -71,6 +71,13 @@ def _add_stats(res: RunResult, stats) -> None:
     res.prefill_flops_full += stats.prefill_flops_full
 
 
+def first_word_accuracy(samples, answers: list[str]) -> float:
+    """Share of answers whose first word is the gold answer's first word: it separates a wrong
+    answer from a right one the model failed to end (a run-on 'red red red')."""
+    first = lambda text: (text.split() or [""])[0]  # noqa: E731
+    return sum(first(a) == first(s.answer) for s, a in zip(samples, answers)) / max(1, len(samples))
+
+
 def compare(samples, base: RunResult, run: RunResult) -> dict:
     """Accuracy per family, agreement with the baseline and mean first-token KL."""
     import torch
@@ -85,6 +92,7 @@ def compare(samples, base: RunResult, run: RunResult) -> dict:
         "families": {f: r["accuracy"] for f, r in summary["families"].items()},
         "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
         "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
+        "first_word": first_word_accuracy(samples, run.answers),
         "agreement": agree,
         "first_token_kl": sum(kls) / n,
         "visual_tokens_in_per_sample": run.visual_tokens_in / n,
@@ -128,6 +136,7 @@ def sweep(model, processor, samples, methods: list[str], retentions: list[float]
                         "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
                         "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
                         "subset_n": {k: r["n"] for k, r in summary["subsets"].items()},
+                        "first_word": first_word_accuracy(samples, base.answers),
                         "seconds": base.seconds}}
     for method in methods:
         for retention in retentions:
@@ -143,17 +152,19 @@ def markdown_table(result: dict) -> str:
     small-object and counting subsets, agreement, KL, tokens, FLOP ratio, time."""
     fams = list(result["baseline"]["families"])
     subs = list(result["baseline"].get("subsets", {}))
-    head = ["method", "retention", "all", "kept", *fams, *subs, "agree", "KL",
+    head = ["method", "retention", "all", "kept", "1st word", *fams, *subs, "agree", "KL",
             "vis tok/sample (last layer)", "FLOP x", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result["baseline"]
     lines.append("| " + " | ".join(["baseline", "1.0", f"{base['aggregates']['all']:.3f}", "1.000",
+                                     f"{base.get('first_word', float('nan')):.3f}",
                                      *[f"{base['families'][f]:.3f}" for f in fams],
                                      *[f"{base['subsets'][k]:.3f}" for k in subs], "1.000", "0", "", "1.00",
                                      f"{base['seconds']:.1f}"]) + " |")
     for p in result["points"]:
         vis = p["visual_tokens_per_layer_per_sample"]
         row = [p["method"], str(p["retention"]), f"{p['aggregates']['all']:.3f}", f"{kept_share(result, p):.3f}",
+               f"{p.get('first_word', float('nan')):.3f}",
                *[f"{p['families'].get(f, float('nan')):.3f}" for f in fams],
                *[f"{p.get('subsets', {}).get(k, float('nan')):.3f}" for k in subs], f"{p['agreement']:.3f}",
                f"{p['first_token_kl']:.4f}", f"{vis[-1]:.1f}" if vis else "", f"{p['flop_ratio']:.2f}",
