@@ -99,6 +99,9 @@ def _wrapped(base_name: str):
 
         fn = ALL_ATTENTION_FUNCTIONS[base_name] if base_name in ALL_ATTENTION_FUNCTIONS else _eager_of(module)
         bias = getattr(module, "_mmaccel_bias", None)  # e.g. ToMe's proportional attention, log(size)
+        queue = getattr(module, "_mmaccel_bias_queue", None)  # one bias per call (Qwen2-VL: per image)
+        if queue:
+            bias = queue.pop(0)
         if bias is not None and bias.shape[-1] == key.shape[-2]:
             bias = bias.to(query.dtype)
             if attention_mask is not None and attention_mask.dtype == torch.bool:

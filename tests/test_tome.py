@@ -60,7 +60,79 @@ def test_tower_runs_shorter_and_each_group_keeps_one_token(deep_tower_llava):
     assert "_mmaccel_bias" not in vars(adapter.attention_of(adapter.vision_layers[1]))
 
 
-def test_tome_refuses_qwen(tiny_models):
-    model, _ = tiny_models("qwen2_vl")
-    with pytest.raises(ValueError, match="CLIP/SigLIP"):
+def test_tome_refuses_qwen2_5_vl(tiny_models):
+    model, _ = tiny_models("qwen2_5_vl")
+    with pytest.raises(ValueError, match="Qwen2.5-VL"):
         accelerate_vlm(model, method="tome")
+
+
+def test_qwen_window_merge_by_hand():
+    """Windows 0 and 1 have the same keys, so window 0 (A set) merges into window 1 (B set):
+    slot-wise mean, size 2, rotary rows of the surviving windows, sources mapped."""
+    from mmaccel.methods.tome_qwen import merge_image
+
+    unit = 4
+    metric = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, -0.8], [-1.0, 0.0]])  # one row per window
+    x = (torch.arange(4)[:, None] * 10 + torch.arange(unit)).float().reshape(-1, 1)  # window w: 10w..10w+3
+    cos = torch.arange(16, dtype=torch.float32)[:, None]
+    st = {"size": torch.ones(4), "assign": torch.arange(4)}
+    out, c, s = merge_image(x, cos, -cos, metric, st, 1, unit)
+    assert out.flatten().tolist() == [5, 6, 7, 8, 20, 21, 22, 23, 30, 31, 32, 33]
+    assert c.flatten().tolist() == list(range(4, 16)) and torch.equal(s, -c)
+    assert st["size"].tolist() == [2, 1, 1] and st["assign"].tolist() == [0, 0, 1, 2]
+
+
+def test_tome_on_qwen2_vl_merges_windows_inside_the_tower(tiny_models):
+    model, proc = tiny_models("qwen2_vl")
+    inputs = make_inputs(proc, batch=2)
+    adapter = get_adapter(model)
+    seen = []
+    probe = adapter.attention_of(adapter.vision_layers[-1]).register_forward_pre_hook(  # inside the block
+        lambda m, a, k: seen.append((a[0].shape[0], k["cu_seqlens"].tolist(),
+                                     len(getattr(m, "_mmaccel_bias_queue", [])))), with_kwargs=True)
+    left = []  # proportional-attention biases still queued after the block's attention ran
+    after = adapter.attention_of(adapter.vision_layers[-1]).register_forward_hook(
+        lambda m, a, out: left.append(len(getattr(m, "_mmaccel_bias_queue", []))))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            with accelerate_vlm(model, method="tome", retention=0.5) as handle:
+                model(**inputs)
+                provenance = handle.provenance()
+                stats = handle.stats
+    finally:
+        probe.remove()
+        after.remove()
+    (n_full, cu_full, _), (n_merged, cu_merged, queued) = seen
+    assert queued == 2 and left == [0, 0]  # one bias per image, each consumed by its attention call
+    assert n_merged < n_full and len(cu_merged) == len(cu_full) and cu_merged[-1] == n_merged
+    assert all(b - a < d - c for a, b, c, d in zip(cu_merged, cu_merged[1:], cu_full, cu_full[1:]))
+    assert stats.visual_tokens_kept < stats.visual_tokens_in
+    image_id = model.config.image_token_id
+    for b, groups in enumerate(provenance):
+        sources = torch.cat(list(groups.values()))
+        assert sources.unique().numel() == sources.numel()
+        assert torch.all(inputs["input_ids"][b, sources] == image_id)
+    assert "_mmaccel_bias_queue" not in vars(adapter.attention_of(adapter.vision_layers[1]))
+
+
+def test_tome_on_qwen2_vl_batch_equals_singles_generates_and_restores(tiny_models):
+    from test_core_pruning import _select
+
+    model, proc = tiny_models("qwen2_vl")
+    batch = make_inputs(proc, batch=2)
+    with torch.no_grad():
+        before = model(**batch).logits[:, -1]
+    with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
+        both = model(**batch).logits[:, -1]
+        kept_batch = handle.stats.visual_tokens_kept
+        singles, kept_single = [], 0
+        for i in range(2):
+            singles.append(model(**_select(batch, i, "qwen2_vl")).logits[:, -1])
+            kept_single += handle.stats.visual_tokens_kept
+        out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert kept_batch == kept_single < handle.stats.visual_tokens_in
+    torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 4)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits[:, -1], before)

@@ -12,8 +12,9 @@ shapes, and the pre-LLM step keeps one token per merged group, at its first sour
 
 Deliberate differences: merging happens at a block's input with that block's keys (the
 official code merges between a block's attention and MLP); tokens stay in spatial order; it
-runs on CLIP/SigLIP-style towers for images (LLaVA, LLaVA-NeXT, LLaVA-OneVision images), not
-on pooled video frames or Qwen2-VL's packed tower.
+runs on images in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision) and in
+Qwen2-VL's packed tower, where whole 2x2 merge windows are the units (:mod:`.tome_qwen`); not
+on video frames, and not on Qwen2.5-VL's windowed tower.
 """
 from __future__ import annotations
 
@@ -70,25 +71,40 @@ class ToMe(PreLLMReducer):
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def check_model(self, adapter) -> None:
-        if not hasattr(adapter.attention_of(adapter.vision_layers[0]), "k_proj") or adapter.uses_mrope:
-            raise ValueError("tome runs inside CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision)")
+        if adapter.uses_mrope:
+            from .tome_qwen import check_qwen_tower
+
+            return check_qwen_tower(adapter)
+        if not hasattr(adapter.attention_of(adapter.vision_layers[0]), "k_proj"):
+            raise ValueError("tome runs inside CLIP/SigLIP-style or Qwen2-VL towers")
 
     def install_tower(self, runtime) -> list:
-        from ..scoring import register_wrapper
-
         adapter = runtime.adapter
+        if adapter.uses_mrope:
+            from .tome_qwen import QwenToMe
+
+            return QwenToMe(runtime, self.keep_fraction).install() + self._wrap_attention(adapter)
         layers = adapter.vision_layers
         last = feature_layer(adapter)
         handles = [layers[i].register_forward_pre_hook(self._merge_hook(runtime, i, last), with_kwargs=True)
                    for i in range(1, last)]
         handles.append(layers[last].register_forward_pre_hook(self._expand_hook(runtime, adapter), with_kwargs=True))
+        self._cls = adapter.vision_has_cls
+        return handles + self._wrap_attention(adapter)
+
+    @staticmethod
+    def _wrap_attention(adapter) -> list:
+        """Route the tower's attention through mmaccel's wrapper (it adds the proportional-attention
+        bias); the handles restore the implementation and drop any bias left behind."""
+        from ..scoring import register_wrapper
+
+        layers = adapter.vision_layers
         cfg = adapter.attention_of(layers[0]).config
         saved = cfg._attn_implementation_internal
         cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
-        handles.append(_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)))
-        handles.append(_Restore(lambda: [vars(adapter.attention_of(l)).pop("_mmaccel_bias", None) for l in layers]))
-        self._cls = adapter.vision_has_cls
-        return handles
+        drop = lambda: [vars(adapter.attention_of(l)).pop(k, None) for l in layers  # noqa: E731
+                        for k in ("_mmaccel_bias", "_mmaccel_bias_queue")]
+        return [_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)), _Restore(drop)]
 
     def _merge_hook(self, runtime, index: int, last: int):
         def hook(module, args, kwargs):
