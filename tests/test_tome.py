@@ -136,3 +136,33 @@ def test_tome_on_qwen2_vl_batch_equals_singles_generates_and_restores(tiny_model
     assert out.shape == (2, batch["input_ids"].shape[1] + 4)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits[:, -1], before)
+
+
+def test_tome_on_a_deeper_qwen2_vl_tower_shrinks_block_by_block():
+    """Four blocks: windows merge before blocks 1, 2 and 3, each image reaching its target
+    (retention x its windows) at the last one; the merger gets every patch back."""
+    from mmaccel.testing.tiny import tiny_qwen2_vl
+    from test_core_pruning import _select
+
+    model, proc = tiny_qwen2_vl(vision_depth=4)
+    batch = make_inputs(proc, batch=2)
+    visual = model.model.visual
+    seen, merger_in = [], []
+    probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["cu_seqlens"].diff().tolist()),
+                                               with_kwargs=True) for b in visual.blocks]
+    probes.append(visual.merger.register_forward_hook(lambda m, a, out: merger_in.append(out.shape[0])))
+    try:
+        with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
+            both = model(**batch).logits[:, -1]
+            singles = torch.cat([model(**_select(batch, i, "qwen2_vl")).logits[:, -1] for i in range(2)])
+    finally:
+        for p in probes:
+            p.remove()
+    full = (batch["image_grid_thw"].prod(-1)).tolist()
+    per_block = seen[:4]
+    assert per_block[0] == full
+    for before, after in zip(per_block, per_block[1:]):
+        assert all(b < a for a, b in zip(before, after))
+    assert per_block[-1] == [4 * max(1, round(0.25 * n / 4)) for n in full]
+    assert merger_in[0] == sum(full) // 4  # one token per 2x2 window of the full image
+    torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)

@@ -81,39 +81,42 @@ class QwenToMe:
             if not self._active():
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            cu = kwargs["cu_seqlens"]
+            cu = kwargs["cu_seqlens"]  # the tower passes every block the original lengths and rotary rows
             if index == 1:
-                self._start(cu, x.device)
-            cos, sin = kwargs["position_embeddings"]
-            metric = window_keys(block, x, self.unit)
-            parts, start, unit_start = [], 0, 0
-            for st, length in zip(self.images, (cu[1:] - cu[:-1]).tolist()):
-                n_units = length // self.unit
+                self._start(cu, kwargs["position_embeddings"])
+            parts, start = [], 0
+            for st in self.images:
+                n_units = st["size"].shape[0]
+                length = n_units * self.unit
                 r = min(math.ceil((n_units - st["target"]) / (depth - index)), n_units // 2)
-                seg = slice(start, start + length)
-                piece = (x[seg], cos[seg], sin[seg])
+                piece = (x[start:start + length], st["cos"], st["sin"])
                 if r > 0:
-                    piece = merge_image(*piece, metric[unit_start:unit_start + n_units], st, r, self.unit)
-                parts.append(piece)
-                start, unit_start = start + length, unit_start + n_units
-            x, cos, sin = (torch.cat(p) for p in zip(*parts))
-            lengths = torch.tensor([p[0].shape[0] for p in parts], device=cu.device)
-            new_cu = torch.cat([cu[:1], cu[0] + lengths.cumsum(0)]).to(cu.dtype)
+                    piece = merge_image(*piece, window_keys(block, piece[0], self.unit), st, r, self.unit)
+                    st["cos"], st["sin"] = piece[1], piece[2]
+                parts.append(piece[0])
+                start += length
+            lengths = torch.tensor([p.shape[0] for p in parts], device=cu.device)
             block.attn._mmaccel_bias_queue = [st["size"].repeat_interleave(self.unit).log()[None, None, None]
                                               for st in self.images]
-            kwargs = {**kwargs, "cu_seqlens": new_cu, "position_embeddings": (cos, sin),
-                      "max_seqlen": int(lengths.max())}
+            kwargs = {**kwargs, "cu_seqlens": torch.cat([cu[:1], cu[0] + lengths.cumsum(0)]).to(cu.dtype),
+                      "max_seqlen": int(lengths.max()),
+                      "position_embeddings": (torch.cat([st["cos"] for st in self.images]),
+                                              torch.cat([st["sin"] for st in self.images]))}
+            x = torch.cat(parts)
             return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
         return hook
 
-    def _start(self, cu: torch.Tensor, device) -> None:
+    def _start(self, cu: torch.Tensor, rotary) -> None:
+        """Per-image state: window sizes, slot of every original window, target, rotary rows."""
+        cos, sin = rotary
         self.images = []
-        for length in (cu[1:] - cu[:-1]).tolist():
-            n_units = length // self.unit
-            self.images.append({"size": torch.ones(n_units, device=device),
-                                "assign": torch.arange(n_units, device=device),
-                                "target": max(1, round(self.keep_fraction() * n_units))})
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            n_units = (b - a) // self.unit
+            self.images.append({"size": torch.ones(n_units, device=cos.device),
+                                "assign": torch.arange(n_units, device=cos.device),
+                                "target": max(1, round(self.keep_fraction() * n_units)),
+                                "cos": cos[a:b], "sin": sin[a:b]})
 
     def _expand_hook(self, merger, args):
         for block in self.visual.blocks:

@@ -132,12 +132,12 @@ def tiny_llava_onevision(seed: int = 0, text_layers: int = 4):
     return _finish(model, seed), proc
 
 
-def _qwen_vision_kwargs(hidden=32):
-    return dict(depth=2, embed_dim=hidden, hidden_size=64, num_heads=2, patch_size=14,
+def _qwen_vision_kwargs(hidden=32, depth=2):
+    return dict(depth=depth, embed_dim=hidden, hidden_size=64, num_heads=2, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
 
 
-def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2"):
+def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2", vision_depth: int = 2):
     """Qwen2-VL (or Qwen2.5-VL with ``version="2.5"``) shaped: native-resolution ViT, 2x2 merge, M-RoPE."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -148,7 +148,7 @@ def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2"):
                    spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
     else:
         from transformers import Qwen2VLConfig as Cfg, Qwen2VLForConditionalGeneration as Model, Qwen2VLProcessor as Proc
-        vis = _qwen_vision_kwargs()
+        vis = _qwen_vision_kwargs(depth=vision_depth)
     tok = make_tokenizer()
     text = _text_config("qwen2", len(tok), layers=text_layers,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
