@@ -96,3 +96,67 @@ def test_window_merge_shortens_the_tower_and_keeps_one_token_per_window():
         prov = handle.provenance()[0]
     assert kept == 4  # threshold -1: every 3x3 window merges, 36 patches -> 4 tokens
     assert sorted(len(g) for g in prov.values()) == [9, 9, 9, 9]
+
+
+def test_window_groups_on_a_rectangular_grid():
+    from mmaccel.vision.window_merge import window_groups
+
+    rows, cols = 3, 7  # two whole 3x3 windows and a last column left alone
+    x = torch.randn(rows * cols, 8, generator=torch.Generator().manual_seed(0))
+    grid = x.view(rows, cols, 8)
+    grid[:, 3:6] = torch.tensor([1.0] + [0.0] * 7)  # the second window is uniform
+    groups = window_groups(x, rows, 0.8, 3, cols).view(rows, cols)
+    assert torch.all(groups[:, 3:6] == 3)  # merged into its first cell (row 0, col 3)
+    assert torch.equal(groups[:, :3].flatten(), (torch.arange(3)[:, None] * cols + torch.arange(3)).flatten())
+    assert torch.equal(groups[:, 6], torch.arange(3) * cols + 6)
+
+
+def _blank_inputs(proc, batch):
+    from PIL import Image
+
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True) for q in ("what is it ?", "is it red ?")[:batch]]
+    images = []
+    for i in range(batch):
+        im = Image.new("RGB", (112 + 28 * i, 112), (240, 240, 240))
+        im.paste((200, 30, 30), (10, 10, 40, 40))
+        images.append(im)
+    return proc(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+def test_window_merge_on_qwen2_vl_merges_flat_regions_and_restores_the_last_block():
+    from mmaccel.testing.tiny import tiny_qwen2_vl
+    from test_core_pruning import _select
+
+    model, proc = tiny_qwen2_vl(vision_depth=4)
+    batch = _blank_inputs(proc, 2)
+    blocks = model.model.visual.blocks
+    seen = []
+    probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["cu_seqlens"].diff().tolist()),
+                                               with_kwargs=True) for b in blocks]
+    try:
+        with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5) as handle, \
+                torch.no_grad():
+            both = model(**batch).logits[:, -1]
+            merges = handle._runtime.request.sources  # per sample: {kept position: its window}
+            first_layer, tokens_in = handle.stats.visual_tokens_per_layer[0], handle.stats.visual_tokens_in
+            singles = torch.cat([model(**_select(batch, i, "qwen2_vl")).logits[:, -1] for i in range(2)])
+    finally:
+        for p in probes:
+            p.remove()
+    full = batch["image_grid_thw"].prod(-1).tolist()
+    assert seen[0] == full and seen[3] == full  # block 0 and the last block see every patch
+    assert seen[1] == seen[2] and all(m < f for m, f in zip(seen[1], full))  # merged in between
+    merged_groups = [g for groups in merges for g in groups.values() if g.numel() > 1]
+    assert merged_groups and all(g.numel() == 9 for g in merged_groups)  # whole 3x3 blocks of tokens
+    assert first_layer == tokens_in - 8 * len(merged_groups)  # one token per block left
+    torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
+
+
+def test_window_merge_is_skipped_with_a_warning_on_qwen2_5_vl(tiny_models):
+    import pytest
+
+    model, proc = tiny_models("qwen2_5_vl")
+    with pytest.warns(UserWarning, match="Qwen2.5-VL"):
+        with accelerate_vlm(model, method="mustdrop", retention=0.5), torch.no_grad():
+            model(**make_inputs(proc))

@@ -69,14 +69,16 @@ def test_tome_refuses_qwen2_5_vl(tiny_models):
 def test_qwen_window_merge_by_hand():
     """Windows 0 and 1 have the same keys, so window 0 (A set) merges into window 1 (B set):
     slot-wise mean, size 2, rotary rows of the surviving windows, sources mapped."""
-    from mmaccel.methods.tome_qwen import merge_image
+    from mmaccel.methods.tome_qwen import merge_windows, tome_into
 
     unit = 4
     metric = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, -0.8], [-1.0, 0.0]])  # one row per window
     x = (torch.arange(4)[:, None] * 10 + torch.arange(unit)).float().reshape(-1, 1)  # window w: 10w..10w+3
     cos = torch.arange(16, dtype=torch.float32)[:, None]
     st = {"size": torch.ones(4), "assign": torch.arange(4)}
-    out, c, s = merge_image(x, cos, -cos, metric, st, 1, unit)
+    into = tome_into(metric, 1)
+    assert into.tolist() == [1, 1, 2, 3]
+    out, c, s = merge_windows(x, cos, -cos, st, into, unit)
     assert out.flatten().tolist() == [5, 6, 7, 8, 20, 21, 22, 23, 30, 31, 32, 33]
     assert c.flatten().tolist() == list(range(4, 16)) and torch.equal(s, -c)
     assert st["size"].tolist() == [2, 1, 1] and st["assign"].tolist() == [0, 0, 1, 2]

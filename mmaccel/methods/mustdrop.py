@@ -18,7 +18,10 @@ the policy is ``compact`` (the official code renumbers), batches get per-sample 
 choices scale with depth instead of the hard-coded 32; the window merge (see
 :mod:`mmaccel.vision.window_merge`) is per image rather than ``min`` over the batch and keeps
 spatial order; merged windows are copied back to their cells before the feature layer's block
-and the pre-LLM step keeps one token per window.
+and the pre-LLM step keeps one token per window. On Qwen2-VL the cells are the tower's 2x2
+merge windows (one language-model token each), so a merged 3x3 block is nine LLM tokens
+(:mod:`.tome_qwen`); Qwen2.5-VL's windowed tower cannot take it, so there it is skipped with a
+warning.
 """
 from __future__ import annotations
 
@@ -81,11 +84,13 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         return out
 
     def install_tower(self, runtime) -> list:
-        if not self.window_merge or runtime.adapter.uses_mrope or self.retention == 1.0:
+        if not self.window_merge or self.retention == 1.0:
             return []
         from .tome import _Restore
 
         adapter = runtime.adapter
+        if adapter.uses_mrope:
+            return self._install_qwen(runtime)
         layers, last = adapter.vision_layers, feature_layer(adapter)
         if last < 1:
             return []
@@ -100,6 +105,20 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         handles.append(_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)))
         handles.append(_Restore(lambda: [vars(adapter.attention_of(l)).pop("_mmaccel_bias", None) for l in layers]))
         return handles
+
+    def _install_qwen(self, runtime) -> list:
+        """Qwen2-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`). Qwen2.5-VL's
+        windowed tower cannot take merged windows, so there the merge is skipped with a warning."""
+        import warnings
+
+        from .tome_qwen import check_qwen_tower, mustdrop_installer
+
+        try:
+            check_qwen_tower(runtime.adapter, "mustdrop's window merge")
+        except ValueError as err:
+            warnings.warn(f"{err}; running mustdrop without it (window_merge=False silences this)", stacklevel=3)
+            return []
+        return mustdrop_installer(runtime, self.merge_threshold).install()
 
     def _merge_hook(self, runtime, state):
         from ..vision.window_merge import merge_rows

@@ -81,9 +81,9 @@ class ToMe(PreLLMReducer):
     def install_tower(self, runtime) -> list:
         adapter = runtime.adapter
         if adapter.uses_mrope:
-            from .tome_qwen import QwenToMe
+            from .tome_qwen import tome_installer
 
-            return QwenToMe(runtime, self.keep_fraction).install() + self._wrap_attention(adapter)
+            return tome_installer(runtime, self.keep_fraction).install() + self._wrap_attention(adapter)
         layers = adapter.vision_layers
         last = feature_layer(adapter)
         handles = [layers[i].register_forward_pre_hook(self._merge_hook(runtime, i, last), with_kwargs=True)

@@ -1,17 +1,17 @@
-"""ToMe inside Qwen2-VL's vision tower (the integration; the algorithm is in :mod:`.tome`).
+"""Token merging inside Qwen2-VL's vision tower (ToMe, MustDrop's window merge).
 
 Qwen2-VL's tower runs on a flat sequence of patches (N, D) for all images of a call, split
 by ``cu_seqlens``, with 2-D rotary embeddings per patch, and its merger joins every four
 consecutive patches (a 2x2 window) into one language-model token. So here the unit of
-matching and merging is the 2x2 *window*, never a lone patch:
+matching and merging is the 2x2 *window*, never a lone patch, and each image merges its own:
 
-- before each block after the first, each image merges ``r`` windows into others by
-  bipartite soft matching on the window's keys (heads and the four patches averaged),
-  slot by slot and weighted by window size; a merged window keeps the rotary embeddings
-  of the window it merged into; ``cu_seqlens`` shrink to match;
-- attention adds log(size) of each key's window (proportional attention), per image;
-- before the merger, every merged window is copied back to all its sources, so the
-  merger and the model's placement see the usual shapes, and the pre-LLM step keeps one
+- a merge maps every window to a kept window; the kept window becomes the slot-wise,
+  size-weighted mean of its group and keeps its own rotary rows; ``cu_seqlens`` shrink;
+- the tower hands every block the original lengths and rotary rows, so each later block's
+  hook substitutes the current ones (and, for ToMe, log(size) per image as proportional
+  attention, through a bias queue the attention wrapper consumes one image at a time);
+- at the expansion point every merged window is copied back to all its sources, so the rest
+  of the tower and the model's placement see the usual shapes, and the pre-LLM step keeps one
   language-model token per merged group.
 
 Images only (videos pass through); Qwen2.5-VL is refused, because its windowed attention
@@ -23,15 +23,14 @@ import math
 
 import torch
 
-from .tome import _representatives, tome_match, tome_merge
+from .tome import _representatives, tome_match
 
 
-def check_qwen_tower(adapter) -> None:
+def check_qwen_tower(adapter, method: str = "tome") -> None:
     """Raise unless the tower is Qwen2-VL's (full attention in every block)."""
-    visual = adapter.vision_tower
-    if hasattr(visual, "fullatt_block_indexes"):
-        raise ValueError("tome inside the tower supports Qwen2-VL but not Qwen2.5-VL: its windowed attention "
-                         "blocks cannot take merged windows")
+    if hasattr(adapter.vision_tower, "fullatt_block_indexes"):
+        raise ValueError(f"{method} inside the tower supports Qwen2-VL but not Qwen2.5-VL: its windowed "
+                         "attention blocks cannot take merged windows")
 
 
 def window_keys(block, x: torch.Tensor, unit: int) -> torch.Tensor:
@@ -41,42 +40,68 @@ def window_keys(block, x: torch.Tensor, unit: int) -> torch.Tensor:
     return k.mean(1).reshape(-1, unit, k.shape[-1]).mean(1)
 
 
-def merge_image(x, cos, sin, metric, st: dict, r: int, unit: int):
-    """Merge ``r`` windows of one image. x (L, D), cos/sin (L, d), metric (U, c), st holds this
-    image's ``size`` (U,) and ``assign`` (U0,). Returns the shorter (x, cos, sin)."""
-    src, dst = tome_match(metric[None], r, protect_first=False)
+def merge_windows(x, cos, sin, st: dict, into: torch.Tensor, unit: int):
+    """Merge the windows of one image. x (L, D), cos/sin (L, d); ``into`` (U,) the kept window
+    each window joins (itself when kept); st holds ``size`` (U,) and ``assign`` (U0,) and is
+    updated. Returns the shorter (x, cos, sin), kept windows in their order."""
     n_units, d = x.shape[0] // unit, x.shape[1]
-    keep = torch.ones(n_units, dtype=torch.bool, device=x.device)
-    keep[src[0]] = False
-    kept = keep.nonzero().flatten()
-    windows, size, assign = tome_merge(x.reshape(1, n_units, unit * d), st["size"][None], st["assign"][None], src, dst)
-    st["size"], st["assign"] = size[0], assign[0]
-    rows = (kept[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
-    return windows.reshape(-1, d), cos[rows], sin[rows]
+    keep = into == torch.arange(n_units, device=x.device)
+    slot = (keep.long().cumsum(0) - 1)[into]
+    w = st["size"][:, None]
+    windows = x.reshape(n_units, unit * d) * w
+    size = torch.zeros(int(keep.sum()), device=x.device).index_add_(0, slot, st["size"])
+    merged = torch.zeros(size.shape[0], unit * d, dtype=x.dtype, device=x.device).index_add_(0, slot, windows)
+    st["size"], st["assign"] = size, slot[st["assign"]]
+    rows = (keep.nonzero().flatten()[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
+    return (merged / size[:, None]).reshape(-1, d), cos[rows], sin[rows]
 
 
-class QwenToMe:
-    """Hooks for one ToMe installation on a Qwen2-VL tower; all state lives here."""
+def tome_into(metric: torch.Tensor, r: int) -> torch.Tensor:
+    """(U,) kept window of every window after merging the ``r`` best bipartite pairs."""
+    src, dst = tome_match(metric[None], r, protect_first=False)
+    into = torch.arange(metric.shape[0], device=metric.device)
+    into[src[0]] = dst[0]
+    return into
 
-    def __init__(self, runtime, keep_fraction):
-        self.runtime, self.keep_fraction = runtime, keep_fraction
+
+class QwenWindowMerger:
+    """Hooks and per-call state for one installation on a Qwen2-VL tower.
+
+    ``plan(index, block, x, st) -> into or None`` decides the merge of one image before block
+    ``index`` (x: that image's current patches). Windows are copied back before block
+    ``expand_before`` (None: before the merger). ``proportional`` adds log(size) to attention.
+    """
+
+    def __init__(self, runtime, plan, expand_before: int | None = None, proportional: bool = False):
+        self.runtime, self.plan, self.proportional = runtime, plan, proportional
         self.visual = runtime.adapter.vision_tower
         self.unit = self.visual.spatial_merge_size ** 2
+        self.expand_before = expand_before if expand_before is not None else len(self.visual.blocks)
         self.images: list[dict] = []
 
     def install(self) -> list:
         blocks = self.visual.blocks
-        handles = [blocks[i].register_forward_pre_hook(self._merge_hook(i), with_kwargs=True)
-                   for i in range(1, len(blocks))]
-        handles.append(self.visual.merger.register_forward_pre_hook(self._expand_hook))
+        handles = [blocks[i].register_forward_pre_hook(self._block_hook(i), with_kwargs=True)
+                   for i in range(1, self.expand_before)]
+        handles.append(self.visual.register_forward_pre_hook(self._grid_hook, with_kwargs=True))
+        if self.expand_before < len(blocks):
+            handles.append(blocks[self.expand_before].register_forward_pre_hook(self._expand_hook, with_kwargs=True))
+        else:
+            handles.append(self.visual.merger.register_forward_pre_hook(self._expand_merger_input))
         return handles
 
+    def _expand_merger_input(self, merger, args):
+        out = self._expand_hook(merger, args, {})
+        return out[0] if out else None
+
     def _active(self) -> bool:
-        return self.runtime.current_kind == "image" and self.keep_fraction() < 1.0
+        return self.runtime.current_kind == "image"
 
-    def _merge_hook(self, index: int):
-        depth = len(self.visual.blocks)
+    def _grid_hook(self, visual, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.grids = grid.tolist() if grid is not None else None
 
+    def _block_hook(self, index: int):
         def hook(block, args, kwargs):
             if not self._active():
                 return None
@@ -86,44 +111,49 @@ class QwenToMe:
                 self._start(cu, kwargs["position_embeddings"])
             parts, start = [], 0
             for st in self.images:
-                n_units = st["size"].shape[0]
-                length = n_units * self.unit
-                r = min(math.ceil((n_units - st["target"]) / (depth - index)), n_units // 2)
-                piece = (x[start:start + length], st["cos"], st["sin"])
-                if r > 0:
-                    piece = merge_image(*piece, window_keys(block, piece[0], self.unit), st, r, self.unit)
-                    st["cos"], st["sin"] = piece[1], piece[2]
-                parts.append(piece[0])
+                length = st["size"].shape[0] * self.unit
+                piece = x[start:start + length]
+                into = self.plan(index, block, piece, st)
+                if into is not None:
+                    piece, st["cos"], st["sin"] = merge_windows(piece, st["cos"], st["sin"], st, into, self.unit)
+                parts.append(piece)
                 start += length
-            lengths = torch.tensor([p.shape[0] for p in parts], device=cu.device)
-            block.attn._mmaccel_bias_queue = [st["size"].repeat_interleave(self.unit).log()[None, None, None]
-                                              for st in self.images]
-            kwargs = {**kwargs, "cu_seqlens": torch.cat([cu[:1], cu[0] + lengths.cumsum(0)]).to(cu.dtype),
-                      "max_seqlen": int(lengths.max()),
-                      "position_embeddings": (torch.cat([st["cos"] for st in self.images]),
-                                              torch.cat([st["sin"] for st in self.images]))}
-            x = torch.cat(parts)
-            return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+            return self._substitute(block, args, kwargs, cu, parts)
 
         return hook
 
+    def _substitute(self, block, args, kwargs, cu, parts):
+        """The block's inputs for the merged sequence: hidden states, lengths, rotary rows, bias."""
+        lengths = torch.tensor([p.shape[0] for p in parts], device=cu.device)
+        if self.proportional:
+            block.attn._mmaccel_bias_queue = [st["size"].repeat_interleave(self.unit).log()[None, None, None]
+                                              for st in self.images]
+        kwargs = {**kwargs, "cu_seqlens": torch.cat([cu[:1], cu[0] + lengths.cumsum(0)]).to(cu.dtype),
+                  "max_seqlen": int(lengths.max()),
+                  "position_embeddings": (torch.cat([st["cos"] for st in self.images]),
+                                          torch.cat([st["sin"] for st in self.images]))}
+        x = torch.cat(parts)
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
     def _start(self, cu: torch.Tensor, rotary) -> None:
-        """Per-image state: window sizes, slot of every original window, target, rotary rows."""
+        """Per-image state: window sizes, slot of every original window, grid, rotary rows."""
         cos, sin = rotary
         self.images = []
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
             n_units = (b - a) // self.unit
+            grid = self.grids[i] if getattr(self, "grids", None) else None
+            merge = self.visual.spatial_merge_size
             self.images.append({"size": torch.ones(n_units, device=cos.device),
                                 "assign": torch.arange(n_units, device=cos.device),
-                                "target": max(1, round(self.keep_fraction() * n_units)),
+                                "grid": (grid[1] // merge, grid[2] // merge) if grid else None,
                                 "cos": cos[a:b], "sin": sin[a:b]})
 
-    def _expand_hook(self, merger, args):
+    def _expand_hook(self, module, args, kwargs):
         for block in self.visual.blocks:
             vars(block.attn).pop("_mmaccel_bias_queue", None)
         if not self._active() or not self.images:
             return None
-        x = args[0]
+        x = args[0] if args else kwargs["hidden_states"]
         full, reps, owns, start, offset = [], [], [], 0, 0
         for st in self.images:
             n_units = st["size"].shape[0]
@@ -136,4 +166,40 @@ class QwenToMe:
         patch_map = lambda ids: torch.cat(ids).repeat_interleave(self.unit).float()[None, None]  # noqa: E731
         self.runtime.vision_maps["merge_rep"] = [patch_map(reps)]
         self.runtime.vision_maps["merge_own"] = [patch_map(owns)]
-        return (torch.cat(full),) + tuple(args[1:])
+        x = torch.cat(full)
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+
+def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
+    """ToMe: before every block after the first, ``r`` windows per image merge by bipartite soft
+    matching on window keys, ``r`` spread so each image reaches ``keep_fraction`` of its windows
+    at the last block; proportional attention; copied back before the merger."""
+    depth = len(runtime.adapter.vision_tower.blocks)
+
+    def plan(index, block, x, st):
+        if keep_fraction() >= 1.0:
+            return None
+        unit = runtime.adapter.vision_tower.spatial_merge_size ** 2
+        n_units = x.shape[0] // unit
+        target = max(1, round(keep_fraction() * st["assign"].shape[0]))
+        r = min(math.ceil((n_units - target) / (depth - index)), n_units // 2)
+        return tome_into(window_keys(block, x, unit), r) if r > 0 else None
+
+    return QwenWindowMerger(runtime, plan, proportional=True)
+
+
+def mustdrop_installer(runtime, threshold: float, window: int = 3) -> QwenWindowMerger:
+    """MustDrop's local merge after block 0: each 3x3 block of 2x2 windows whose mean pairwise
+    cosine similarity (window features: the mean of their patches) reaches ``threshold``
+    collapses into its first window; copied back before the last block (the key-set layer)."""
+    from ..vision.window_merge import window_groups
+
+    def plan(index, block, x, st):
+        if index != 1 or st["grid"] is None:
+            return None
+        unit = runtime.adapter.vision_tower.spatial_merge_size ** 2
+        rows, cols = st["grid"]
+        feats = x.reshape(-1, unit, x.shape[-1]).mean(1)
+        return window_groups(feats, rows, threshold, window, cols)
+
+    return QwenWindowMerger(runtime, plan, expand_before=len(runtime.adapter.vision_tower.blocks) - 1)

@@ -13,25 +13,28 @@ import torch
 import torch.nn.functional as F
 
 
-def window_similarity(x: torch.Tensor, side: int, window: int = 3) -> torch.Tensor:
-    """x: (N, D) patch tokens of a side x side grid -> (side//w, side//w) mean pairwise cosine
-    similarity inside each window, the diagonal excluded."""
-    n_win = side // window
-    g = F.normalize(x.float(), dim=-1).view(side, side, -1)[: n_win * window, : n_win * window]
-    tiles = g.view(n_win, window, n_win, window, -1).permute(0, 2, 1, 3, 4).reshape(n_win, n_win, window * window, -1)
+def window_similarity(x: torch.Tensor, side: int, window: int = 3, cols: int | None = None) -> torch.Tensor:
+    """x: (N, D) patch tokens of a side x side grid (side x cols when ``cols`` is given) ->
+    (side//w, cols//w) mean pairwise cosine similarity inside each window, the diagonal excluded.
+    Cells beyond the last whole window are left alone."""
+    cols = cols or side
+    n_r, n_c = side // window, cols // window
+    g = F.normalize(x.float(), dim=-1).view(side, cols, -1)[: n_r * window, : n_c * window]
+    tiles = g.reshape(n_r, window, n_c, window, -1).permute(0, 2, 1, 3, 4).reshape(n_r, n_c, window * window, -1)
     sim = tiles @ tiles.transpose(-1, -2)
     k = window * window
     return (sim.sum((-1, -2)) - sim.diagonal(dim1=-2, dim2=-1).sum(-1)) / (k * (k - 1))
 
 
-def window_groups(x: torch.Tensor, side: int, threshold: float, window: int = 3) -> torch.Tensor:
+def window_groups(x: torch.Tensor, side: int, threshold: float, window: int = 3, cols: int | None = None) -> torch.Tensor:
     """(N,) group id per patch (its window's first cell when merged, else itself)."""
-    groups = torch.arange(side * side)
-    sim = window_similarity(x, side, window)
+    cols = cols or side
+    groups = torch.arange(side * cols, device=x.device)
+    sim = window_similarity(x, side, window, cols)
     for wi, wj in (sim >= threshold).nonzero().tolist():
-        rows = torch.arange(wi * window, wi * window + window)
-        cols = torch.arange(wj * window, wj * window + window)
-        cells = (rows[:, None] * side + cols[None]).flatten()
+        rows = torch.arange(wi * window, wi * window + window, device=x.device)
+        cells = (rows[:, None] * cols + torch.arange(wj * window, wj * window + window, device=x.device)[None])
+        cells = cells.flatten()
         groups[cells] = cells[0]
     return groups
 
