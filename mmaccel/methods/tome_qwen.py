@@ -72,8 +72,9 @@ class QwenWindowMerger:
     ``expand_before`` (None: before the merger). ``proportional`` adds log(size) to attention.
     """
 
-    def __init__(self, runtime, plan, expand_before: int | None = None, proportional: bool = False):
-        self.runtime, self.plan, self.proportional = runtime, plan, proportional
+    def __init__(self, runtime, plan, expand_before: int | None = None, proportional: bool = False,
+                 enabled=lambda: True):
+        self.runtime, self.plan, self.proportional, self.enabled = runtime, plan, proportional, enabled
         self.visual = runtime.adapter.vision_tower
         self.unit = self.visual.spatial_merge_size ** 2
         self.expand_before = expand_before if expand_before is not None else len(self.visual.blocks)
@@ -95,7 +96,7 @@ class QwenWindowMerger:
         return out[0] if out else None
 
     def _active(self) -> bool:
-        return self.runtime.current_kind == "image"
+        return self.runtime.current_kind == "image" and self.enabled()
 
     def _grid_hook(self, visual, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -177,15 +178,13 @@ def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
     depth = len(runtime.adapter.vision_tower.blocks)
 
     def plan(index, block, x, st):
-        if keep_fraction() >= 1.0:
-            return None
         unit = runtime.adapter.vision_tower.spatial_merge_size ** 2
         n_units = x.shape[0] // unit
         target = max(1, round(keep_fraction() * st["assign"].shape[0]))
         r = min(math.ceil((n_units - target) / (depth - index)), n_units // 2)
         return tome_into(window_keys(block, x, unit), r) if r > 0 else None
 
-    return QwenWindowMerger(runtime, plan, proportional=True)
+    return QwenWindowMerger(runtime, plan, proportional=True, enabled=lambda: keep_fraction() < 1.0)
 
 
 def mustdrop_installer(runtime, threshold: float, window: int = 3) -> QwenWindowMerger:
