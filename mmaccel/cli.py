@@ -257,6 +257,7 @@ def bench_speed(
     threads: int = typer.Option(2, "--threads"),
     small: bool = typer.Option(False, "--small", help="tiny decoder: checks the plumbing, not speed"),
     stc: bool = typer.Option(False, "--stc", help="also time STC-Cacher on a mostly static video"),
+    qwen_tome: bool = typer.Option(False, "--qwen-tome", help="also time tome inside a Qwen2-VL tower"),
     vision_layers: int = typer.Option(2, "--vision-layers", help="CLIP tower depth (tome needs several)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for speed.json and speed.md"),
 ):
@@ -293,11 +294,27 @@ def bench_speed(
                             f"{100 * c['vit_time_cut']:.1f}% | {100 * c['vit_flop_cut']:.1f}% | "
                             f"{100 * c['rows_recomputed']:.1f}% |"
                             for c in result["stc_cacher"]["cached"])
+    if qwen_tome:
+        table += _qwen_tome_section(result, threads, small, rets)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps(result, indent=2))
         (out / "speed.md").write_text("# Prefill speed\n\n" + table + "\n")
     typer.echo(table)
+
+
+def _qwen_tome_section(result: dict, threads: int, small: bool, retentions: list[float]) -> str:
+    """Time tome inside a Qwen2-VL tower; store it in ``result`` and return its Markdown."""
+    from .bench.speed import qwen_tome_vit_time
+
+    sizes = dict(side=112, depth=2, dim=64, repeats=1) if small else {}
+    q = result["qwen_tome"] = qwen_tome_vit_time(retentions, threads=threads, **sizes)
+    head = (f"\n\ntome inside a Qwen2-VL tower ({q['depth']} blocks x {q['dim']}, one image of {q['patches']} "
+            f"patches): full {1000 * q['full_s']:.1f} ms\n\n| retention | ViT ms | speedup | FLOP ratio | "
+            "speedup / FLOP ratio | patches per block |\n|---|---|---|---|---|---|\n")
+    return head + "\n".join(f"| {p['retention']} | {1000 * p['seconds']:.1f} | {p['speedup']:.2f} | "
+                             f"{p['flop_ratio']:.2f} | {p['speedup'] / p['flop_ratio']:.2f} | "
+                             f"{' '.join(map(str, p['patches_per_block']))} |" for p in q["points"])
 
 
 def main():

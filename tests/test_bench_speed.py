@@ -47,3 +47,14 @@ def test_speed_bench_times_the_tower_and_tome_shrinks_a_deeper_one(tmp_path):
     (p,) = data["points"]
     assert data["vision_layers"] == 4 and p["base_vit_ms"] > 0 and p["accel_vit_ms"] > 0
     assert p["visual_tokens_last_layer"] < p["visual_tokens_in"] and p["flop_ratio"] > 1.0
+
+
+def test_speed_bench_times_tome_inside_a_qwen2_vl_tower(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "random", "--retentions", "0.25",
+                                   "--repeats", "1", "--warmup", "0", "--qwen-tome", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    q = json.loads((tmp_path / "speed.json").read_text())["qwen_tome"]
+    (p,) = q["points"]
+    assert p["patches_per_block"][0] == q["patches"] > p["patches_per_block"][-1]
+    assert p["flop_ratio"] > 1.0 and p["seconds"] > 0
+    assert "tome inside a Qwen2-VL tower" in (tmp_path / "speed.md").read_text()

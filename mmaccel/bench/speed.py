@@ -251,3 +251,81 @@ def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25,
                               "vit_time_cut": 1 - t / full, "vit_flop_cut": flop_cut,
                               "rows_recomputed": state[-1].recomputed / state[-1].total})
     return out
+
+
+def build_qwen2_vl_tower_model(depth: int = 8, dim: int = 384, seed: int = 0):
+    """A Qwen2-VL model with a real-shaped vision tower (``depth`` blocks of ``dim``, MLP 4x)
+    and a 1-layer text model: enough for ``accelerate_vlm`` to install, cheap to run."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from ..testing.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    vision = dict(depth=depth, embed_dim=dim, hidden_size=64, num_heads=max(1, dim // 64), patch_size=14, mlp_ratio=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=text,
+                        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"))
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def qwen_tome_vit_time(retentions=(0.5, 0.25), threads: int = 2, repeats: int = 3, side: int = 448,
+                       depth: int = 8, dim: int = 384) -> dict:
+    """ViT time of ``tome`` inside a Qwen2-VL tower (one ``side`` px image: (side/14)^2 patches)
+    against the plain tower, beside the analytic FLOP ratio from the patches each block saw.
+    Median of ``repeats`` after one warm-up."""
+    import torch
+
+    from ..api import accelerate_vlm
+
+    torch.set_num_threads(threads)
+    model = build_qwen2_vl_tower_model(depth, dim)
+    grid = side // 14
+    pixels = torch.randn(grid * grid, 3 * 2 * 14 * 14)  # Qwen's flattened patches (temporal patch 2)
+    thw = torch.tensor([[1, grid, grid]])
+    seen: list[int] = []
+    probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(a[0].shape[0]), with_kwargs=True)
+              for b in model.model.visual.blocks]
+
+    def vit(retention):
+        with torch.inference_mode():
+            if retention is None:
+                return _median_time(lambda: model.model.get_image_features(pixels, thw), repeats)
+            with accelerate_vlm(model, method="tome", retention=retention):
+                return _median_time(lambda: model.model.get_image_features(pixels, thw), repeats)
+
+    try:
+        out = {"patches": grid * grid, "depth": depth, "dim": dim, "threads": threads, "full_s": vit(None),
+               "points": []}
+        for r in retentions:
+            seen.clear()
+            t = vit(r)
+            per_block = seen[-depth:]
+            flops = sum(_block_flops(n, dim) for n in per_block)
+            out["points"].append({"retention": r, "seconds": t, "speedup": out["full_s"] / t,
+                                  "flop_ratio": depth * _block_flops(grid * grid, dim) / flops,
+                                  "patches_per_block": per_block})
+    finally:
+        for p in probes:
+            p.remove()
+    return out
+
+
+def _block_flops(n: int, dim: int) -> float:
+    """Multiply-adds of one Qwen2-VL block on n patches: qkv + out 4 D^2, MLP 8 D^2, attention 2 n D."""
+    return n * (12 * dim * dim + 2 * n * dim)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

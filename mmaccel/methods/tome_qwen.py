@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .tome import _representatives, tome_match
 
@@ -35,9 +36,10 @@ def check_qwen_tower(adapter, method: str = "tome") -> None:
 
 def window_keys(block, x: torch.Tensor, unit: int) -> torch.Tensor:
     """(N, D) patches -> (N / unit, head_dim) keys averaged over heads and the window's patches."""
-    attn = block.attn
-    k = attn.qkv(block.norm1(x)).reshape(x.shape[0], 3, attn.num_heads, -1)[:, 1]
-    return k.mean(1).reshape(-1, unit, k.shape[-1]).mean(1)
+    attn, d = block.attn, x.shape[-1]
+    # only the key third of the fused qkv projection: the metric must not cost a full qkv
+    k = F.linear(block.norm1(x), attn.qkv.weight[d:2 * d], attn.qkv.bias[d:2 * d])
+    return k.view(x.shape[0], attn.num_heads, -1).mean(1).reshape(-1, unit, attn.head_dim).mean(1)
 
 
 def merge_windows(x, cos, sin, st: dict, into: torch.Tensor, unit: int):
