@@ -84,21 +84,16 @@ def assistant_id(processor) -> int:
     return processor.tokenizer.convert_tokens_to_ids("\u2581assistant")
 
 
-def answer_labels(input_ids, attention_mask, marker_id: int, turn_id: int | None = None):
+def answer_labels(input_ids, attention_mask, marker_id: int, turn_id: int):
     """Labels (B, L): tokens inside assistant turns, else -100.
 
     A token is labelled when an assistant ``marker_id`` comes after the last turn opener
-    ``turn_id`` before it (so each answer runs from its marker to the next turn). With
-    ``turn_id`` None, only the tokens after the last marker of each row are labelled.
+    ``turn_id`` before it, so each answer runs from its marker to the next turn.
     """
     import torch
 
     pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     last_marker = torch.where(input_ids == marker_id, pos, -1).cummax(dim=1).values
-    if turn_id is None:
-        keep = pos > last_marker.max(dim=1, keepdim=True).values
-    else:
-        last_turn = torch.where(input_ids == turn_id, pos, -1).cummax(dim=1).values
-        keep = (last_marker > last_turn) & (pos > last_marker)
-    keep &= attention_mask.bool()
+    last_turn = torch.where(input_ids == turn_id, pos, -1).cummax(dim=1).values
+    keep = (last_marker > last_turn) & (pos > last_marker) & attention_mask.bool()
     return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE))
