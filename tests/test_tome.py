@@ -168,3 +168,38 @@ def test_tome_on_a_deeper_qwen2_vl_tower_shrinks_block_by_block():
     assert per_block[-1] == [4 * max(1, round(0.25 * n / 4)) for n in full]
     assert merger_in[0] == sum(full) // 4  # one token per 2x2 window of the full image
     torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["tome", "mustdrop"])
+def test_qwen2_vl_tower_merging_on_video_slices(method):
+    """A video's temporal slices are separate attention chunks: each merges its own windows,
+    generation runs, and merged groups stay inside one sample's video tokens."""
+    from mmaccel.testing.tiny import tiny_qwen2_vl
+
+    from conftest import prompt, video
+
+    model, proc = tiny_qwen2_vl(vision_depth=4)
+    texts = [prompt(proc, q, ("video",)) for q in ("what moves ?", "is it red ?")]
+    clips = [video(s, frames=4, size=(112, 112)) for s in (0, 1)]  # 4x4 windows per slice
+    inputs = proc(text=texts, videos=clips, padding=True, return_tensors="pt")
+    seen = []
+    probe = model.model.visual.blocks[2].attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["cu_seqlens"].diff().tolist()), with_kwargs=True)
+    params = {"merge_threshold": -1.0} if method == "mustdrop" else {}  # merge every whole 3x3 block
+    try:
+        with accelerate_vlm(model, method=method, retention=0.5, **params) as handle, torch.no_grad():
+            model(**inputs)
+            merges = handle._runtime.request.sources
+            out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        probe.remove()
+    thw = inputs["video_grid_thw"].tolist()
+    slices = [h * w for t, h, w in thw for _ in range(t)]
+    assert len(seen[0]) == len(slices) and all(m < f for m, f in zip(seen[0], slices))
+    video_id = model.config.video_token_id
+    groups = [g for per_sample in merges for g in per_sample.values() if g.numel() > 1]
+    assert groups
+    for b, per_sample in enumerate(merges):
+        for g in per_sample.values():
+            assert torch.all(inputs["input_ids"][b, g] == video_id)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -12,9 +12,10 @@ shapes, and the pre-LLM step keeps one token per merged group, at its first sour
 
 Deliberate differences: merging happens at a block's input with that block's keys (the
 official code merges between a block's attention and MLP); tokens stay in spatial order; it
-runs on images in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision) and in
-Qwen2-VL's packed tower, where whole 2x2 merge windows are the units (:mod:`.tome_qwen`); not
-on video frames, and not on Qwen2.5-VL's windowed tower.
+runs on images in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision), and on
+images and video slices in Qwen2-VL's packed tower, where whole 2x2 merge windows are the
+units (:mod:`.tome_qwen`); not on LLaVA-OneVision's pooled video frames, and not on
+Qwen2.5-VL's windowed tower.
 """
 from __future__ import annotations
 

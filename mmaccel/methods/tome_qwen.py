@@ -14,8 +14,9 @@ matching and merging is the 2x2 *window*, never a lone patch, and each image mer
   of the tower and the model's placement see the usual shapes, and the pre-LLM step keeps one
   language-model token per merged group.
 
-Images only (videos pass through); Qwen2.5-VL is refused, because its windowed attention
-blocks would need windows of equal content after merging.
+Images and videos: the tower attends within each image and within each temporal slice of a
+video, so each of those chunks merges its own windows. Qwen2.5-VL is refused, because its
+windowed attention blocks would need windows of equal content after merging.
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def tome_into(metric: torch.Tensor, r: int) -> torch.Tensor:
 class QwenWindowMerger:
     """Hooks and per-call state for one installation on a Qwen2-VL tower.
 
-    ``plan(index, block, x, st) -> into or None`` decides the merge of one image before block
-    ``index`` (x: that image's current patches). Windows are copied back before block
+    ``plan(index, block, x, st) -> into or None`` decides the merge of one chunk (an image or
+    a video slice) before block ``index`` (x: that chunk's current patches). Windows are copied back before block
     ``expand_before`` (None: before the merger). ``proportional`` adds log(size) to attention.
     """
 
@@ -80,7 +81,7 @@ class QwenWindowMerger:
         self.visual = runtime.adapter.vision_tower
         self.unit = self.visual.spatial_merge_size ** 2
         self.expand_before = expand_before if expand_before is not None else len(self.visual.blocks)
-        self.images: list[dict] = []
+        self.chunks: list[dict] = []
 
     def install(self) -> list:
         blocks = self.visual.blocks
@@ -98,11 +99,13 @@ class QwenWindowMerger:
         return out[0] if out else None
 
     def _active(self) -> bool:
-        return self.runtime.current_kind == "image" and self.enabled()
+        return self.runtime.current_kind in ("image", "video") and self.enabled()
 
     def _grid_hook(self, visual, args, kwargs):
+        """Record the (h, w) patch grid of every attention chunk: one per image, one per
+        temporal slice of a video (the tower attends within each slice)."""
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self.grids = grid.tolist() if grid is not None else None
+        self.grids = [(h, w) for t, h, w in grid.tolist() for _ in range(t)] if grid is not None else None
 
     def _block_hook(self, index: int):
         def hook(block, args, kwargs):
@@ -113,7 +116,7 @@ class QwenWindowMerger:
             if index == 1:
                 self._start(cu, kwargs["position_embeddings"])
             parts, start = [], 0
-            for st in self.images:
+            for st in self.chunks:
                 length = st["size"].shape[0] * self.unit
                 piece = x[start:start + length]
                 into = self.plan(index, block, piece, st)
@@ -130,42 +133,43 @@ class QwenWindowMerger:
         lengths = torch.tensor([p.shape[0] for p in parts], device=cu.device)
         if self.proportional:
             block.attn._mmaccel_bias_queue = [st["size"].repeat_interleave(self.unit).log()[None, None, None]
-                                              for st in self.images]
+                                              for st in self.chunks]
         kwargs = {**kwargs, "cu_seqlens": torch.cat([cu[:1], cu[0] + lengths.cumsum(0)]).to(cu.dtype),
                   "max_seqlen": int(lengths.max()),
-                  "position_embeddings": (torch.cat([st["cos"] for st in self.images]),
-                                          torch.cat([st["sin"] for st in self.images]))}
+                  "position_embeddings": (torch.cat([st["cos"] for st in self.chunks]),
+                                          torch.cat([st["sin"] for st in self.chunks]))}
         x = torch.cat(parts)
         return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     def _start(self, cu: torch.Tensor, rotary) -> None:
-        """Per-image state: window sizes, slot of every original window, grid, rotary rows."""
+        """Per-chunk (image or video slice) state: window sizes, slot of every original window,
+        grid, rotary rows."""
         cos, sin = rotary
-        self.images = []
+        self.chunks = []
         for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
             n_units = (b - a) // self.unit
             grid = self.grids[i] if getattr(self, "grids", None) else None
             merge = self.visual.spatial_merge_size
-            self.images.append({"size": torch.ones(n_units, device=cos.device),
+            self.chunks.append({"size": torch.ones(n_units, device=cos.device),
                                 "assign": torch.arange(n_units, device=cos.device),
-                                "grid": (grid[1] // merge, grid[2] // merge) if grid else None,
+                                "grid": (grid[0] // merge, grid[1] // merge) if grid else None,
                                 "cos": cos[a:b], "sin": sin[a:b]})
 
     def _expand_hook(self, module, args, kwargs):
         for block in self.visual.blocks:
             vars(block.attn).pop("_mmaccel_bias_queue", None)
-        if not self._active() or not self.images:
+        if not self._active() or not self.chunks:
             return None
         x = args[0] if args else kwargs["hidden_states"]
         full, reps, owns, start, offset = [], [], [], 0, 0
-        for st in self.images:
+        for st in self.chunks:
             n_units = st["size"].shape[0]
             windows = x[start:start + n_units * self.unit].reshape(n_units, -1)
             full.append(windows[st["assign"]].reshape(-1, x.shape[-1]))
             reps.append(_representatives(st["assign"][None])[0] + offset)
             owns.append(torch.arange(st["assign"].shape[0], device=x.device) + offset)
             start, offset = start + n_units * self.unit, offset + st["assign"].shape[0]
-        self.images = []
+        self.chunks = []
         patch_map = lambda ids: torch.cat(ids).repeat_interleave(self.unit).float()[None, None]  # noqa: E731
         self.runtime.vision_maps["merge_rep"] = [patch_map(reps)]
         self.runtime.vision_maps["merge_own"] = [patch_map(owns)]

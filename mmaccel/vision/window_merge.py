@@ -30,6 +30,8 @@ def window_groups(x: torch.Tensor, side: int, threshold: float, window: int = 3,
     """(N,) group id per patch (its window's first cell when merged, else itself)."""
     cols = cols or side
     groups = torch.arange(side * cols, device=x.device)
+    if side < window or cols < window:
+        return groups  # no whole window fits
     sim = window_similarity(x, side, window, cols)
     for wi, wj in (sim >= threshold).nonzero().tolist():
         rows = torch.arange(wi * window, wi * window + window, device=x.device)
