@@ -235,6 +235,9 @@ def test_curriculum_phases_and_flat_then_cosine_lr():
     assert lr_at(50, 0.2, cfg) == lr_at(50, 0.5, cfg) == pytest.approx(1e-3)
     assert lr_at(50, 0.75, cfg) == pytest.approx(0.55e-3)
     assert lr_at(50, 1.0, cfg) == pytest.approx(1e-4)
+    late = TrainConfig(lr=1e-3, lr_late=3e-4, lr_late_from=0.35, warmup=10, decay_from=0.6, min_lr_frac=0.1)
+    assert lr_at(50, 0.34, late) == pytest.approx(1e-3) and lr_at(50, 0.36, late) == pytest.approx(3e-4)
+    assert lr_at(50, 1.0, late) == pytest.approx(3e-5)
 
 
 def test_projector_rescale_sets_visual_token_norm(processor):

@@ -98,6 +98,8 @@ class TrainConfig:
     steps: int | None = None
     batch_size: int = 16
     lr: float = 3e-4
+    lr_late: float | None = None
+    lr_late_from: float = 0.35
     warmup: int = 200
     decay_from: float = 0.6
     min_lr_frac: float = 0.05
@@ -120,12 +122,15 @@ class TrainConfig:
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     """Linear warm-up (steps) to ``cfg.lr``, flat until progress ``decay_from``, then cosine
-    to ``min_lr_frac`` at progress 1 (a long flat stretch gets past the loss plateau sooner)."""
+    to ``min_lr_frac`` at progress 1 (a long flat stretch gets past the loss plateau sooner).
+    With ``lr_late``, the peak drops from ``cfg.lr`` to ``lr_late`` at progress ``lr_late_from``
+    (a high rate for the early, small-scene phases only)."""
+    peak = cfg.lr if cfg.lr_late is None or progress < cfg.lr_late_from else cfg.lr_late
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return peak * (step + 1) / cfg.warmup
     frac = min(1.0, max(0.0, (progress - cfg.decay_from) / (1.0 - cfg.decay_from)))
-    lo = cfg.lr * cfg.min_lr_frac
-    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    lo = peak * cfg.min_lr_frac
+    return lo + (peak - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
@@ -371,6 +376,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--lr-late", type=float, default=None, help="peak lr from --lr-late-from on")
+    p.add_argument("--lr-late-from", type=float, default=TrainConfig.lr_late_from)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--vision-lr-mult", type=float, default=TrainConfig.vision_lr_mult)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
@@ -393,6 +400,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, vision_steps=a.vision_steps,
                       followups=a.followups, device=a.device, workers=a.workers, summary=a.summary,
+                      lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       text={"num_hidden_layers": a.text_layers} if a.text_layers else {})
     return cfg, a
 
