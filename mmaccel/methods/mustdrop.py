@@ -86,7 +86,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
     def install_tower(self, runtime) -> list:
         if not self.window_merge or self.retention == 1.0:
             return []
-        from .tome import _Restore
+        from .tome import wrap_tower_attention
 
         adapter = runtime.adapter
         if adapter.uses_mrope:
@@ -97,14 +97,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         state: dict = {}
         handles = [layers[1].register_forward_pre_hook(self._merge_hook(runtime, state), with_kwargs=True),
                    layers[last].register_forward_pre_hook(self._expand_hook(runtime, state), with_kwargs=True)]
-        cfg = adapter.attention_of(layers[0]).config
-        saved = cfg._attn_implementation_internal
-        from ..scoring import register_wrapper
-
-        cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
-        handles.append(_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)))
-        handles.append(_Restore(lambda: [vars(adapter.attention_of(l)).pop("_mmaccel_bias", None) for l in layers]))
-        return handles
+        return handles + wrap_tower_attention(adapter)
 
     def _install_qwen(self, runtime) -> list:
         """Qwen2-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`). Qwen2.5-VL's

@@ -84,28 +84,14 @@ class ToMe(PreLLMReducer):
         if adapter.uses_mrope:
             from .tome_qwen import tome_installer
 
-            return tome_installer(runtime, self.keep_fraction).install() + self._wrap_attention(adapter)
+            return tome_installer(runtime, self.keep_fraction).install() + wrap_tower_attention(adapter)
         layers = adapter.vision_layers
         last = feature_layer(adapter)
         handles = [layers[i].register_forward_pre_hook(self._merge_hook(runtime, i, last), with_kwargs=True)
                    for i in range(1, last)]
         handles.append(layers[last].register_forward_pre_hook(self._expand_hook(runtime, adapter), with_kwargs=True))
         self._cls = adapter.vision_has_cls
-        return handles + self._wrap_attention(adapter)
-
-    @staticmethod
-    def _wrap_attention(adapter) -> list:
-        """Route the tower's attention through mmaccel's wrapper (it adds the proportional-attention
-        bias); the handles restore the implementation and drop any bias left behind."""
-        from ..scoring import register_wrapper
-
-        layers = adapter.vision_layers
-        cfg = adapter.attention_of(layers[0]).config
-        saved = cfg._attn_implementation_internal
-        cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
-        drop = lambda: [vars(adapter.attention_of(l)).pop(k, None) for l in layers  # noqa: E731
-                        for k in ("_mmaccel_bias", "_mmaccel_bias_queue")]
-        return [_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)), _Restore(drop)]
+        return handles + wrap_tower_attention(adapter)
 
     def _merge_hook(self, runtime, index: int, last: int):
         def hook(module, args, kwargs):
@@ -136,6 +122,20 @@ class ToMe(PreLLMReducer):
 
     def reduce(self, features, segment: Segment, budget: int) -> Reduction:
         return one_per_group(segment)
+
+
+def wrap_tower_attention(adapter) -> list:
+    """Route the tower's attention through mmaccel's wrapper (it adds the proportional-attention
+    or padding bias); the handles restore the implementation and drop any bias left behind."""
+    from ..scoring import register_wrapper
+
+    layers = adapter.vision_layers
+    cfg = adapter.attention_of(layers[0]).config
+    saved = cfg._attn_implementation_internal
+    cfg._attn_implementation_internal = register_wrapper(cfg._attn_implementation or "sdpa")
+    drop = lambda: [vars(adapter.attention_of(l)).pop(k, None) for l in layers  # noqa: E731
+                    for k in ("_mmaccel_bias", "_mmaccel_bias_queue")]
+    return [_Restore(lambda: setattr(cfg, "_attn_implementation_internal", saved)), _Restore(drop)]
 
 
 def expand_hook(runtime, state: dict):
