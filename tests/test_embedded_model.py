@@ -64,6 +64,48 @@ def test_chat_template_and_visual_token_counts(processor):
         assert int((ids == token).sum()) == expect[id(s)]
 
 
+def test_content_orders_place_the_question(tmp_path):
+    from mmaccel.embedded import load_model
+
+    img = make_sample("color", sample_rng(0, 0, "test"), hires=False)
+    q, head, tail = img.question, "<|im_start|>user ", " <|im_end|><|im_start|>assistant"
+    expect = {"image-first": f"<image> {q}", "question-first": f"{q} <image>",
+              "question-both": f"{q} <image> {q}"}
+    for order, body in expect.items():
+        proc = build_processor(order=order)
+        assert proc.apply_chat_template(img.messages(), add_generation_prompt=True) == head + body + tail
+        text = proc.tokenizer.apply_chat_template(img.messages(), add_generation_prompt=True, tokenize=False)
+        assert text == head + body + tail
+    # a text-only (follow-up) turn is never repeated
+    both = build_processor(order="question-both")
+    turn = [{"role": "user", "content": [{"type": "text", "text": q}]}]
+    assert both.apply_chat_template(turn, add_generation_prompt=True) == head + q + tail
+    # the order travels with the saved processor
+    build_model(both.tokenizer).save_pretrained(tmp_path)
+    both.save_pretrained(tmp_path)
+    _, loaded = load_model(tmp_path)
+    assert loaded.apply_chat_template(img.messages(), add_generation_prompt=True) == head + expect["question-both"] + tail
+    with pytest.raises(ValueError, match="content order"):
+        build_processor(order="sideways")
+
+
+def test_init_std_scales_the_language_model_only():
+    from mmaccel.embedded.train import parse_args
+
+    cfg, _ = parse_args(["--out", "x", "--init-std", "0.06"])
+    tok = build_tokenizer()
+    default, wide = build_model(tok), build_model(tok, text=cfg.text)
+
+    def std(model, part):
+        return float(dict(model.named_parameters())[part].detach().std())
+
+    lm = "model.language_model.layers.0.self_attn.q_proj.weight"
+    tower = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    assert std(default, lm) == pytest.approx(0.02, rel=0.05)
+    assert std(wide, lm) == pytest.approx(0.06, rel=0.05)
+    assert std(wide, tower) == pytest.approx(std(default, tower), rel=0.05)
+
+
 def test_training_labels_cover_only_the_answer(processor):
     samples = generate_samples(4, seed=0, families=["caption", "count"], hires=False)
     batch = encode_for_training(processor, samples)

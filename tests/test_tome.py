@@ -60,10 +60,54 @@ def test_tower_runs_shorter_and_each_group_keeps_one_token(deep_tower_llava):
     assert "_mmaccel_bias" not in vars(adapter.attention_of(adapter.vision_layers[1]))
 
 
-def test_tome_refuses_qwen2_5_vl(tiny_models):
-    model, _ = tiny_models("qwen2_5_vl")
-    with pytest.raises(ValueError, match="Qwen2.5-VL"):
-        accelerate_vlm(model, method="tome")
+def test_tome_on_qwen2_5_vl_merges_inside_attention_windows():
+    """Qwen2.5-VL (block 1 attends per image, blocks 0, 2, 3 per 2x2-unit window): merges stay
+    inside one attention window, windowed blocks get the shrunken windows and the full block
+    the per-image sums, one proportional bias per attention chunk, all consumed; batch equals
+    singles; generate runs."""
+    from mmaccel.methods.tome_qwen import attention_windows
+    from mmaccel.testing.tiny import tiny_qwen2_5_vl
+    from test_core_pruning import _select
+
+    model, proc = tiny_qwen2_5_vl(vision_depth=4)
+    batch = make_inputs(proc, batch=2)
+    visual = model.model.visual
+    seen, left = [], []
+    probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(
+        (k["cu_seqlens"].diff().tolist(), len(getattr(m, "_mmaccel_bias_queue", [])))), with_kwargs=True)
+        for b in visual.blocks]
+    probes += [b.attn.register_forward_hook(lambda m, a, out: left.append(len(getattr(m, "_mmaccel_bias_queue", []))))
+               for b in visual.blocks]
+    try:
+        with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
+            both = model(**batch).logits[:, -1]
+            merges = handle._runtime.request.sources
+            blocks = seen[:4]
+            singles = torch.cat([model(**_select(batch, i, "qwen2_5_vl")).logits[:, -1] for i in range(2)])
+            out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        for p in probes:
+            p.remove()
+    cu_windows, image_of = attention_windows(visual, batch["image_grid_thw"])
+    windows = cu_windows.diff().tolist()
+    # 6 x 10 patches = 3 x 5 units per image, windows of 4, 4, 2, 2, 2, 1 units (16 patches max)
+    assert windows == [16, 16, 8, 8, 8, 4] * 2 and image_of.tolist() == [0] * 6 + [1] * 6
+    assert blocks[0] == (windows, 0)
+    # before block 1 (full attention): windows of 4 units lose 1, of 2 units 1, of 1 none
+    assert blocks[1] == ([4 * (3 + 3 + 1 + 1 + 1 + 1)] * 2, 2)
+    assert blocks[2] == ([4 * n for n in (2, 2, 1, 1, 1, 1)] * 2, 12)
+    assert blocks[3] == ([4] * 12, 12)  # every window reaches max(1, round(0.25 x its units))
+    assert set(left) == {0}
+    torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    image_id = model.config.image_token_id
+    for b, per_sample in enumerate(merges):
+        slots = {int(p): i for i, p in enumerate((batch["input_ids"][b] == image_id).nonzero().flatten())}
+        window_of = lambda pos: ((slots[int(pos)] // 5) // 2, (slots[int(pos)] % 5) // 2)  # noqa: E731
+        groups = [g for g in per_sample.values() if g.numel() > 1]
+        assert groups
+        for g in groups:
+            assert len({window_of(p) for p in g}) == 1
 
 
 def test_qwen_window_merge_by_hand():

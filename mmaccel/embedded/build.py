@@ -27,18 +27,40 @@ VISION_ASPECT_RATIO = "anyres_max_9"
 IMAGE_MEAN = [0.92, 0.92, 0.92]
 IMAGE_STD = [0.5, 0.5, 0.5]
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}{{ ' ' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}{{ ' ' }}"
-    "{%- else -%}{%- for c in message['content'] -%}"
-    "{%- if c['type'] == 'image' -%}<image>{{ ' ' }}"
-    "{%- elif c['type'] == 'video' -%}<video>{{ ' ' }}"
-    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}{{ ' ' }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}<|im_end|>"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant{%- endif -%}"
-)
+_MEDIA = ("{%- if c['type'] == 'image' -%}<image>{{ ' ' }}"
+          "{%- elif c['type'] == 'video' -%}<video>{{ ' ' }}{%- endif -%}")
+_TEXT = "{%- if c['type'] == 'text' -%}{{ c['text'] }}{{ ' ' }}{%- endif -%}"
+# Where a user turn's text goes relative to its images / videos. "question-first" lets every
+# visual token attend to the question (causal attention), so a token can flag "I match the
+# asked color and shape" itself; "question-both" also repeats the text after the media, so
+# methods that score visual tokens by text-to-visual attention still have text to score with.
+CONTENT_ORDERS = {
+    "image-first": (_MEDIA, _TEXT),
+    "question-first": (_TEXT, _MEDIA),
+    "question-both": (_TEXT, _MEDIA, _TEXT),
+}
+
+
+def chat_template(order: str = "image-first") -> str:
+    """The Jinja chat template with the user content emitted in ``order`` (see CONTENT_ORDERS)."""
+    if order not in CONTENT_ORDERS:
+        raise ValueError(f"unknown content order {order!r}; choose from {sorted(CONTENT_ORDERS)}")
+    # the repeated text of "question-both" only where the turn has media (a text-only
+    # follow-up turn is emitted once)
+    parts = CONTENT_ORDERS[order]
+    loops = "".join("{%- for c in message['content'] -%}" + part + "{%- endfor -%}" for part in parts[:2])
+    if len(parts) > 2:
+        loops += ("{%- if message['content'] | selectattr('type', 'in', ['image', 'video']) | list -%}"
+                  "{%- for c in message['content'] -%}" + parts[2] + "{%- endfor -%}{%- endif -%}")
+    return ("{%- for message in messages -%}"
+            "<|im_start|>{{ message['role'] }}{{ ' ' }}"
+            "{%- if message['content'] is string -%}{{ message['content'] }}{{ ' ' }}"
+            "{%- else -%}" + loops + "{%- endif -%}<|im_end|>"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}<|im_start|>assistant{%- endif -%}")
+
+
+CHAT_TEMPLATE = chat_template()
 
 TEXT_DEFAULTS = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=4)
@@ -69,18 +91,18 @@ def build_tokenizer_object() -> Tokenizer:
     return tok
 
 
-def build_tokenizer():
+def build_tokenizer(order: str = "image-first"):
     """``PreTrainedTokenizerFast`` with pad/eos/unk and <image>/<video> special tokens."""
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer_object(), pad_token="<pad>", eos_token="<|im_end|>",
         unk_token="[UNK]", extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=4096)
+        chat_template=chat_template(order), padding_side="left", model_max_length=4096)
     return tok
 
 
-def build_processor(tokenizer=None):
+def build_processor(tokenizer=None, order: str = "image-first"):
     """``LlavaOnevisionProcessor`` for 128 px tiles with 128/256 px grid pinpoints."""
     from transformers import (LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
                               LlavaOnevisionVideoProcessor)
@@ -90,9 +112,9 @@ def build_processor(tokenizer=None):
     image_proc = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=GRID_PINPOINTS, **norm)
     video_proc = LlavaOnevisionVideoProcessor(size=size, **norm)
     return LlavaOnevisionProcessor(
-        image_processor=image_proc, tokenizer=tokenizer or build_tokenizer(), video_processor=video_proc,
+        image_processor=image_proc, tokenizer=tokenizer or build_tokenizer(order), video_processor=video_proc,
         num_image_tokens=TOKENS_PER_TILE, vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE, vision_aspect_ratio=VISION_ASPECT_RATIO)
+        chat_template=chat_template(order), vision_aspect_ratio=VISION_ASPECT_RATIO)
 
 
 def build_config(tokenizer, text: dict | None = None, vision: dict | None = None):

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..world.samples import SPLIT_KEY, make_sample
-from .build import build_model, build_processor, build_tokenizer
+from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
 from .pretrain import pretrain_vision, rescale_projector
 
@@ -112,6 +112,7 @@ class TrainConfig:
     visual_norm: float = 1.0
     threads: int = 2
     followups: int = 0
+    order: str = "image-first"
     device: str = "cpu"
     workers: int = 0
     log_every: int = 25
@@ -254,8 +255,8 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
 
     log = log or Logger()
     torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
+    tokenizer = build_tokenizer(cfg.order)
+    processor = build_processor(tokenizer, cfg.order)
     model = build_model(tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision).to(cfg.device)
     model.train()
     opt = make_optimizer(model, cfg)
@@ -299,7 +300,7 @@ def _worker_batch(args):
 
     torch.set_num_threads(1)
     if "processor" not in _WORKER:
-        _WORKER["processor"] = build_processor(build_tokenizer())
+        _WORKER["processor"] = build_processor(build_tokenizer(cfg.order), cfg.order)
     return step_batch(_WORKER["processor"], cfg, step, groups)
 
 
@@ -392,6 +393,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="probe runs: train only these still-image families (comma list), no curriculum")
     p.add_argument("--max-objects", type=int, default=None, help="with --families: objects per scene cap")
     p.add_argument("--text-layers", type=int, default=None, help="language-model layers (default: build's)")
+    p.add_argument("--order", choices=sorted(CONTENT_ORDERS), default=TrainConfig.order,
+                   help="where the question goes relative to the media in the chat template")
+    p.add_argument("--init-std", type=float, default=None,
+                   help="language-model init std (transformers' default 0.02)")
     p.add_argument("--workers", type=int, default=0, help="batch-building processes (with --steps only)")
     p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     p.add_argument("--log", default=None, help="also append log lines to this file")
@@ -401,8 +406,14 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, vision_steps=a.vision_steps,
                       followups=a.followups, device=a.device, workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
-                      text={"num_hidden_layers": a.text_layers} if a.text_layers else {})
+                      order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a
+
+
+def text_overrides(layers: int | None, init_std: float | None) -> dict:
+    """Language-model config keys changed from the build defaults."""
+    out = {"num_hidden_layers": layers} if layers else {}
+    return {**out, "initializer_range": init_std} if init_std else out
 
 
 def probe_groups(families: str | None, max_objects: int | None) -> dict | None:

@@ -100,8 +100,8 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         return handles + wrap_tower_attention(adapter)
 
     def _install_qwen(self, runtime) -> list:
-        """Qwen2-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`). Qwen2.5-VL's
-        windowed tower cannot take merged windows, so there the merge is skipped with a warning."""
+        """Qwen2-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`). On Qwen2.5-VL
+        the 3x3 blocks would cross its attention windows, so there the merge is skipped with a warning."""
         import warnings
 
         from .tome_qwen import check_qwen_tower, mustdrop_installer

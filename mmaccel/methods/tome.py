@@ -14,8 +14,8 @@ Deliberate differences: merging happens at a block's input with that block's key
 official code merges between a block's attention and MLP); tokens stay in spatial order; it
 runs on images in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision), and on
 images and video slices in Qwen2-VL's packed tower, where whole 2x2 merge windows are the
-units (:mod:`.tome_qwen`); not on LLaVA-OneVision's pooled video frames, and not on
-Qwen2.5-VL's windowed tower.
+units (:mod:`.tome_qwen`; in Qwen2.5-VL's windowed tower merges stay inside one attention
+window); not on LLaVA-OneVision's pooled video frames.
 """
 from __future__ import annotations
 
@@ -73,9 +73,7 @@ class ToMe(PreLLMReducer):
 
     def check_model(self, adapter) -> None:
         if adapter.uses_mrope:
-            from .tome_qwen import check_qwen_tower
-
-            return check_qwen_tower(adapter)
+            return None
         if not hasattr(adapter.attention_of(adapter.vision_layers[0]), "k_proj"):
             raise ValueError("tome runs inside CLIP/SigLIP-style or Qwen2-VL towers")
 

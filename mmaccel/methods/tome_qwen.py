@@ -15,8 +15,11 @@ matching and merging is the 2x2 *window*, never a lone patch, and each image mer
   language-model token per merged group.
 
 Images and videos: the tower attends within each image and within each temporal slice of a
-video, so each of those chunks merges its own windows. Qwen2.5-VL is refused, because its
-windowed attention blocks would need windows of equal content after merging.
+video, so each of those chunks merges its own windows. Qwen2.5-VL's tower attends within
+local attention windows (cu_window_seqlens, tokens in window order) in most blocks and within
+whole images in its ``fullatt_block_indexes``; there the chunks are its attention windows, so
+merges stay inside one window, windowed blocks get the shrunken window lengths and full blocks
+the per-image sums (with the proportional-attention bias per window or per image to match).
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ import torch.nn.functional as F
 from .tome import _representatives, tome_match
 
 
-def check_qwen_tower(adapter, method: str = "tome") -> None:
-    """Raise unless the tower is Qwen2-VL's (full attention in every block)."""
+def check_qwen_tower(adapter, method: str = "mustdrop's window merge") -> None:
+    """Raise unless the tower is Qwen2-VL's (full attention in every block): MustDrop's 3x3
+    blocks span Qwen2.5-VL's attention windows."""
     if hasattr(adapter.vision_tower, "fullatt_block_indexes"):
-        raise ValueError(f"{method} inside the tower supports Qwen2-VL but not Qwen2.5-VL: its windowed "
-                         "attention blocks cannot take merged windows")
+        raise ValueError(f"{method} inside the tower supports Qwen2-VL but not Qwen2.5-VL: its 3x3 blocks "
+                         "of merge windows would cross Qwen2.5-VL's attention windows")
 
 
 def window_keys(block, x: torch.Tensor, unit: int) -> torch.Tensor:
@@ -81,6 +85,8 @@ class QwenWindowMerger:
         self.visual = runtime.adapter.vision_tower
         self.unit = self.visual.spatial_merge_size ** 2
         self.expand_before = expand_before if expand_before is not None else len(self.visual.blocks)
+        self.full_blocks = set(getattr(self.visual, "fullatt_block_indexes", None) or [])
+        self.windowed = hasattr(self.visual, "fullatt_block_indexes")  # Qwen2.5-VL
         self.chunks: list[dict] = []
 
     def install(self) -> list:
@@ -103,9 +109,11 @@ class QwenWindowMerger:
 
     def _grid_hook(self, visual, args, kwargs):
         """Record the (h, w) patch grid of every attention chunk: one per image, one per
-        temporal slice of a video (the tower attends within each slice)."""
+        temporal slice of a video (the tower attends within each slice); on Qwen2.5-VL, the
+        attention windows and the image each belongs to."""
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self.grids = [(h, w) for t, h, w in grid.tolist() for _ in range(t)] if grid is not None else None
+        self.windows = attention_windows(visual, grid) if self.windowed and grid is not None else None
 
     def _block_hook(self, index: int):
         def hook(block, args, kwargs):
@@ -114,7 +122,7 @@ class QwenWindowMerger:
             x = args[0] if args else kwargs["hidden_states"]
             cu = kwargs["cu_seqlens"]  # the tower passes every block the original lengths and rotary rows
             if index == 1:
-                self._start(cu, kwargs["position_embeddings"])
+                self._start(self.windows[0] if self.windowed else cu, kwargs["position_embeddings"])
             parts, start = [], 0
             for st in self.chunks:
                 length = st["size"].shape[0] * self.unit
@@ -124,16 +132,22 @@ class QwenWindowMerger:
                     piece, st["cos"], st["sin"] = merge_windows(piece, st["cos"], st["sin"], st, into, self.unit)
                 parts.append(piece)
                 start += length
-            return self._substitute(block, args, kwargs, cu, parts)
+            return self._substitute(block, args, kwargs, cu, parts, index in self.full_blocks)
 
         return hook
 
-    def _substitute(self, block, args, kwargs, cu, parts):
-        """The block's inputs for the merged sequence: hidden states, lengths, rotary rows, bias."""
+    def _substitute(self, block, args, kwargs, cu, parts, full_block: bool):
+        """The block's inputs for the merged sequence: hidden states, lengths, rotary rows, bias.
+        On Qwen2.5-VL a full-attention block attends per image: its windows' pieces join."""
+        sizes = [st["size"] for st in self.chunks]
         lengths = torch.tensor([p.shape[0] for p in parts], device=cu.device)
+        if self.windowed and full_block:
+            image_of = self.windows[1].to(cu.device)
+            n_images = int(image_of.max()) + 1
+            lengths = torch.zeros(n_images, dtype=lengths.dtype, device=cu.device).index_add_(0, image_of, lengths)
+            sizes = [torch.cat([s for s, i in zip(sizes, image_of.tolist()) if i == img]) for img in range(n_images)]
         if self.proportional:
-            block.attn._mmaccel_bias_queue = [st["size"].repeat_interleave(self.unit).log()[None, None, None]
-                                              for st in self.chunks]
+            block.attn._mmaccel_bias_queue = [s.repeat_interleave(self.unit).log()[None, None, None] for s in sizes]
         kwargs = {**kwargs, "cu_seqlens": torch.cat([cu[:1], cu[0] + lengths.cumsum(0)]).to(cu.dtype),
                   "max_seqlen": int(lengths.max()),
                   "position_embeddings": (torch.cat([st["cos"] for st in self.chunks]),
@@ -148,7 +162,7 @@ class QwenWindowMerger:
         self.chunks = []
         for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
             n_units = (b - a) // self.unit
-            grid = self.grids[i] if getattr(self, "grids", None) else None
+            grid = self.grids[i] if getattr(self, "grids", None) and not self.windowed else None
             merge = self.visual.spatial_merge_size
             self.chunks.append({"size": torch.ones(n_units, device=cos.device),
                                 "assign": torch.arange(n_units, device=cos.device),
@@ -177,10 +191,24 @@ class QwenWindowMerger:
         return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
 
+def attention_windows(visual, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL: (cu_window_seqlens (W + 1,), image index of every window (W,)), in the
+    tower's window order; an "image" is an image or one temporal slice of a video."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+    _, cu_windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                            window_size=visual.window_size, patch_size=visual.patch_size)
+    per_slice = torch.cat([torch.full((int(t),), int(h * w)) for t, h, w in grid_thw.tolist()])
+    cu_images = torch.cat([torch.zeros(1, dtype=torch.long), per_slice.cumsum(0)])
+    image_of = torch.searchsorted(cu_images, cu_windows[:-1].long().cpu(), right=True) - 1
+    return cu_windows, image_of
+
+
 def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
-    """ToMe: before every block after the first, ``r`` windows per image merge by bipartite soft
-    matching on window keys, ``r`` spread so each image reaches ``keep_fraction`` of its windows
-    at the last block; proportional attention; copied back before the merger."""
+    """ToMe: before every block after the first, ``r`` windows per chunk (image, video slice, or
+    Qwen2.5-VL attention window) merge by bipartite soft matching on window keys, ``r`` spread so
+    each chunk reaches ``keep_fraction`` of its windows at the last block; proportional
+    attention; copied back before the merger."""
     depth = len(runtime.adapter.vision_tower.blocks)
 
     def plan(index, block, x, st):

@@ -144,8 +144,9 @@ def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2", visio
     if version == "2.5":
         from transformers import (Qwen2_5_VLConfig as Cfg, Qwen2_5_VLForConditionalGeneration as Model,
                                   Qwen2_5_VLProcessor as Proc)
-        vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        vis = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                   fullatt_block_indexes=[1])
     else:
         from transformers import Qwen2VLConfig as Cfg, Qwen2VLForConditionalGeneration as Model, Qwen2VLProcessor as Proc
         vis = _qwen_vision_kwargs(depth=vision_depth)
@@ -166,8 +167,9 @@ def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2", visio
     return _finish(model, seed), proc
 
 
-def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = 4):
-    return tiny_qwen2_vl(seed, text_layers, version="2.5")
+def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = 4, vision_depth: int = 2):
+    """Qwen2.5-VL shaped: windowed tower (2x2-window attention; block 1 attends per image)."""
+    return tiny_qwen2_vl(seed, text_layers, version="2.5", vision_depth=vision_depth)
 
 
 def build(family: str, seed: int = 0, text_layers: int = 4):
