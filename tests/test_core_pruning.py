@@ -173,7 +173,9 @@ def _select(batch, i, family):
         out["pixel_values"] = batch["pixel_values"][start:start + per[i]]
         out["image_grid_thw"] = batch["image_grid_thw"][i:i + 1]
     else:
-        out["pixel_values"] = batch["pixel_values"][i:i + 1]
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                out[key] = batch[key][i:i + 1]
         for key in ("image_sizes", "batch_num_images"):
             if key in batch:
                 out[key] = batch[key][i:i + 1]

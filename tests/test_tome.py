@@ -247,3 +247,53 @@ def test_qwen2_vl_tower_merging_on_video_slices(method):
         for g in per_sample.values():
             assert torch.all(inputs["input_ids"][b, g] == video_id)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_merge_to_budget_joins_identical_tokens_first():
+    from mmaccel.methods.tome import merge_to_budget
+
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
+    red = merge_to_budget(feats, 4)
+    # even slots match odd ones: 0 = 1 and 2 = 3 are the best edges, each pair one token at its first slot
+    assert red.keep.tolist() == [0, 2, 4, 5]
+    assert [g.tolist() for g in red.groups] == [[0, 1], [2, 3], [4], [5]]
+    torch.testing.assert_close(red.features, feats[[0, 2, 4, 5]])
+    assert merge_to_budget(feats, 0).keep.numel() == 1
+
+
+def test_tome_on_llava_onevision_video_merges_in_the_tower_and_per_pooled_frame():
+    """Video frames are tower rows: blocks after a merge see fewer tokens per frame; the pooled
+    frames then merge to their budgets, groups never leave a frame; batch equals singles."""
+    from test_core_pruning import _select
+
+    saved = tiny._siglip_vision
+    tiny._siglip_vision = lambda **k: saved(layers=5)
+    try:
+        model, proc = tiny.build("llava_onevision", seed=3)
+    finally:
+        tiny._siglip_vision = saved
+    inputs = make_inputs(proc, batch=2, media=("video",))
+    layers = get_adapter(model).vision_layers
+    seen = []
+    probe = layers[3].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
+    try:
+        with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
+            both = model(**inputs).logits[:, -1]
+            merges, stats = handle._runtime.request.sources, handle.stats
+            singles = torch.cat([model(**_select(inputs, i, "llava_onevision")).logits[:, -1] for i in range(2)])
+            out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        probe.remove()
+    frames, patches = inputs["pixel_values_videos"].shape[1], 16  # 56 px / 14 = 4 x 4 patches
+    assert seen[0][0] == 2 * frames and seen[0][1] < patches
+    per_video = frames * 4 + 1  # 2 x 2 pooled tokens per frame and one newline
+    assert stats.visual_tokens_in == 2 * per_video
+    assert stats.visual_tokens_kept == 2 * (frames * 1 + 1)  # one token per frame at 0.25, the newline
+    video_id = model.config.video_token_id
+    for b, per_sample in enumerate(merges):
+        first = int((inputs["input_ids"][b] == video_id).nonzero()[0])
+        for pos, g in per_sample.items():
+            assert torch.all(inputs["input_ids"][b, g] == video_id)
+            assert len({(int(p) - first) // 4 for p in g}) == 1  # inside one frame
+    torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -15,7 +15,10 @@ official code merges between a block's attention and MLP); tokens stay in spatia
 runs on images in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision), and on
 images and video slices in Qwen2-VL's packed tower, where whole 2x2 merge windows are the
 units (:mod:`.tome_qwen`; in Qwen2.5-VL's windowed tower merges stay inside one attention
-window); not on LLaVA-OneVision's pooled video frames.
+window). LLaVA-OneVision video frames are tower rows too and merge the same way (ViT compute),
+but the model then 2x2-pools each frame, so patch groups do not map onto its tokens; there the
+pre-LLM step runs ToMe's matching once more on each frame's pooled tokens (cosine similarity of
+the projected features, size-weighted, repeated down to the frame's budget).
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ class ToMe(PreLLMReducer):
 
     def _merge_hook(self, runtime, index: int, last: int):
         def hook(module, args, kwargs):
-            if runtime.current_kind != "image" or self.keep_fraction() >= 1.0:
+            if runtime.current_kind not in ("image", "video") or self.keep_fraction() >= 1.0:
                 return None
             x = args[0] if args else kwargs["hidden_states"]
             st = self._state
@@ -119,7 +122,30 @@ class ToMe(PreLLMReducer):
         return expand_hook(runtime, self._state)
 
     def reduce(self, features, segment: Segment, budget: int) -> Reduction:
+        if segment.part.kind == "video" and "merge_rep" not in (segment.scores or {}):
+            if segment.part.newline:
+                return Reduction(torch.arange(segment.n, device=features.device))
+            return merge_to_budget(features, budget)
         return one_per_group(segment)
+
+
+def merge_to_budget(features: torch.Tensor, budget: int) -> Reduction:
+    """ToMe on one pooled frame's tokens: bipartite soft matching on the features (cosine),
+    size-weighted merges, repeated until ``budget`` (at least 1) tokens remain.
+    features (n, D). Each merged token sits at its group's first slot."""
+    n, target = features.shape[0], max(1, budget)
+    x, size = features[None].float(), torch.ones(1, n, device=features.device)
+    assign = torch.arange(n, device=features.device)[None]
+    while x.shape[1] > target:
+        r = min(x.shape[1] - target, x.shape[1] // 2)
+        src, dst = tome_match(x, r, protect_first=False)
+        x, size, assign = tome_merge(x, size, assign, src, dst)
+    slots = assign[0]
+    first = torch.full((x.shape[1],), n, device=x.device).scatter_reduce(
+        0, slots, torch.arange(n, device=x.device), reduce="amin")
+    order = first.argsort()
+    groups = [(slots == j).nonzero().flatten() for j in order.tolist()]
+    return Reduction(first[order], x[0, order].to(features.dtype), groups)
 
 
 def wrap_tower_attention(adapter) -> list:
@@ -143,10 +169,11 @@ def expand_hook(runtime, state: dict):
     def hook(module, args, kwargs):
         for layer in runtime.adapter.vision_layers:
             vars(runtime.adapter.attention_of(layer)).pop("_mmaccel_bias", None)
-        if "assign" not in state or runtime.current_kind != "image":
+        if "assign" not in state or runtime.current_kind not in ("image", "video"):
             return None
         x = args[0] if args else kwargs["hidden_states"]
-        full = expand_to_sources(x, state.pop("assign"), runtime)
+        # pooled video frames: patch groups do not map onto tokens, so no maps (see ``ToMe.reduce``)
+        full = expand_to_sources(x, state.pop("assign"), runtime, maps=runtime.current_kind == "image")
         return ((full,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": full})
 
     return hook
@@ -164,10 +191,13 @@ def one_per_group(segment: Segment) -> Reduction:
     return Reduction(keep, None, groups)
 
 
-def expand_to_sources(x: torch.Tensor, assign: torch.Tensor, runtime) -> torch.Tensor:
-    """Copy merged tokens back to every source slot and leave the group maps for the pre-LLM step.
-    x: (B, L, D) merged; assign: (B, N0) slot of every original token. Returns (B, N0, D)."""
+def expand_to_sources(x: torch.Tensor, assign: torch.Tensor, runtime, maps: bool = True) -> torch.Tensor:
+    """Copy merged tokens back to every source slot and (``maps``) leave the group maps for the
+    pre-LLM step. x: (B, L, D) merged; assign: (B, N0) slot of every original token.
+    Returns (B, N0, D)."""
     full = torch.gather(x, 1, assign[..., None].expand(-1, -1, x.shape[-1]))
+    if not maps:
+        return full
     # ids unique across tower rows (crops), so groups never mix tiles after packing
     offset = (torch.arange(assign.shape[0], device=x.device) * assign.shape[1])[:, None]
     rep = (_representatives(assign) + offset).float()
