@@ -279,6 +279,8 @@ def qwen_tome_vit_time(retentions=(0.5, 0.25), threads: int = 2, repeats: int = 
     """ViT time of ``tome`` inside a Qwen2-VL tower (one ``side`` px image: (side/14)^2 patches)
     against the plain tower, beside the analytic FLOP ratio from the patches each block saw.
     Median of ``repeats`` after one warm-up."""
+    from contextlib import nullcontext
+
     import torch
 
     from ..api import accelerate_vlm
@@ -293,11 +295,9 @@ def qwen_tome_vit_time(retentions=(0.5, 0.25), threads: int = 2, repeats: int = 
               for b in model.model.visual.blocks]
 
     def vit(retention):
-        with torch.inference_mode():
-            if retention is None:
-                return _median_time(lambda: model.model.get_image_features(pixels, thw), repeats)
-            with accelerate_vlm(model, method="tome", retention=retention):
-                return _median_time(lambda: model.model.get_image_features(pixels, thw), repeats)
+        accelerated = accelerate_vlm(model, method="tome", retention=retention) if retention else nullcontext()
+        with torch.inference_mode(), accelerated:
+            return _median_time(lambda: model.model.get_image_features(pixels, thw), repeats)
 
     try:
         out = {"patches": grid * grid, "depth": depth, "dim": dim, "threads": threads, "full_s": vit(None),

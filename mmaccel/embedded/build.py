@@ -27,9 +27,16 @@ VISION_ASPECT_RATIO = "anyres_max_9"
 IMAGE_MEAN = [0.92, 0.92, 0.92]
 IMAGE_STD = [0.5, 0.5, 0.5]
 
-_MEDIA = ("{%- if c['type'] == 'image' -%}<image>{{ ' ' }}"
-          "{%- elif c['type'] == 'video' -%}<video>{{ ' ' }}{%- endif -%}")
-_TEXT = "{%- if c['type'] == 'text' -%}{{ c['text'] }}{{ ' ' }}{%- endif -%}"
+def _each_item(body: str) -> str:
+    return "{%- for c in message['content'] -%}" + body + "{%- endfor -%}"
+
+
+_MEDIA = _each_item("{%- if c['type'] == 'image' -%}<image>{{ ' ' }}"
+                    "{%- elif c['type'] == 'video' -%}<video>{{ ' ' }}{%- endif -%}")
+_TEXT = _each_item("{%- if c['type'] == 'text' -%}{{ c['text'] }}{{ ' ' }}{%- endif -%}")
+# the repeat only where the turn has media: a text-only (follow-up) turn says its text once
+_TEXT_AGAIN = ("{%- if message['content'] | selectattr('type', 'in', ['image', 'video']) | list -%}"
+               + _TEXT + "{%- endif -%}")
 # Where a user turn's text goes relative to its images / videos. "question-first" lets every
 # visual token attend to the question (causal attention), so a token can flag "I match the
 # asked color and shape" itself; "question-both" also repeats the text after the media, so
@@ -37,7 +44,7 @@ _TEXT = "{%- if c['type'] == 'text' -%}{{ c['text'] }}{{ ' ' }}{%- endif -%}"
 CONTENT_ORDERS = {
     "image-first": (_MEDIA, _TEXT),
     "question-first": (_TEXT, _MEDIA),
-    "question-both": (_TEXT, _MEDIA, _TEXT),
+    "question-both": (_TEXT, _MEDIA, _TEXT_AGAIN),
 }
 
 
@@ -45,17 +52,10 @@ def chat_template(order: str = "image-first") -> str:
     """The Jinja chat template with the user content emitted in ``order`` (see CONTENT_ORDERS)."""
     if order not in CONTENT_ORDERS:
         raise ValueError(f"unknown content order {order!r}; choose from {sorted(CONTENT_ORDERS)}")
-    # the repeated text of "question-both" only where the turn has media (a text-only
-    # follow-up turn is emitted once)
-    parts = CONTENT_ORDERS[order]
-    loops = "".join("{%- for c in message['content'] -%}" + part + "{%- endfor -%}" for part in parts[:2])
-    if len(parts) > 2:
-        loops += ("{%- if message['content'] | selectattr('type', 'in', ['image', 'video']) | list -%}"
-                  "{%- for c in message['content'] -%}" + parts[2] + "{%- endfor -%}{%- endif -%}")
     return ("{%- for message in messages -%}"
             "<|im_start|>{{ message['role'] }}{{ ' ' }}"
             "{%- if message['content'] is string -%}{{ message['content'] }}{{ ' ' }}"
-            "{%- else -%}" + loops + "{%- endif -%}<|im_end|>"
+            "{%- else -%}" + "".join(CONTENT_ORDERS[order]) + "{%- endif -%}<|im_end|>"
             "{%- endfor -%}"
             "{%- if add_generation_prompt -%}<|im_start|>assistant{%- endif -%}")
 
