@@ -283,17 +283,11 @@ def bench_speed(
         (out / "speed.json").write_text(json.dumps(result, indent=2))
         (out / "speed.md").write_text("# Prefill speed\n\n" + table + "\n")
     if stc:
-        from .bench.speed import stc_vit_time
+        from .bench.speed import stc_markdown, stc_vit_time
 
         sizes = dict(frames=6, repeats=1, image_size=112, layers=2) if small else dict(frames=16, repeats=3)
         result["stc_cacher"] = stc_vit_time(threads=threads, **sizes)
-        table += "\n\nSTC-Cacher, mostly static video (SigLIP-shaped tower, 729 tokens/frame, 1 frame/chunk): full " \
-                 f"{result['stc_cacher']['full_s']:.2f} s\n\n| cache_interval | update_ratio | seconds | ViT time cut | " \
-                 "analytic FLOP cut | rows recomputed |\n|---|---|---|---|---|---|\n"
-        table += "\n".join(f"| {c['cache_interval']} | {c['update_ratio']} | {c['seconds']:.2f} | "
-                            f"{100 * c['vit_time_cut']:.1f}% | {100 * c['vit_flop_cut']:.1f}% | "
-                            f"{100 * c['rows_recomputed']:.1f}% |"
-                            for c in result["stc_cacher"]["cached"])
+        table += "\n\n" + stc_markdown(result["stc_cacher"])
     if qwen_tome:
         table += _qwen_tome_section(result, threads, small, rets)
     if out:

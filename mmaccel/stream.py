@@ -25,13 +25,13 @@ class StreamSession:
     """One stream. ``add_frame(frame)`` -> kept token count; ``ask(question)`` -> Answer."""
 
     def __init__(self, model, processor, retention: float = 60 / 196, cacher: bool = False,
-                 cache_interval: int = 2, update_ratio: float = 0.25):
+                 cache_interval: int = 2, update_ratio: float = 0.25, similarity_threshold: float | None = None):
         if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
             raise ValueError(f"StreamSession supports LlavaOnevisionForConditionalGeneration, not {type(model).__name__}")
         if not 0.0 < retention <= 1.0:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
         self.model, self.processor, self.retention = model, processor, retention
-        self.cacher, self._cacher_args = cacher, (cache_interval, update_ratio)
+        self.cacher, self._cacher_args = cacher, (cache_interval, update_ratio, similarity_threshold)
         self.reset()
 
     def reset(self) -> None:

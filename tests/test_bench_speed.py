@@ -20,9 +20,14 @@ def test_speed_bench_small_writes_results(tmp_path):
     assert points["fastv"]["scoring_share"] > 0 and points["pool"]["scoring_share"] == 0
     assert data["environment"]["threads"] == 2 and "| fastv | 0.25 |" in (tmp_path / "speed.md").read_text()
     stc = data["stc_cacher"]["cached"]
-    assert [c["cache_interval"] for c in stc] == [2, 4]
+    assert [(c["cache_interval"], c["similarity_threshold"]) for c in stc] == [(2, None), (4, None), (2, 0.85)]
     assert stc[1]["rows_recomputed"] < stc[0]["rows_recomputed"] < 1.0
     assert 0 < stc[0]["vit_flop_cut"] < stc[1]["vit_flop_cut"] < 1.0
+    assert abs(stc[0]["dynamic_share"] - 0.25) < 0.01  # the fixed rule updates its share
+    # on a mostly static clip the README rule updates fewer tokens than the fixed quarter
+    assert stc[2]["dynamic_share"] < 0.25 and stc[2]["vit_flop_cut"] > stc[0]["vit_flop_cut"]
+    assert all(0 <= c["max_relative_error"] < 1 for c in stc)
+    assert "similarity < 0.85 (README rule" in (tmp_path / "speed.md").read_text()
 
 
 def test_stc_flop_cut_by_hand():

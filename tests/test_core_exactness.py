@@ -19,8 +19,6 @@ def test_every_method_at_full_retention_is_bit_identical(tiny_models, family, ba
         assert (inputs["attention_mask"] == 0).any(), "the batch must really be padded"
     reference = last_logits(model, inputs)
     for method in list_methods():
-        if method == "tome" and family == "qwen2_5_vl":
-            continue  # tome refuses Qwen2.5-VL's windowed tower (tested in test_tome.py)
         retention = None if method == "none" else 1.0
         with accelerate_vlm(model, method=method, retention=retention) as handle:
             got = last_logits(model, inputs)

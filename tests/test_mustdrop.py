@@ -1,4 +1,5 @@
 """MustDrop: the dual filter by hand, depth scaling, key set protection and the cache policy."""
+import pytest
 import torch
 
 from mmaccel import accelerate_vlm
@@ -153,10 +154,67 @@ def test_window_merge_on_qwen2_vl_merges_flat_regions_and_restores_the_last_bloc
     torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
 
 
-def test_window_merge_is_skipped_with_a_warning_on_qwen2_5_vl(tiny_models):
-    import pytest
+def test_window_merge_on_qwen2_5_vl_stays_inside_attention_windows():
+    """Real-sized windows (4x4 merge windows): a flat 112 px image is one window with one 3x3 block;
+    a 112 x 84 image is one 4x3 window, one block too. Windowed blocks see each window shrink
+    by 8 merge windows, the full-attention block the per-image sums; batch equals singles."""
+    from PIL import Image
 
-    model, proc = tiny_models("qwen2_5_vl")
-    with pytest.warns(UserWarning, match="Qwen2.5-VL"):
-        with accelerate_vlm(model, method="mustdrop", retention=0.5), torch.no_grad():
-            model(**make_inputs(proc))
+    from mmaccel.methods.tome_qwen import attention_windows
+    from mmaccel.testing.tiny import tiny_qwen2_5_vl
+    from test_core_pruning import _select
+
+    model, proc = tiny_qwen2_5_vl(vision_depth=4, window_size=112)
+    batch = _flat_inputs(proc)
+    visual = model.model.visual
+    seen = []
+    probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["cu_seqlens"].diff().tolist()),
+                                               with_kwargs=True) for b in visual.blocks]
+    try:
+        with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5) as handle, \
+                torch.no_grad():
+            both = model(**batch).logits[:, -1]
+            merges = handle._runtime.request.sources
+            blocks = seen[:4]
+            singles = torch.cat([model(**_select(batch, i, "qwen2_5_vl")).logits[:, -1] for i in range(2)])
+    finally:
+        for p in probes:
+            p.remove()
+    windows = attention_windows(visual, batch["image_grid_thw"])[0].diff().tolist()
+    assert windows == [64, 48]  # one window per image: 4x4 and 3x4 merge windows of 4 patches
+    assert blocks[0] == windows and blocks[3] == windows  # before the merge / after the copy-back
+    assert blocks[1] == blocks[2] == [64 - 32, 48 - 32]  # full block (per image) = windowed here
+    groups = [g for per_sample in merges for g in per_sample.values() if g.numel() > 1]
+    assert len(groups) == 2 and all(g.numel() == 9 for g in groups)
+    torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
+
+
+def _flat_inputs(proc):
+    from PIL import Image
+
+    images = [Image.new("RGB", size, (240, 240, 240)) for size in ((112, 112), (112, 84))]
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True) for q in ("what is it ?", "is it red ?")]
+    return proc(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_window_merge_never_crosses_small_attention_windows(version):
+    """The same flat images: Qwen2-VL merges a 3x3 block per image; Qwen2.5-VL with 2x2 attention
+    windows has no whole 3x3 block inside any window, so nothing merges."""
+    from mmaccel.testing.tiny import tiny_qwen2_vl
+
+    model, proc = tiny_qwen2_vl(version=version, vision_depth=4, window_size=56)
+    with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5) as handle, torch.no_grad():
+        model(**_flat_inputs(proc))
+        groups = [g for per_sample in handle._runtime.request.sources for g in per_sample.values() if g.numel() > 1]
+    assert len(groups) == (2 if version == "2" else 0)
+
+
+def test_window_grids_follow_the_towers_tiling():
+    from mmaccel.methods.tome_qwen import window_grids
+
+    # 6 x 10 patches = 3 x 5 merge windows, attention windows of 2: a 2 x 3 tiling with short edges
+    assert window_grids(torch.tensor([[1, 6, 10]]), 2, 2) == [(2, 2), (2, 2), (2, 1), (1, 2), (1, 2), (1, 1)]
+    # a 2-slice video of 8 x 8 patches with windows of 4: one whole window per slice
+    assert window_grids(torch.tensor([[2, 8, 8]]), 2, 4) == [(4, 4), (4, 4)]

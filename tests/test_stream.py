@@ -193,3 +193,65 @@ def test_fast_cached_layer_equals_the_plain_restatement_bit_for_bit(tiny_models)
     full = tower(frames[1]).last_hidden_state
     assert not torch.allclose(runs[0][1], full, atol=1e-3)  # moving frames: the cache really changed them
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _encode_chunks(tower, layers, state, frames):
+    from mmaccel.vision.stc_cacher import STCCacher
+
+    outs = []
+    with torch.no_grad():
+        for f in frames:
+            with STCCacher(layers, state):
+                outs.append(tower(f).last_hidden_state)
+    return outs
+
+
+def test_threshold_rule_recomputes_only_changed_tokens(tiny_models):
+    from mmaccel.vision.stc_cacher import CacherState
+
+    model, _ = tiny_models("llava_onevision")
+    tower, layers = get_tower(model), _layers(model)
+    torch.manual_seed(4)
+    frame = torch.randn(1, 3, 56, 56)
+    static = CacherState(cache_interval=4, similarity_threshold=0.85)
+    outs = _encode_chunks(tower, layers, static, [frame] * 4)
+    with torch.no_grad():
+        expected = tower(frame).last_hidden_state
+    for out in outs:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    n = expected.shape[1]
+    assert static.recomputed == len(layers) * (n + 3 * 1)  # nothing changed: one row per layer
+    moving = CacherState(cache_interval=4, update_ratio=0.25, similarity_threshold=1.0)
+    frames = torch.randn(3, 1, 3, 56, 56)
+    outs = _encode_chunks(tower, layers, moving, frames)
+    assert moving.recomputed == moving.total  # every key changed: every row recomputed, not a quarter
+    with torch.no_grad():
+        for f, out in zip(frames, outs):
+            torch.testing.assert_close(out, tower(f).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_rule_batch_rows_equal_their_single_runs(tiny_models):
+    from mmaccel.vision.stc_cacher import CacherState
+
+    model, _ = tiny_models("llava_onevision")
+    tower, layers = get_tower(model), _layers(model)
+    torch.manual_seed(5)
+    still, first = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)
+    second = first.clone()
+    second[..., :20, :20] = torch.randn(1, 3, 20, 20)  # one corner changes
+    rows = [[still, still], [first, second]]
+    singles = [_encode_chunks(tower, layers, CacherState(similarity_threshold=0.9), r) for r in rows]
+    batch_state = CacherState(similarity_threshold=0.9)
+    batch = _encode_chunks(tower, layers, batch_state, [torch.cat(pair) for pair in zip(*rows)])
+    for b, single in enumerate(singles):
+        torch.testing.assert_close(batch[1][b:b + 1], single[1], atol=1e-5, rtol=1e-5)
+    n = batch[0].shape[1]
+    # the changed corner needs more than one row per layer, but far from all of them
+    assert 2 * len(layers) * (n + 1) < batch_state.recomputed < 4 * n * len(layers)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -2.0])
+def test_threshold_out_of_range_is_refused(tiny_models, threshold):
+    model, proc = tiny_models("llava_onevision")
+    with pytest.raises(ValueError, match="similarity_threshold"):
+        StreamSession(model, proc, cacher=True, similarity_threshold=threshold)

@@ -210,14 +210,20 @@ def stc_flop_cut(tokens: int, hidden: int, mlp: int, layers: int, patch: int, fr
     return 1.0 - cached / full
 
 
-def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25, threads: int = 2,
-                 repeats: int = 3, image_size: int = 384, layers: int = 6) -> dict:
+STC_SETTINGS = ((2, 0.25, None), (4, 0.25, None), (2, 0.25, 0.85))
+
+
+def stc_vit_time(frames: int = 16, settings=STC_SETTINGS, threads: int = 2, repeats: int = 3,
+                 image_size: int = 384, layers: int = 6) -> dict:
     """ViT time per frame with and without STC-Cacher on a SigLIP-shaped tower (384 px, patch 14 ->
-    729 tokens, 6 layers x 384), mostly static video, one frame per chunk. Median of ``repeats``."""
+    729 tokens, 6 layers x 384), mostly static video, one frame per chunk. Median of ``repeats``.
+
+    ``settings``: (cache_interval, update_ratio, similarity_threshold) triples; the threshold rows
+    recompute a data-dependent share, and their analytic FLOP cut uses the share they measured.
+    Each row also reports the worst frame's relative error of the tower output against the full
+    compute (the cost of the reuse)."""
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    from ..vision.stc_cacher import CacherState, STCCacher
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -226,31 +232,69 @@ def stc_vit_time(frames: int = 16, intervals=(2, 4), update_ratio: float = 0.25,
                                                  num_attention_heads=6)).eval()
     clip = torch.tensor(mostly_static_video(frames, image_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
     layers = getattr(tower, "vision_model", tower).encoder.layers
-
-    def run(interval):
-        state = CacherState(cache_interval=interval, update_ratio=update_ratio) if interval else None
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for frame in clip:
-                if state is None:
-                    tower(frame[None])
-                else:
-                    with STCCacher(layers, state):
-                        tower(frame[None])
-        return time.perf_counter() - start, state
-
-    run(None)  # warm-up
-    full = statistics.median(run(None)[0] for _ in range(repeats))
+    _stc_encode(tower, layers, clip, None)  # warm-up
+    full = statistics.median(_stc_encode(tower, layers, clip, None)[0] for _ in range(repeats))
+    reference = _stc_encode(tower, layers, clip, None)[2]
     out = {"frames": frames, "tokens_per_frame": (image_size // 14) ** 2, "threads": threads, "full_s": full,
            "cached": []}
-    for interval in intervals:
-        times, state = zip(*[run(interval) for _ in range(repeats)])
-        t = statistics.median(times)
-        flop_cut = stc_flop_cut(out["tokens_per_frame"], 384, 1536, len(layers), 14, frames, interval, update_ratio)
-        out["cached"].append({"cache_interval": interval, "update_ratio": update_ratio, "seconds": t,
-                              "vit_time_cut": 1 - t / full, "vit_flop_cut": flop_cut,
-                              "rows_recomputed": state[-1].recomputed / state[-1].total})
+    for interval, ratio, threshold in settings:
+        runs = [_stc_encode(tower, layers, clip, (interval, ratio, threshold)) for _ in range(repeats)]
+        t = statistics.median(r[0] for r in runs)
+        state, outputs = runs[-1][1], runs[-1][2]
+        share = _dynamic_share(state, frames, interval, len(layers), out["tokens_per_frame"])
+        flop_cut = stc_flop_cut(out["tokens_per_frame"], 384, 1536, len(layers), 14, frames, interval, share)
+        error = max(float((o - r).norm() / r.norm()) for o, r in zip(outputs, reference))
+        out["cached"].append({"cache_interval": interval, "update_ratio": ratio, "similarity_threshold": threshold,
+                              "seconds": t, "vit_time_cut": 1 - t / full, "vit_flop_cut": flop_cut,
+                              "rows_recomputed": state.recomputed / state.total, "dynamic_share": share,
+                              "max_relative_error": error})
     return out
+
+
+def _stc_encode(tower, layers, clip, setting):
+    """Encode ``clip`` (T, 3, H, W) frame by frame, with STC-Cacher when ``setting`` =
+    (interval, ratio, threshold) is given. Returns (seconds, state or None, outputs)."""
+    import torch
+
+    from ..vision.stc_cacher import CacherState, STCCacher
+
+    state = CacherState(*setting) if setting else None
+    outputs, start = [], time.perf_counter()
+    with torch.inference_mode():
+        for frame in clip:
+            if state is None:
+                outputs.append(tower(frame[None]).last_hidden_state)
+            else:
+                with STCCacher(layers, state):
+                    outputs.append(tower(frame[None]).last_hidden_state)
+    return time.perf_counter() - start, state, outputs
+
+
+def _dynamic_share(state, frames: int, interval: int, n_layers: int, tokens: int) -> float:
+    """Mean share of tokens recomputed per layer in the non-reference chunks."""
+    import math
+
+    refs = math.ceil(frames / interval)
+    cached_rows = state.recomputed - refs * n_layers * tokens
+    return cached_rows / max(1, (frames - refs) * n_layers * tokens)
+
+
+def stc_markdown(result: dict) -> str:
+    """The STC-Cacher part of the speed report (``result`` from :func:`stc_vit_time`)."""
+    head = (f"STC-Cacher, mostly static video (SigLIP-shaped tower, {result['tokens_per_frame']} tokens/frame, "
+            f"{result['frames']} frames, 1 frame/chunk): full {result['full_s']:.2f} s\n\n"
+            "| cache_interval | update rule | seconds | ViT time cut | analytic FLOP cut | rows recomputed "
+            "| max relative error |\n|---|---|---|---|---|---|---|\n")
+    rows = [f"| {c['cache_interval']} | {_stc_rule(c)} | {c['seconds']:.2f} | {100 * c['vit_time_cut']:.1f}% | "
+            f"{100 * c['vit_flop_cut']:.1f}% | {100 * c['rows_recomputed']:.1f}% | {c['max_relative_error']:.2e} |"
+            for c in result["cached"]]
+    return head + "\n".join(rows)
+
+
+def _stc_rule(row: dict) -> str:
+    if row["similarity_threshold"] is None:
+        return f"fixed share {row['update_ratio']} (official)"
+    return f"similarity < {row['similarity_threshold']} (README rule; {100 * row['dynamic_share']:.1f}% updated)"
 
 
 def build_qwen2_vl_tower_model(depth: int = 8, dim: int = 384, seed: int = 0):

@@ -382,6 +382,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--vision-lr-mult", type=float, default=TrainConfig.vision_lr_mult)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--decay-from", type=float, default=TrainConfig.decay_from,
+                   help="schedule progress (0..1) where the cosine decay starts")
     p.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--followups", type=int, default=TrainConfig.followups,
@@ -403,7 +405,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     a = p.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, lr=a.lr,
                       batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
-                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, vision_steps=a.vision_steps,
+                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from, vision_steps=a.vision_steps,
                       followups=a.followups, device=a.device, workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))

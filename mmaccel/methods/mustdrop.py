@@ -20,8 +20,9 @@ choices scale with depth instead of the hard-coded 32; the window merge (see
 spatial order; merged windows are copied back to their cells before the feature layer's block
 and the pre-LLM step keeps one token per window. On Qwen2-VL the cells are the tower's 2x2
 merge windows (one language-model token each), so a merged 3x3 block is nine LLM tokens
-(:mod:`.tome_qwen`); Qwen2.5-VL's windowed tower cannot take it, so there it is skipped with a
-warning.
+(:mod:`.tome_qwen`); on Qwen2.5-VL the 3x3 blocks tile each attention window on its own (4x4
+merge windows in the real model: one block per full window, none in edge windows under 3 wide),
+so no merge crosses a window and the windowed attention stays exact.
 """
 from __future__ import annotations
 
@@ -100,17 +101,10 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         return handles + wrap_tower_attention(adapter)
 
     def _install_qwen(self, runtime) -> list:
-        """Qwen2-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`). On Qwen2.5-VL
-        the 3x3 blocks would cross its attention windows, so there the merge is skipped with a warning."""
-        import warnings
+        """Qwen2-VL / Qwen2.5-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`),
+        within each image (Qwen2-VL) or each attention window (Qwen2.5-VL)."""
+        from .tome_qwen import mustdrop_installer
 
-        from .tome_qwen import check_qwen_tower, mustdrop_installer
-
-        try:
-            check_qwen_tower(runtime.adapter, "mustdrop's window merge")
-        except ValueError as err:
-            warnings.warn(f"{err}; running mustdrop without it (window_merge=False silences this)", stacklevel=3)
-            return []
         return mustdrop_installer(runtime, self.merge_threshold).install()
 
     def _merge_hook(self, runtime, state):

@@ -20,6 +20,8 @@ local attention windows (cu_window_seqlens, tokens in window order) in most bloc
 whole images in its ``fullatt_block_indexes``; there the chunks are its attention windows, so
 merges stay inside one window, windowed blocks get the shrunken window lengths and full blocks
 the per-image sums (with the proportional-attention bias per window or per image to match).
+MustDrop's 3x3 blocks there are whole blocks inside one attention window (a real Qwen2.5-VL
+window is 4x4 merge windows, so one block per full window; edge windows under 3 wide take none).
 """
 from __future__ import annotations
 
@@ -29,14 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from .tome import _representatives, tome_match
-
-
-def check_qwen_tower(adapter, method: str = "mustdrop's window merge") -> None:
-    """Raise unless the tower is Qwen2-VL's (full attention in every block): MustDrop's 3x3
-    blocks span Qwen2.5-VL's attention windows."""
-    if hasattr(adapter.vision_tower, "fullatt_block_indexes"):
-        raise ValueError(f"{method} inside the tower supports Qwen2-VL but not Qwen2.5-VL: its 3x3 blocks "
-                         "of merge windows would cross Qwen2.5-VL's attention windows")
 
 
 def window_keys(block, x: torch.Tensor, unit: int) -> torch.Tensor:
@@ -108,12 +102,21 @@ class QwenWindowMerger:
         return self.runtime.current_kind in ("image", "video") and self.enabled()
 
     def _grid_hook(self, visual, args, kwargs):
-        """Record the (h, w) patch grid of every attention chunk: one per image, one per
-        temporal slice of a video (the tower attends within each slice); on Qwen2.5-VL, the
-        attention windows and the image each belongs to."""
+        """Record the (rows, cols) grid of merge windows of every attention chunk: one per image,
+        one per temporal slice of a video (the tower attends within each slice); on Qwen2.5-VL
+        one per attention window, with the windows' lengths and the image each belongs to."""
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self.grids = [(h, w) for t, h, w in grid.tolist() for _ in range(t)] if grid is not None else None
-        self.windows = attention_windows(visual, grid) if self.windowed and grid is not None else None
+        self.grids = self.windows = None
+        if grid is None:
+            return
+        merge = visual.spatial_merge_size
+        if not self.windowed:
+            self.grids = [(h // merge, w // merge) for t, h, w in grid.tolist() for _ in range(t)]
+            return
+        self.windows = attention_windows(visual, grid)
+        self.grids = window_grids(grid, merge, visual.window_size // merge // visual.patch_size)
+        if [r * c * self.unit for r, c in self.grids] != self.windows[0].diff().tolist():
+            raise RuntimeError("Qwen2.5-VL attention windows do not match the expected tiling")
 
     def _block_hook(self, index: int):
         def hook(block, args, kwargs):
@@ -162,11 +165,9 @@ class QwenWindowMerger:
         self.chunks = []
         for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
             n_units = (b - a) // self.unit
-            grid = self.grids[i] if getattr(self, "grids", None) and not self.windowed else None
-            merge = self.visual.spatial_merge_size
             self.chunks.append({"size": torch.ones(n_units, device=cos.device),
                                 "assign": torch.arange(n_units, device=cos.device),
-                                "grid": (grid[0] // merge, grid[1] // merge) if grid else None,
+                                "grid": self.grids[i] if getattr(self, "grids", None) else None,
                                 "cos": cos[a:b], "sin": sin[a:b]})
 
     def _expand_hook(self, module, args, kwargs):
@@ -204,6 +205,18 @@ def attention_windows(visual, grid_thw: torch.Tensor) -> tuple[torch.Tensor, tor
     return cu_windows, image_of
 
 
+def window_grids(grid_thw: torch.Tensor, merge: int, window: int) -> list[tuple[int, int]]:
+    """Qwen2.5-VL: (rows, cols) of merge windows in every attention window, in the tower's window
+    order (each image or video slice tiled by ``window`` x ``window`` from its top-left corner)."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        tiles = [(min(window, rows - i), min(window, cols - j))
+                 for i in range(0, rows, window) for j in range(0, cols, window)]
+        out += tiles * t
+    return out
+
+
 def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
     """ToMe: before every block after the first, ``r`` windows per chunk (image, video slice, or
     Qwen2.5-VL attention window) merge by bipartite soft matching on window keys, ``r`` spread so
@@ -224,7 +237,8 @@ def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
 def mustdrop_installer(runtime, threshold: float, window: int = 3) -> QwenWindowMerger:
     """MustDrop's local merge after block 0: each 3x3 block of 2x2 windows whose mean pairwise
     cosine similarity (window features: the mean of their patches) reaches ``threshold``
-    collapses into its first window; copied back before the last block (the key-set layer)."""
+    collapses into its first window; copied back before the last block (the key-set layer).
+    On Qwen2.5-VL the blocks tile each attention window on its own."""
     from ..vision.window_merge import window_groups
 
     def plan(index, block, x, st):

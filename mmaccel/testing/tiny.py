@@ -137,15 +137,17 @@ def _qwen_vision_kwargs(hidden=32, depth=2):
                 spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
 
 
-def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2", vision_depth: int = 2):
-    """Qwen2-VL (or Qwen2.5-VL with ``version="2.5"``) shaped: native-resolution ViT, 2x2 merge, M-RoPE."""
+def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2", vision_depth: int = 2,
+                  window_size: int = 56):
+    """Qwen2-VL (or Qwen2.5-VL with ``version="2.5"``, attention windows of ``window_size`` px)
+    shaped: native-resolution ViT, 2x2 merge, M-RoPE."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     if version == "2.5":
         from transformers import (Qwen2_5_VLConfig as Cfg, Qwen2_5_VLForConditionalGeneration as Model,
                                   Qwen2_5_VLProcessor as Proc)
         vis = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
                    fullatt_block_indexes=[1])
     else:
         from transformers import Qwen2VLConfig as Cfg, Qwen2VLForConditionalGeneration as Model, Qwen2VLProcessor as Proc
@@ -167,9 +169,10 @@ def tiny_qwen2_vl(seed: int = 0, text_layers: int = 4, version: str = "2", visio
     return _finish(model, seed), proc
 
 
-def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = 4, vision_depth: int = 2):
-    """Qwen2.5-VL shaped: windowed tower (2x2-window attention; block 1 attends per image)."""
-    return tiny_qwen2_vl(seed, text_layers, version="2.5", vision_depth=vision_depth)
+def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = 4, vision_depth: int = 2, window_size: int = 56):
+    """Qwen2.5-VL shaped: windowed tower (block 1 attends per image, the others per attention
+    window: 2x2 merge windows at the default 56 px, 4x4 as in the real model at 112 px)."""
+    return tiny_qwen2_vl(seed, text_layers, version="2.5", vision_depth=vision_depth, window_size=window_size)
 
 
 def build(family: str, seed: int = 0, text_layers: int = 4):

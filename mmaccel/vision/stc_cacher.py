@@ -8,6 +8,12 @@ attention rows and the MLP only for them; static tokens take their values, atten
 MLP output from the reference, while residuals still add the current states. Official
 defaults: ``cache_interval=2``, ``update_ratio=0.25``.
 
+``similarity_threshold`` switches to the rule the paper's README states (reuse a token whose key
+cosine similarity to the reference is above 0.85) instead of the official code's fixed share:
+each layer then recomputes exactly the tokens below the threshold, so a static stretch costs
+little more than the keys and a busy one is recomputed in full. In a batch every row recomputes
+the largest such count (the extra rows are computed exactly, so nothing is lost).
+
 The layer forward below is a re-statement of CLIP/SigLIP's ``EncoderLayer.forward`` +
 ``Attention.forward`` (pre-norm attention and MLP blocks, with ``layer_norm1``, ``self_attn.
 {q,k,v,out}_proj``, ``layer_norm2``, ``mlp``) with the selective recompute added; a test pins it
@@ -30,6 +36,7 @@ class CacherState:
 
     cache_interval: int = 2
     update_ratio: float = 0.25
+    similarity_threshold: float | None = None  # the README's rule (0.85) instead of the fixed ratio
     chunk: int = 0
     reference: dict = field(default_factory=dict)  # layer -> {"k", "v", "attn", "mlp"}
     recomputed: int = 0  # tokens whose attention/MLP rows were computed (for cost accounting)
@@ -40,6 +47,8 @@ class CacherState:
             raise ValueError(f"cache_interval must be >= 1, got {self.cache_interval}")
         if not 0.0 < self.update_ratio <= 1.0:
             raise ValueError(f"update_ratio must be in (0, 1], got {self.update_ratio}")
+        if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
+            raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold}")
 
     @property
     def is_reference(self) -> bool:
@@ -69,22 +78,26 @@ def reference_layer(layer, h: torch.Tensor, store: dict) -> torch.Tensor:
     return h + mlp
 
 
-def _dynamic_rows(k: torch.Tensor, ref_k: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(B, n) sorted indices of the ``ratio`` share of tokens whose keys are least cosine-similar
-    to the reference keys (k, ref_k: (B, N, D))."""
+def _dynamic_rows(k: torch.Tensor, ref_k: torch.Tensor, ratio: float, threshold: float | None = None) -> torch.Tensor:
+    """(B, n) sorted indices of the tokens whose keys are least cosine-similar to the reference
+    keys (k, ref_k: (B, N, D)): the ``ratio`` share, or with ``threshold`` the most tokens of any
+    row whose similarity is below it (at least one)."""
     similarity = F.cosine_similarity(k, ref_k, dim=-1)  # (B, N)
-    n_dyn = max(1, round(ratio * k.shape[1]))
+    if threshold is None:
+        n_dyn = max(1, round(ratio * k.shape[1]))
+    else:
+        n_dyn = max(1, int((similarity < threshold).sum(1).max()))
     return similarity.topk(n_dyn, dim=1, largest=False).indices.sort(dim=1).values
 
 
-def _dynamic_attention(layer, h: torch.Tensor, ref: dict, ratio: float):
+def _dynamic_attention(layer, h: torch.Tensor, ref: dict, ratio: float, threshold: float | None = None):
     """The recompute shared by both cached-layer forms: keys of all tokens, the dynamic rows,
     and those rows' attention output (queries of dynamic rows against all current keys, with
     the reference values outside them). Returns (dyn (B, n), rows (B, n, D), attn_dyn (B, n, D))."""
     attn = layer.self_attn
     x = layer.layer_norm1(h)
     k = attn.k_proj(x)
-    dyn = _dynamic_rows(k, ref["k"], ratio)
+    dyn = _dynamic_rows(k, ref["k"], ratio, threshold)
     rows = dyn[:, :, None].expand(-1, -1, x.shape[-1])
     x_dyn = torch.gather(x, 1, rows)
     q_dyn, v_dyn = _heads(attn.q_proj(x_dyn), attn), _heads(attn.v_proj(x_dyn), attn)
@@ -94,14 +107,15 @@ def _dynamic_attention(layer, h: torch.Tensor, ref: dict, ratio: float):
     return dyn, rows, attn.out_proj(_merge(out))
 
 
-def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
+def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float,
+                 threshold: float | None = None) -> tuple[torch.Tensor, int]:
     """Selective recompute against the reference; returns (output, dynamic tokens per sample).
 
     Same values as :func:`cached_layer_reference`, bit for bit, with fewer full-size copies:
     the residual adds the reference's attention / MLP output to every row and then overwrites
     the dynamic rows, instead of cloning the reference outputs and scattering into them.
     """
-    dyn, rows, attn_dyn = _dynamic_attention(layer, h, ref, ratio)
+    dyn, rows, attn_dyn = _dynamic_attention(layer, h, ref, ratio, threshold)
     mid = h + ref["attn"]
     mid.scatter_(1, rows, torch.gather(h, 1, rows) + attn_dyn)
     mid_dyn = torch.gather(mid, 1, rows)
@@ -110,10 +124,11 @@ def cached_layer(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch
     return out, dyn.shape[1]
 
 
-def cached_layer_reference(layer, h: torch.Tensor, ref: dict, ratio: float) -> tuple[torch.Tensor, int]:
+def cached_layer_reference(layer, h: torch.Tensor, ref: dict, ratio: float,
+                           threshold: float | None = None) -> tuple[torch.Tensor, int]:
     """Plain re-statement of the official selective recompute (clone the reference outputs,
     scatter the dynamic rows in); the test oracle of :func:`cached_layer`."""
-    dyn, rows, attn_dyn = _dynamic_attention(layer, h, ref, ratio)
+    dyn, rows, attn_dyn = _dynamic_attention(layer, h, ref, ratio, threshold)
     out = ref["attn"].clone()
     out.scatter_(1, rows, attn_dyn)
     h = h + out
@@ -146,7 +161,8 @@ class STCCacher:
                 state.recomputed += hidden_states.shape[1] * hidden_states.shape[0]
                 state.total += hidden_states.shape[1] * hidden_states.shape[0]
                 return reference_layer(layer, hidden_states, store)
-            out, n_dyn = self.layer_fn(layer, hidden_states, state.reference[index], state.update_ratio)
+            out, n_dyn = self.layer_fn(layer, hidden_states, state.reference[index], state.update_ratio,
+                                       state.similarity_threshold)
             state.recomputed += n_dyn * hidden_states.shape[0]
             state.total += hidden_states.shape[1] * hidden_states.shape[0]
             return out
