@@ -262,6 +262,33 @@ def test_patch_targets_mark_object_and_digit_centres():
     assert pos.min() >= 0 and pos.max() <= 1
 
 
+def test_object_targets_by_hand():
+    """Two overlapping objects on a 6 x 6 grid of 24 px cells (covered: the box overlaps the cell
+    by more than 2 px, i.e. centre gap < 60 / 2 + 12 - 2 = 40 on both axes): every covered cell
+    names the object with the nearest centre, each centre cell its own object, the rest -1."""
+    from mmaccel.embedded.pretrain import object_targets
+
+    meta = {"side": 144, "objects": [
+        {"shape": "square", "color": "red", "cx": 40, "cy": 40, "size": 60},
+        {"shape": "triangle", "color": "blue", "cx": 76, "cy": 76, "size": 60}]}
+    obj = object_targets(meta, 6).reshape(6, 6, 2).tolist()
+    red_square, blue_triangle, none = [1, 0], [2, 2], [-1, -1]
+    assert obj[1][1] == red_square and obj[3][3] == blue_triangle  # the centre cells
+    assert obj[2][2] == blue_triangle  # cell centre (60, 60): both cover, the triangle's centre is nearer
+    assert obj[1][2] == red_square  # (60, 36): the triangle's vertical gap is 40, not under 40
+    assert obj[0][0] == red_square and obj[5][5] == none and obj[0][5] == none
+
+
+def test_stage1_batches_are_the_same_with_workers(processor):
+    from mmaccel.embedded.pretrain import stage1_batches
+
+    alone = list(stage1_batches(processor, seed=3, steps=3, batch_size=2, grid=6, crowded=False))
+    forked = list(stage1_batches(processor, seed=3, steps=3, batch_size=2, grid=6, crowded=False, workers=2))
+    assert len(alone) == len(forked) == 3 and len(alone[0]) == 4  # pixels, cls, pos, obj
+    assert all(torch.equal(a, b) for x, y in zip(alone, forked) for a, b in zip(x, y))
+    assert not torch.equal(alone[0][0], alone[1][0])  # each step its own scenes
+
+
 def test_curriculum_phases_and_flat_then_cosine_lr():
     from mmaccel.embedded.train import CURRICULUM, GROUPS, curriculum, lr_at, phase_groups
 

@@ -9,6 +9,11 @@ describe each patch of a tile, from labels computed from the scene metadata:
 - ``pos`` (G*G, 2): where the cell's content is, as (x, y) / side in [0, 1]: the object
   centre for object-centre cells, else the cell centre (so tokens carry 2-D position).
 
+- ``obj`` (G*G, 2): the (shape, color) of the object covering the cell (the nearest centre
+  when several do; -1 off objects), so that every token on an object, not only the centre
+  one, learns to say what it is part of (``dense``; the centre class alone left shape
+  poorly decodable: see RECIPE.md);
+
 - scene summary (``summary`` mode "mean" or "token"): which of the 12 (shape, color)
   kinds are present and how many objects of each shape (0-6), read by a second head
   from the mean of the tile's tokens ("mean") or from every token alone ("token"). This
@@ -37,6 +42,7 @@ N_CLASSES = 25
 N_KINDS = len(SHAPES) * len(COLOR_NAMES)
 MAX_SHAPE_COUNT = 6
 SUMMARY_OUT = N_KINDS + len(SHAPES) * (MAX_SHAPE_COUNT + 1)
+HEAD_OUT = N_CLASSES + 2 + len(SHAPES) + len(COLOR_NAMES)  # classes, (x, y), shape, color
 
 
 def digit_centres(meta: dict) -> list[tuple[str, float, float]]:
@@ -85,6 +91,26 @@ def patch_targets(meta: dict, grid: int):
     return cls, pos
 
 
+def object_targets(meta: dict, grid: int):
+    """(G*G, 2) int64: (shape, color) index of the object covering each cell, -1 where none.
+    A cell is covered when it overlaps the object's box by more than 2 px (as for class 13);
+    of several, the object whose centre is nearest the cell centre wins."""
+    side, cell = meta["side"], meta["side"] / grid
+    centers = np.stack(np.meshgrid(np.arange(grid), np.arange(grid)), -1).reshape(-1, 2) * cell + cell / 2
+    out = np.full((grid * grid, 2), -1, np.int64)
+    best = np.full(grid * grid, np.inf)
+    for o in meta["objects"]:
+        gap = np.abs(centers - [o["cx"], o["cy"]])
+        near = gap.max(1) < o["size"] / 2 + cell / 2 - 2
+        dist = np.hypot(*gap.T)
+        win = near & (dist < best)
+        out[win] = [SHAPES.index(o["shape"]), COLOR_NAMES.index(o["color"])]
+        best[win] = dist[win]
+    for o in meta["objects"]:  # the centre cell always names its own object
+        out[cell_of(o["cx"], o["cy"], side, grid)] = [SHAPES.index(o["shape"]), COLOR_NAMES.index(o["color"])]
+    return out
+
+
 def summary_targets(meta: dict):
     """(present (N_KINDS,) float32 0/1, shape counts (len(SHAPES),) int64) of a still scene."""
     present = np.zeros(N_KINDS, np.float32)
@@ -97,7 +123,7 @@ def summary_targets(meta: dict):
 
 
 def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded: bool = False):
-    """Pixel tiles (n, 3, S, S) with stacked patch targets (cls, pos) from random normal-size
+    """Pixel tiles (n, 3, S, S) with stacked patch targets (cls, pos, obj) from random normal-size
     scenes; with ``crowded``, every other scene holds up to 6 objects (a count scene) and the
     summary targets (present, counts) follow."""
     import torch
@@ -105,7 +131,8 @@ def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded
     fams = ["caption", "count"] if crowded else ["caption"]
     samples = [make_sample(fams[i % len(fams)], rng, hires=False) for i in range(n)]
     pix = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"][:, 0]
-    tg = [patch_targets(s.meta, grid) + (summary_targets(s.meta) if crowded else ()) for s in samples]
+    tg = [patch_targets(s.meta, grid) + (object_targets(s.meta, grid),) + (summary_targets(s.meta) if crowded else ())
+          for s in samples]
     return pix, *(torch.from_numpy(np.stack(t)) for t in zip(*tg))
 
 
@@ -148,16 +175,22 @@ def projected_tokens(model, pix):
     return model.model.multi_modal_projector(hidden)
 
 
-def patch_loss(model, head, pix, cls, pos, present=None, counts=None, words=None, summary=None):
-    """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, and
-    with ``summary`` = (mode, head) the scene-summary loss. Returns (loss, cell accuracy,
-    position error, summary accuracy or nan)."""
+def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words=None, summary=None,
+               dense: bool = False):
+    """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
+    ``dense`` the (shape, color) of every object cell, and with ``summary`` = (mode, head)
+    the scene-summary loss. Returns (loss, cell accuracy, position error, summary accuracy
+    or nan)."""
     import torch.nn.functional as F
 
     feats = projected_tokens(model, pix)
-    out = head(feats)  # (n, G*G, N_CLASSES + 2)
+    out = head(feats)  # (n, G*G, HEAD_OUT)
     ce = F.cross_entropy(out[..., :N_CLASSES].flatten(0, 1), cls.flatten())
-    l1 = 4.0 * (out[..., N_CLASSES:].sigmoid() - pos).abs().sum(-1).mean()
+    l1 = 4.0 * (out[..., N_CLASSES:N_CLASSES + 2].sigmoid() - pos).abs().sum(-1).mean()
+    if dense:
+        shape_logits, color_logits = out[..., N_CLASSES + 2:].split([len(SHAPES), len(COLOR_NAMES)], -1)
+        ce = ce + F.cross_entropy(shape_logits.flatten(0, 1), obj[..., 0].flatten(), ignore_index=-1) \
+            + F.cross_entropy(color_logits.flatten(0, 1), obj[..., 1].flatten(), ignore_index=-1)
     align = alignment_loss(model, feats, cls, words) if words else 0.0
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
     extra, s_acc = (summary_loss(feats, present, counts, *summary) if summary else (0.0, float("nan")))
@@ -183,14 +216,16 @@ def summary_loss(feats, present, counts, mode: str, head):
 
 
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
-                    log=print, summary: str = "") -> float:
-    """Train tower + projector for ``steps`` on patch targets (plus the scene summary when
-    ``summary`` is "mean" or "token"); returns the final cell accuracy."""
+                    log=print, summary: str = "", dense: bool = False, workers: int = 0) -> float:
+    """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
+    every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
+    returns the final cell accuracy. ``workers`` processes render the batches (the scenes,
+    not the small tower, are most of a stage-1 step on the CPU); the batches stay the same."""
     import torch
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     hidden = model.config.text_config.hidden_size
-    head = torch.nn.Linear(hidden, N_CLASSES + 2).to(model.device)
+    head = torch.nn.Linear(hidden, HEAD_OUT).to(model.device)
     s_head = torch.nn.Linear(hidden, SUMMARY_OUT).to(model.device) if summary else None
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     params.append(model.get_input_embeddings().weight)
@@ -198,14 +233,15 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     heads = list(head.parameters()) + (list(s_head.parameters()) if s_head else [])
     opt = torch.optim.AdamW(params + heads, lr=lr, weight_decay=0.01)
     t0, stats = time.time(), []
+    batches = stage1_batches(processor, seed, steps, batch_size, grid, bool(summary), workers)
     for step in range(steps):
-        rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 2]))
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        batch = [t.to(model.device) for t in vision_batch(processor, rng, batch_size, grid, bool(summary))]
+        batch = [t.to(model.device) for t in next(batches)]
         if not summary:
             batch += [None, None]
-        loss, *st = patch_loss(model, head, *batch, words=words, summary=(summary, s_head) if summary else None)
+        loss, *st = patch_loss(model, head, *batch, words=words, summary=(summary, s_head) if summary else None,
+                               dense=dense)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -216,6 +252,31 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
             log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} cell acc {acc:.3f} "
                 f"pos err {err:.4f} summary acc {s_acc:.3f} t {time.time() - t0:.0f}s")
     return float(np.mean([a for a, _, _ in stats[-50:]])) if stats else 0.0
+
+
+_STAGE1: dict = {}
+
+
+def _stage1_batch(step: int):
+    import torch
+
+    torch.set_num_threads(1)  # a forked worker must not use the parent's OpenMP pool
+    processor, seed, batch_size, grid, crowded = _STAGE1["args"]
+    rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 2]))
+    return vision_batch(processor, rng, batch_size, grid, crowded)
+
+
+def stage1_batches(processor, seed: int, steps: int, batch_size: int, grid: int, crowded: bool, workers: int = 0):
+    """The batches of stage-1 steps 0..steps-1 (each a pure function of seed and step), built
+    in this process or by ``workers`` forked processes, in order."""
+    import multiprocessing as mp
+
+    _STAGE1["args"] = (processor, seed, batch_size, grid, crowded)
+    if not workers:
+        yield from map(_stage1_batch, range(steps))
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_stage1_batch, range(steps), chunksize=4)
 
 
 def rescale_projector(model, processor, seed: int, target_norm: float = 1.0, n: int = 32) -> float:

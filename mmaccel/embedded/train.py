@@ -108,6 +108,9 @@ class TrainConfig:
     vision_lr_mult: float = 1.0
     vision_steps: int = 800
     vision_lr: float = 2e-3
+    vision_dense: bool = False
+    stage1_workers: int = 0
+    freeze_tower: bool = False
     summary: str = ""
     visual_norm: float = 1.0
     threads: int = 2
@@ -208,6 +211,8 @@ def make_optimizer(model, cfg: TrainConfig):
 
     groups = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         vis = "vision_tower" in name or "multi_modal_projector" in name
         key = (vis, p.ndim >= 2)
         groups.setdefault(key, []).append(p)
@@ -259,17 +264,19 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     processor = build_processor(tokenizer, cfg.order)
     model = build_model(tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision).to(cfg.device)
     model.train()
-    opt = make_optimizer(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"params {n_params / 1e6:.2f}M config {json.dumps(asdict(cfg))}")
     t0 = time.time()
     if cfg.vision_steps:
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
-                              summary=cfg.summary)
+                              summary=cfg.summary, dense=cfg.vision_dense, workers=cfg.stage1_workers)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
             log(f"projector output scaled by {factor:.4f} to mean token norm {cfg.visual_norm}")
+    if cfg.freeze_tower:  # stage 2 eroded the tower's shape features (RECIPE.md): keep stage 1's
+        model.model.vision_tower.requires_grad_(False)
+    opt = make_optimizer(model, cfg)
     budget = cfg.minutes * 60.0 - (time.time() - t0) if cfg.minutes else None
     history = run_loop(model, opt, processor, cfg, log, groups, budget)
     model.eval()
@@ -385,6 +392,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--decay-from", type=float, default=TrainConfig.decay_from,
                    help="schedule progress (0..1) where the cosine decay starts")
     p.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
+    p.add_argument("--vision-dense", action="store_true",
+                   help="stage 1 also labels every object cell with its object's shape and color")
+    p.add_argument("--stage1-workers", type=int, default=TrainConfig.stage1_workers,
+                   help="processes rendering stage-1 batches (same batches for any number)")
+    p.add_argument("--freeze-tower", action="store_true",
+                   help="stage 2 keeps the vision tower of stage 1 (the projector and LM train)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--followups", type=int, default=TrainConfig.followups,
                    help="extra questions about each sample's media, as further chat turns")
@@ -405,7 +418,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     a = p.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, lr=a.lr,
                       batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
-                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from, vision_steps=a.vision_steps,
+                      vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from,
+                      vision_steps=a.vision_steps, vision_dense=a.vision_dense, freeze_tower=a.freeze_tower,
+                      stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
