@@ -332,3 +332,25 @@ def test_summary_subsets_small_objects_and_counting():
     assert sub["counting"]["n"] == len(counting) and sub["small_objects"]["n"] == len(small) > 0
     assert sub["counting"]["correct"] == sum(i % 2 for i in counting)
     assert sub["small_objects"]["correct"] == sum(i % 2 for i in small)
+
+
+def test_linear_probe_reads_what_tokens_carry_and_nothing_more():
+    from mmaccel.embedded.probe import linear_probe
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=gen)
+    carried = torch.nn.functional.one_hot(y, 3).float() + 0.1 * torch.randn(300, 3, generator=gen)
+    noise = torch.randn(300, 8, generator=gen)
+    x = torch.cat([carried, noise], 1)
+    assert (linear_probe(x[:200], y[:200].numpy(), x[200:]) == y[200:].numpy()).mean() == 1.0
+    blind = (linear_probe(noise[:200], y[:200].numpy(), noise[200:]) == y[200:].numpy()).mean()
+    assert blind < 0.6  # labels the tokens do not carry stay near chance (1/3)
+
+
+def test_probe_on_the_shipped_model_reads_colour(shipped):
+    from mmaccel.embedded.probe import probe
+
+    model, processor = shipped
+    res = probe(model, processor, train_scenes=120, test_scenes=60)
+    assert res["objects_test"] > 60 and res["color"] > 0.9
+    assert set(res["shape_by_size"]) <= {"0-12px", "12-18px", "18-26px", "26-40px"}
