@@ -282,11 +282,13 @@ def test_object_targets_by_hand():
 def test_stage1_batches_are_the_same_with_workers(processor):
     from mmaccel.embedded.pretrain import stage1_batches
 
+    threads = torch.get_num_threads()
     alone = list(stage1_batches(processor, seed=3, steps=3, batch_size=2, grid=6, crowded=False))
     forked = list(stage1_batches(processor, seed=3, steps=3, batch_size=2, grid=6, crowded=False, workers=2))
     assert len(alone) == len(forked) == 3 and len(alone[0]) == 4  # pixels, cls, pos, obj
     assert all(torch.equal(a, b) for x, y in zip(alone, forked) for a, b in zip(x, y))
     assert not torch.equal(alone[0][0], alone[1][0])  # each step its own scenes
+    assert torch.get_num_threads() == threads  # only the forked workers run on one thread
 
 
 def test_curriculum_phases_and_flat_then_cosine_lr():

@@ -257,10 +257,13 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
 _STAGE1: dict = {}
 
 
-def _stage1_batch(step: int):
+def _one_thread():
     import torch
 
     torch.set_num_threads(1)  # a forked worker must not use the parent's OpenMP pool
+
+
+def _stage1_batch(step: int):
     processor, seed, batch_size, grid, crowded = _STAGE1["args"]
     rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 2]))
     return vision_batch(processor, rng, batch_size, grid, crowded)
@@ -275,7 +278,7 @@ def stage1_batches(processor, seed: int, steps: int, batch_size: int, grid: int,
     if not workers:
         yield from map(_stage1_batch, range(steps))
         return
-    with mp.get_context("fork").Pool(workers) as pool:
+    with mp.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
         yield from pool.imap(_stage1_batch, range(steps), chunksize=4)
 
 
