@@ -21,6 +21,16 @@ def test_dominant_contextual_by_hand():
     torch.testing.assert_close(out[1], feats[[2, 3, 5]].mean(0))
 
 
+def test_dominant_slots_nobody_can_fill_go_to_context():
+    """A segment holding only a newline token (score -inf): at full budget it is kept, not lost
+    (LLaVA-OneVision gives each image of a multi-image prompt, and each video, one)."""
+    keep, out, groups = dominant_contextual(torch.ones(1, 2), torch.tensor([float("-inf")]), 1, 0)
+    assert keep.tolist() == [0] and [g.tolist() for g in groups] == [[0]]
+    # three tokens, one finite: 2 dominant asked, 1 possible; the other slot becomes contextual
+    keep, _, _ = dominant_contextual(torch.eye(3), torch.tensor([0.5, float("-inf"), float("-inf")]), 2, 0)
+    assert keep.tolist() == [0, 1]
+
+
 def test_crop_boxes_and_counts():
     # a 2x4 crop raster (+ newline column) made of two crops side by side
     tile = torch.tensor([1, 1, 2, 2, float("nan"), 1, 1, 2, 2, float("nan")])[:, None]

@@ -33,9 +33,13 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
     """VisionZip on one segment. features: (n, D); scores: (n,) (-inf = never dominant).
 
     Returns (keep (k,) sorted slots, features (k, D), groups) with k <= n_dominant + n_contextual.
+    Dominant slots that no token can fill (too few finite scores, e.g. a segment that is only a
+    row-newline token) go to the contextual share, so the budget is still spent.
     """
     n = features.shape[0]
+    wanted = n_dominant
     n_dominant = min(n_dominant, int(torch.isfinite(scores).sum()))
+    n_contextual += wanted - n_dominant
     dominant = scores.topk(n_dominant).indices if n_dominant else torch.empty(0, dtype=torch.long)
     rest = torch.ones(n, dtype=torch.bool)
     rest[dominant] = False
