@@ -180,6 +180,28 @@ def test_short_training_lowers_loss(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").exists()
 
 
+def test_frozen_tower_keeps_stage_one_weights(monkeypatch):
+    """--freeze-tower (with dense stage-1 labels): stage 2 leaves the tower as stage 1 left it
+    while the projector and the language model still train."""
+    import mmaccel.embedded.train as train_mod
+
+    seen = {}
+    real_loop = train_mod.run_loop
+
+    def snapshot_then_run(model, *args, **kwargs):
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return real_loop(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "run_loop", snapshot_then_run)
+    cfg = TrainConfig(seed=2, steps=3, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=2,
+                      vision_dense=True, freeze_tower=True, text={"num_hidden_layers": 1},
+                      vision={"num_hidden_layers": 1})
+    model, _, _ = train(cfg, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, seen["before"][n])}
+    assert not any("vision_tower" in n for n in changed)
+    assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
+
+
 def test_save_reload_round_trip(tmp_path, processor):
     model = build_model(processor.tokenizer, seed=3).eval()
     model.save_pretrained(tmp_path)
