@@ -233,8 +233,8 @@ def stc_vit_time(frames: int = 16, settings=STC_SETTINGS, threads: int = 2, repe
     clip = torch.tensor(mostly_static_video(frames, image_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
     layers = getattr(tower, "vision_model", tower).encoder.layers
     _stc_encode(tower, layers, clip, None)  # warm-up
-    full = statistics.median(_stc_encode(tower, layers, clip, None)[0] for _ in range(repeats))
-    reference = _stc_encode(tower, layers, clip, None)[2]
+    full_runs = [_stc_encode(tower, layers, clip, None) for _ in range(repeats)]
+    full, reference = statistics.median(r[0] for r in full_runs), full_runs[-1][2]
     out = {"frames": frames, "tokens_per_frame": (image_size // 14) ** 2, "threads": threads, "full_s": full,
            "cached": []}
     for interval, ratio, threshold in settings:

@@ -67,11 +67,28 @@ def cell_of(x: float, y: float, side: int, grid: int) -> int:
     return cy * grid + cx
 
 
+def cell_centres(side: float, grid: int) -> np.ndarray:
+    """(G*G, 2) pixel (x, y) centres of the grid cells, row-major."""
+    cell = side / grid
+    return np.stack(np.meshgrid(np.arange(grid), np.arange(grid)), -1).reshape(-1, 2) * cell + cell / 2
+
+
+def covered_cells(centers: np.ndarray, obj: dict, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """(covered (G*G,) bool, |centre gap| (G*G, 2)): a cell is covered when it overlaps the
+    object's box by more than 2 px."""
+    gap = np.abs(centers - [obj["cx"], obj["cy"]])
+    return gap.max(1) < obj["size"] / 2 + cell / 2 - 2, gap
+
+
+def _kind(obj: dict) -> list[int]:
+    return [SHAPES.index(obj["shape"]), COLOR_NAMES.index(obj["color"])]
+
+
 def patch_targets(meta: dict, grid: int):
     """(cls (G*G,) int64, pos (G*G, 2) float32) for one still scene."""
     side, cell = meta["side"], meta["side"] / grid
     cls = np.zeros(grid * grid, np.int64)
-    centers = np.stack(np.meshgrid(np.arange(grid), np.arange(grid)), -1).reshape(-1, 2) * cell + cell / 2
+    centers = cell_centres(side, grid)
     pos = (centers / side).astype(np.float32)
     if meta.get("text_box"):
         x0, y0, x1, y1 = meta["text_box"]
@@ -79,8 +96,7 @@ def patch_targets(meta: dict, grid: int):
                  (centers[:, 1] >= y0 - cell / 3) & (centers[:, 1] <= y1 + cell / 3)
         cls[inside] = 14
     for o in meta["objects"]:
-        near = np.abs(centers - [o["cx"], o["cy"]]).max(1) < o["size"] / 2 + cell / 2 - 2
-        cls[near & (cls == 0)] = 13
+        cls[covered_cells(centers, o, cell)[0] & (cls == 0)] = 13
     for o in meta["objects"]:
         i = cell_of(o["cx"], o["cy"], side, grid)
         cls[i] = 1 + SHAPES.index(o["shape"]) * len(COLOR_NAMES) + COLOR_NAMES.index(o["color"])
@@ -96,18 +112,16 @@ def object_targets(meta: dict, grid: int):
     A cell is covered when it overlaps the object's box by more than 2 px (as for class 13);
     of several, the object whose centre is nearest the cell centre wins."""
     side, cell = meta["side"], meta["side"] / grid
-    centers = np.stack(np.meshgrid(np.arange(grid), np.arange(grid)), -1).reshape(-1, 2) * cell + cell / 2
+    centers = cell_centres(side, grid)
     out = np.full((grid * grid, 2), -1, np.int64)
     best = np.full(grid * grid, np.inf)
     for o in meta["objects"]:
-        gap = np.abs(centers - [o["cx"], o["cy"]])
-        near = gap.max(1) < o["size"] / 2 + cell / 2 - 2
+        near, gap = covered_cells(centers, o, cell)
         dist = np.hypot(*gap.T)
         win = near & (dist < best)
-        out[win] = [SHAPES.index(o["shape"]), COLOR_NAMES.index(o["color"])]
-        best[win] = dist[win]
+        out[win], best[win] = _kind(o), dist[win]
     for o in meta["objects"]:  # the centre cell always names its own object
-        out[cell_of(o["cx"], o["cy"], side, grid)] = [SHAPES.index(o["shape"]), COLOR_NAMES.index(o["color"])]
+        out[cell_of(o["cx"], o["cy"], side, grid)] = _kind(o)
     return out
 
 
