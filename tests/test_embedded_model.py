@@ -292,12 +292,12 @@ def test_object_targets_by_hand():
 
     meta = {"side": 144, "objects": [
         {"shape": "square", "color": "red", "cx": 40, "cy": 40, "size": 60},
-        {"shape": "triangle", "color": "blue", "cx": 76, "cy": 76, "size": 60}]}
+        {"shape": "triangle", "color": "blue", "cx": 72, "cy": 72, "size": 60}]}
     obj = object_targets(meta, 6).reshape(6, 6, 2).tolist()
     red_square, blue_triangle, none = [1, 0], [2, 2], [-1, -1]
     assert obj[1][1] == red_square and obj[3][3] == blue_triangle  # the centre cells
     assert obj[2][2] == blue_triangle  # cell centre (60, 60): both cover, the triangle's centre is nearer
-    assert obj[1][2] == red_square  # (60, 36): the triangle's vertical gap is 40, not under 40
+    assert obj[1][2] == red_square  # (60, 36): both cover (gaps 20 / 36), the square's centre is nearer
     assert obj[0][0] == red_square and obj[5][5] == none and obj[0][5] == none
 
 
