@@ -158,6 +158,25 @@ def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
             torch.testing.assert_close(losses[b, t], ce)
 
 
+def test_token_mean_objective_weighs_every_answer_token_once(processor):
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import objective, per_turn_loss, turn_index
+
+    samples = [make_sample("caption", sample_rng(5, 2, "train"), hires=False, followups=2),
+               make_sample("color", sample_rng(5, 1, "train"), hires=False)]
+    batch = encode_for_training(processor, samples)
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = torch.randn(*ids.shape, len(processor.tokenizer), generator=torch.Generator().manual_seed(1))
+    losses, present, count = per_turn_loss(logits, labels, turn_index(ids, assistant_id(processor)),
+                                           with_counts=True)
+    flat = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
+    torch.testing.assert_close(objective(losses, present, count, "tokens"), flat)
+    torch.testing.assert_close(objective(losses, present, count, "turns"), losses[present].mean())
+    assert not torch.allclose(flat, losses[present].mean())  # the caption turn is long
+    with pytest.raises(ValueError, match="loss_mean"):
+        objective(losses, present, count, "samples")
+
+
 def test_prefetched_batches_equal_inline_batches(processor):
     from mmaccel.embedded.train import CURRICULUM, phase_groups, prefetched, progress_of, step_batch
 

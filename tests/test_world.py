@@ -217,7 +217,8 @@ def _family_of(question: str) -> str:
     from mmaccel.world.spec import TEMPLATES
 
     heads = {t.split("{")[0]: f for f, t in TEMPLATES.items()}
-    return next(f for head, f in heads.items() if question.startswith(head) and head)
+    # longest head first: "How many times does the" (flash) also starts with "How many " (count)
+    return next(heads[h] for h in sorted(heads, key=len, reverse=True) if h and question.startswith(h))
 
 
 def test_followups_answer_the_same_scene_exactly():
@@ -227,9 +228,10 @@ def test_followups_answer_the_same_scene_exactly():
     from dataclasses import replace
 
     seen = set()
-    for i in range(120):
-        fam = ("color", "count", "exists", "where", "caption", "multi", "motion")[i % 7]
-        s = make_sample(fam, sample_rng(4, i, "test"), followups=6)
+    for i in range(160):
+        fam = ("color", "count", "exists", "where", "caption", "multi", "motion", "flash")[i % 8]
+        extra = ("flash", "caption") if i % 16 >= 8 else ()
+        s = make_sample(fam, sample_rng(4, i, "test"), followups=6, extra_followups=extra)
         assert len(s.followups) <= 6 and s.question not in [q for q, _ in s.followups]
         for q, a in s.followups:
             f = _family_of(q)
@@ -239,12 +241,21 @@ def test_followups_answer_the_same_scene_exactly():
                 has = [any((o["shape"], o["color"]) == (shape, color) for o in sc["objects"])
                        for sc in s.meta["scenes"]]
                 assert sum(has) == 1 and a == ("first", "second")[has.index(True)]
-            elif f == "motion":
+            elif f in ("motion", "flash"):
                 assert a == _expected_video_answer(probe)
             else:
                 assert a == _expected_image_answer(probe), (q, a)
             seen.add((f, a) if f == "exists" else f)
+            if f in ("flash", "caption"):
+                assert extra, "opt-in follow-up kinds came up without being asked for"
+                seen.add((f, a) if f == "flash" else f)
     assert {("exists", "yes"), ("exists", "no"), "count", "color", "where", "multi", "motion"} <= seen
+    assert {("flash", "0"), "caption"} <= seen
+
+
+def test_unknown_followup_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown follow-up kinds"):
+        make_sample("color", sample_rng(4, 0, "test"), followups=2, extra_followups=("digits",))
 
 
 def test_followups_leave_the_main_sample_unchanged():

@@ -7,8 +7,10 @@ pairs, or videos of 8/12/16 frames) so that all rows share one visual token coun
 With ``--followups K`` each sample also carries up to K more questions about the same
 media as further chat turns (one vision pass, several supervised answers; see
 :mod:`mmaccel.world.followups`). The loss is the mean, over every answered turn, of
-the turn's mean cross-entropy on its answer tokens (answer + eos). AdamW, linear
-warm-up, flat, then cosine decay.
+the turn's mean cross-entropy on its answer tokens (answer + eos), or with
+``--loss-mean tokens`` the mean over all answer tokens (a caption of ~12 tokens then
+weighs as much as six one-word answers instead of one). AdamW, linear warm-up, flat,
+then cosine decay.
 
 Stage 1 (``vision_steps``, see :mod:`.pretrain`) first trains the vision tower and
 projector on dense patch labels; stage 2 trains everything on the questions.
@@ -81,6 +83,28 @@ def curriculum(groups: dict | None = None) -> tuple[Phase, ...]:
     return (Phase(1.0, groups),) if groups else CURRICULUM
 
 
+def reweighted(phases: tuple[Phase, ...], weights: dict[str, float]) -> tuple[Phase, ...]:
+    """``phases`` with each named family's weight replaced in every group that has it."""
+    def group(g):
+        prob, mult, kw, mix = g
+        return prob, mult, kw, {f: weights.get(f, w) for f, w in mix.items()}
+
+    return tuple(Phase(ph.end, {n: group(g) for n, g in ph.groups.items()}) for ph in phases)
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'flash=2.4,caption=3' -> {'flash': 2.4, 'caption': 3.0} (known families only)."""
+    from ..world.spec import MODEL_FAMILIES
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or name not in MODEL_FAMILIES or float(value) < 0:
+            raise ValueError(f"bad family weight {item!r}: use family=weight with a family of {MODEL_FAMILIES}")
+        out[name] = float(value)
+    return out
+
+
 def phase_groups(phases: tuple[Phase, ...], progress: float) -> dict:
     """The groups of the first phase whose ``end`` lies beyond ``progress``."""
     for ph in phases:
@@ -115,6 +139,9 @@ class TrainConfig:
     visual_norm: float = 1.0
     threads: int = 2
     followups: int = 0
+    extra_followups: tuple = ()
+    loss_mean: str = "turns"
+    family_weights: dict = field(default_factory=dict)
     order: str = "image-first"
     device: str = "cpu"
     workers: int = 0
@@ -142,9 +169,10 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 1]))
 
 
-def draw_batch(rng: np.random.Generator, batch_size: int, groups=None, followups: int = 0):
+def draw_batch(rng: np.random.Generator, batch_size: int, groups=None, followups: int = 0,
+               extra_followups: tuple = ()):
     """Pick a group, then ``batch_size * mult`` samples with families by weight, each with
-    up to ``followups`` extra questions about its media."""
+    up to ``followups`` extra questions about its media (``extra_followups``: opt-in kinds)."""
     groups = groups or GROUPS
     names = list(groups)
     probs = np.array([groups[n][0] for n in names], float)
@@ -152,15 +180,17 @@ def draw_batch(rng: np.random.Generator, batch_size: int, groups=None, followups
     _, mult, kw, mix = groups[name]
     fams, w = list(mix), np.array(list(mix.values()), float)
     picks = rng.choice(len(fams), size=max(1, int(round(batch_size * mult))), p=w / w.sum())
-    return name, [make_sample(fams[int(i)], rng, followups=followups, **kw) for i in picks]
+    return name, [make_sample(fams[int(i)], rng, followups=followups,
+                                   extra_followups=tuple(extra_followups), **kw) for i in picks]
 
 
-def per_turn_loss(logits, labels, turn_of):
+def per_turn_loss(logits, labels, turn_of, with_counts: bool = False):
     """Mean answer-token cross-entropy per assistant turn.
 
     logits (B, L, V); labels (B, L) with -100 outside answers; turn_of (B, L) the
     1-based index of the assistant turn each token belongs to. Returns (losses (B, T),
     present (B, T) bool), T the most turns of any row; turn 1 is the main question.
+    ``with_counts`` also returns the answer tokens per turn (B, T) float.
     """
     import torch
     import torch.nn.functional as F
@@ -172,7 +202,8 @@ def per_turn_loss(logits, labels, turn_of):
     idx = (turn - 1).clamp(min=0)
     total = torch.zeros(ce.shape[0], n_turns, device=ce.device).scatter_add_(1, idx, ce * mask)
     count = torch.zeros_like(total).scatter_add_(1, idx, mask)
-    return total / count.clamp(min=1.0), count > 0
+    losses = total / count.clamp(min=1.0)
+    return (losses, count > 0, count) if with_counts else (losses, count > 0)
 
 
 def turn_index(input_ids, marker_id: int):
@@ -180,10 +211,11 @@ def turn_index(input_ids, marker_id: int):
     return (input_ids == marker_id).long().cumsum(dim=1)
 
 
-def train_step(model, opt, batch, marker_id: int, lr: float, clip: float):
-    """One optimiser step on the mean over all answered turns of an encoded ``batch``
-    (see :func:`encode_for_training`); returns the main question's loss per sample (B,)
-    and the follow-ups' mean loss (nan if none)."""
+def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_mean: str = "turns"):
+    """One optimiser step on the mean over all answered turns (``loss_mean="turns"``) or
+    all answer tokens (``"tokens"``) of an encoded ``batch`` (see
+    :func:`encode_for_training`); returns the main question's loss per sample (B,) and
+    the follow-ups' mean loss (nan if none)."""
     import torch
 
     labels = batch.pop("labels")
@@ -191,8 +223,8 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float):
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     out = model(**batch.to(model.device), use_cache=False)
-    losses, present = per_turn_loss(out.logits, labels.to(model.device), turns)
-    losses[present].mean().backward()
+    losses, present, count = per_turn_loss(out.logits, labels.to(model.device), turns, with_counts=True)
+    objective(losses, present, count, loss_mean).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -200,6 +232,15 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float):
     extra = losses[:, 1:][present[:, 1:]]
     follow = float(extra.mean()) if extra.numel() else float("nan")
     return losses[:, 0].cpu().numpy(), follow
+
+
+def objective(losses, present, count, loss_mean: str):
+    """The scalar to minimise from per-turn mean losses (B, T), see :func:`train_step`."""
+    if loss_mean == "turns":
+        return losses[present].mean()
+    if loss_mean == "tokens":
+        return (losses * count).sum() / count.sum()
+    raise ValueError(f"unknown loss_mean {loss_mean!r}; choose 'turns' or 'tokens'")
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -294,7 +335,8 @@ def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | Non
 
 def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
     """Families and encoded batch of training step ``step`` (a pure function of its inputs)."""
-    _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups)
+    _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups,
+                            cfg.extra_followups)
     return [s.family for s in samples], encode_for_training(processor, samples)
 
 
@@ -331,7 +373,8 @@ def prefetched(cfg: TrainConfig, phases, ahead: int = 4):
 def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=None) -> list[dict]:
     """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent."""
     t0, step, history = time.time(), 0, []
-    fam_loss, window, follow, phases = FamilyLoss(), [], [], curriculum(groups)
+    fam_loss, window, follow = FamilyLoss(), [], []
+    phases = reweighted(curriculum(groups), cfg.family_weights)
     source = prefetched(cfg, phases) if cfg.workers and cfg.steps else None
     marker = assistant_id(processor)
     while True:
@@ -345,7 +388,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
             break
         fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog))
         lr = lr_at(step, prog, cfg)
-        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip)
+        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean)
         fam_loss.add(fams, losses)
         window.append(float(losses.mean()))
         follow.append(follow_loss)
@@ -401,6 +444,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--followups", type=int, default=TrainConfig.followups,
                    help="extra questions about each sample's media, as further chat turns")
+    p.add_argument("--extra-followups", default="",
+                   help="opt-in follow-up kinds, comma list of: flash (other objects' flash "
+                        "counts, 0), caption (a caption turn on every still scene of <= 4 objects)")
+    p.add_argument("--family-weights", default="",
+                   help="override sampling weights of question families, e.g. flash=2.4,caption=3")
+    p.add_argument("--loss-mean", choices=["turns", "tokens"], default=TrainConfig.loss_mean,
+                   help="average the loss over answered turns or over answer tokens")
     p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
     p.add_argument("--summary", choices=["", "mean", "token"], default=TrainConfig.summary,
                    help="stage 1 also learns scene-summary targets (kinds present, shape counts)")
@@ -421,7 +471,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from,
                       vision_steps=a.vision_steps, vision_dense=a.vision_dense, freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
-                      followups=a.followups, device=a.device, workers=a.workers, summary=a.summary,
+                      followups=a.followups, device=a.device, loss_mean=a.loss_mean,
+                      family_weights=parse_weights(a.family_weights),
+                      extra_followups=tuple(k for k in a.extra_followups.split(",") if k), workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a

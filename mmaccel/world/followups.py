@@ -13,6 +13,14 @@ scene metadata alone, keeping only the ones whose answer is unambiguous:
 - ``multi`` for a kind found in exactly one of two images;
 - ``motion`` for a moving object whose kind is unique in the video.
 
+Two more kinds are opt-in (``extra``), so older recipes keep their data stream:
+
+- ``flash``: in a flash video, "How many times does the {color} {shape} flash?" for every
+  other object of a unique kind; they never vanish, so the answer is ``0`` (the main
+  question's answers are 1-3, so these turns teach *which* object's frames to count);
+- ``caption``: "Describe the image." for a still scene of at most ``CAPTION_MAX_OBJECTS``
+  objects (the caption family's own scenes), so captions are trained beside every image.
+
 Training packs them as extra chat turns after the main answer, so one image costs one
 vision pass for several supervised answers (see ``mmaccel.embedded.data``).
 """
@@ -22,7 +30,9 @@ from collections import Counter
 
 import numpy as np
 
-from .spec import COLORS, MAX_COUNT, MOTIONS, ORDINALS, SHAPES, TEMPLATES
+from .images import caption
+from .scene import Obj
+from .spec import CAPTION_MAX_OBJECTS, COLORS, MAX_COUNT, MOTIONS, ORDINALS, SHAPES, TEMPLATES
 
 KINDS = tuple((s, c) for s in SHAPES for c in COLORS)
 WHERE_MIN_OFFSET = 0.15  # of the side, along the dominant axis
@@ -103,15 +113,47 @@ def _direction(start, end) -> str | None:
     return d
 
 
+def flash_followups(objects: list[dict]) -> list[tuple[str, str]]:
+    """'How many times does the {color} {shape} flash?' for every object of a unique kind,
+    answered by its visible -> hidden transitions (0 for an object that never vanishes)."""
+    kinds = Counter((o["shape"], o["color"]) for o in objects)
+    out = []
+    for o in objects:
+        if kinds[(o["shape"], o["color"])] == 1:
+            vis = np.asarray(o["visible"], bool)
+            out.append((TEMPLATES["flash"].format(color=o["color"], shape=o["shape"]),
+                        str(int(np.sum(vis[:-1] & ~vis[1:])))))
+    return out
+
+
+def caption_followups(objects: list[dict]) -> list[tuple[str, str]]:
+    """'Describe the image.' for a scene of 1..CAPTION_MAX_OBJECTS objects, else nothing."""
+    if not 1 <= len(objects) <= CAPTION_MAX_OBJECTS:
+        return []
+    return [(TEMPLATES["caption"], caption([Obj(**o) for o in objects]))]
+
+
+EXTRA_KINDS = ("flash", "caption")
+IMAGE_QUESTION_FAMILIES = ("color", "count", "exists", "where", "caption")
+
+
 def followups_for(family: str, meta: dict, question: str, rng: np.random.Generator,
-                  k: int) -> list[tuple[str, str]]:
-    """Up to ``k`` follow-ups for a sample of ``family``, never repeating its question."""
+                  k: int, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Up to ``k`` follow-ups for a sample of ``family``, never repeating its question;
+    ``extra`` adds the opt-in kinds of :data:`EXTRA_KINDS`."""
+    unknown = set(extra) - set(EXTRA_KINDS)
+    if unknown:
+        raise ValueError(f"unknown follow-up kinds {sorted(unknown)}; choose from {EXTRA_KINDS}")
     if family == "multi":
         pool = multi_followups(meta["scenes"])
     elif family == "motion":
         pool = motion_followups(meta["objects"])
-    elif family in ("color", "count", "exists", "where", "caption"):
+    elif family == "flash" and "flash" in extra:
+        pool = flash_followups(meta["objects"])
+    elif family in IMAGE_QUESTION_FAMILIES:
         pool = image_followups(meta["objects"], meta["side"], rng)
+        if "caption" in extra:
+            pool += caption_followups(meta["objects"])
     else:
         return []
     pool = [qa for qa in dict.fromkeys(pool) if qa[0] != question]

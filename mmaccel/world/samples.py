@@ -64,15 +64,18 @@ def sample_rng(seed: int, index: int, split: str = "train") -> np.random.Generat
 
 def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: bool | None = None,
                 num_frames: int | None = None, hires_p: float = 0.2,
-                max_objects: int = MAX_OBJECTS, followups: int = 0) -> Sample:
+                max_objects: int = MAX_OBJECTS, followups: int = 0,
+                extra_followups: tuple[str, ...] = ()) -> Sample:
     """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``.
 
     ``max_objects`` caps the objects of still-image scenes (default: the world's 6).
-    ``followups``: up to this many extra questions about the same media (training).
+    ``followups``: up to this many extra questions about the same media (training);
+    ``extra_followups``: opt-in follow-up kinds (see :func:`.followups.followups_for`).
     """
     sample = _build_sample(family, rng, sid, hires, num_frames, hires_p, max_objects)
     if followups:
-        sample.followups = followups_for(family, sample.meta, sample.question, rng, followups)
+        sample.followups = followups_for(family, sample.meta, sample.question, rng, followups,
+                                         extra_followups)
     return sample
 
 
