@@ -177,6 +177,37 @@ def test_token_mean_objective_weighs_every_answer_token_once(processor):
         objective(losses, present, count, "samples")
 
 
+def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(processor):
+    """Masked visual tokens act as if removed with their positions kept (the runtime's
+    'preserve' policy); nothing else is masked, labels are untouched, and it is seeded."""
+    from mmaccel.embedded.build import build_model
+    from mmaccel.embedded.train import drop_visual, step_batch
+
+    cfg = TrainConfig(seed=2, batch_size=6, visual_dropout=0.9)
+    groups = {"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})}
+    fams, batch = step_batch(processor, cfg, 5, groups)
+    _, plain = step_batch(processor, TrainConfig(seed=2, batch_size=6), 5, groups)
+    _, again = step_batch(processor, cfg, 5, groups)
+    assert torch.equal(batch["input_ids"], plain["input_ids"]) and torch.equal(batch["labels"], plain["labels"])
+    assert torch.equal(batch["attention_mask"], again["attention_mask"])
+    hidden = (plain["attention_mask"] == 1) & (batch["attention_mask"] == 0)
+    visual = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert hidden.any() and not (hidden & ~visual).any()
+    assert (hidden.sum(1) <= 0.9 * visual.sum(1)).all() and (hidden.sum(1) == 0).any()
+    with pytest.raises(ValueError, match="visual dropout"):
+        drop_visual(batch["input_ids"], batch["attention_mask"], [1], 1.0, np.random.default_rng(0))
+
+    lm = build_model(processor.tokenizer, seed=0, text={"num_hidden_layers": 2}).model.language_model.eval()
+    row = int(hidden.sum(1).argmax())
+    emb = torch.randn(1, batch["input_ids"].shape[1], lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(emb.shape[1])[None]
+    keep = batch["attention_mask"][row].bool()
+    with torch.no_grad():
+        masked = lm(inputs_embeds=emb, attention_mask=batch["attention_mask"][row:row + 1], position_ids=pos)
+        removed = lm(inputs_embeds=emb[:, keep], position_ids=pos[:, keep])
+    torch.testing.assert_close(masked.last_hidden_state[0, keep], removed.last_hidden_state[0], atol=1e-4, rtol=1e-4)
+
+
 def test_prefetched_batches_equal_inline_batches(processor):
     from mmaccel.embedded.train import CURRICULUM, phase_groups, prefetched, progress_of, step_batch
 

@@ -142,6 +142,7 @@ class TrainConfig:
     extra_followups: tuple = ()
     loss_mean: str = "turns"
     family_weights: dict = field(default_factory=dict)
+    visual_dropout: float = 0.0
     order: str = "image-first"
     device: str = "cpu"
     workers: int = 0
@@ -337,7 +338,39 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
     """Families and encoded batch of training step ``step`` (a pure function of its inputs)."""
     _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups,
                             cfg.extra_followups)
-    return [s.family for s in samples], encode_for_training(processor, samples)
+    batch = encode_for_training(processor, samples)
+    if cfg.visual_dropout:
+        media_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")]
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 2]))
+        batch["attention_mask"] = drop_visual(batch["input_ids"], batch["attention_mask"], media_ids,
+                                              cfg.visual_dropout, rng)
+    return [s.family for s in samples], batch
+
+
+def drop_visual(input_ids, attention_mask, media_ids: list[int], max_fraction: float,
+                rng: np.random.Generator, share: float = 0.5):
+    """Visual-token dropout: hide a random part of some rows' visual tokens from attention.
+
+    input_ids, attention_mask (B, L). Each row, with probability ``share``, masks a fraction
+    u ~ U(0, max_fraction) of its visual positions (``media_ids`` tokens); positions and
+    labels stay put, as under the ``preserve`` position policy at inference. Returns a new
+    mask (B, L). Why: a language model that always saw every visual token treats any reduced
+    set as unfamiliar input (see RECIPE.md); large VLMs tolerate reduction, a tiny one must
+    be shown it.
+    """
+    import torch
+
+    if not 0.0 <= max_fraction < 1.0:
+        raise ValueError(f"visual dropout must be in [0, 1), got {max_fraction}")
+    mask = attention_mask.clone()
+    visual = torch.isin(input_ids, torch.tensor(media_ids))
+    for b in range(input_ids.shape[0]):
+        if rng.random() >= share:
+            continue
+        pos = visual[b].nonzero().flatten().numpy()
+        n = int(round(float(rng.uniform(0.0, max_fraction)) * len(pos)))
+        mask[b, rng.choice(pos, size=n, replace=False)] = 0
+    return mask
 
 
 _WORKER = {}
@@ -449,6 +482,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "counts, 0), caption (a caption turn on every still scene of <= 4 objects)")
     p.add_argument("--family-weights", default="",
                    help="override sampling weights of question families, e.g. flash=2.4,caption=3")
+    p.add_argument("--visual-dropout", type=float, default=0.0,
+                   help="half the rows hide a random fraction in [0, this) of their visual tokens")
     p.add_argument("--loss-mean", choices=["turns", "tokens"], default=TrainConfig.loss_mean,
                    help="average the loss over answered turns or over answer tokens")
     p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
@@ -472,7 +507,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       vision_steps=a.vision_steps, vision_dense=a.vision_dense, freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
-                      family_weights=parse_weights(a.family_weights),
+                      family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k), workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
