@@ -139,16 +139,27 @@ def test_followup_turns_are_labelled_answer_by_answer(processor):
             assert tok.decode(row[span], skip_special_tokens=True).strip() == answer
 
 
-def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
+def _scored_pair(processor, first_family: str, seed: int):
+    """A two-row training batch (first row with 2 follow-ups) and random logits for it:
+    (input_ids, labels, logits, turn index)."""
     from mmaccel.embedded.data import assistant_id
-    from mmaccel.embedded.train import per_turn_loss, turn_index
+    from mmaccel.embedded.train import turn_index
 
-    samples = [make_sample("count", sample_rng(5, 0, "train"), hires=False, followups=2),
+    samples = [make_sample(first_family, sample_rng(5, 0 if first_family == "count" else 2, "train"),
+                           hires=False, followups=2),
                make_sample("color", sample_rng(5, 1, "train"), hires=False)]
     batch = encode_for_training(processor, samples)
     ids, labels = batch["input_ids"], batch["labels"]
-    logits = torch.randn(*ids.shape, len(processor.tokenizer), generator=torch.Generator().manual_seed(0))
-    losses, present = per_turn_loss(logits, labels, turn_index(ids, assistant_id(processor)))
+    logits = torch.randn(*ids.shape, len(processor.tokenizer), generator=torch.Generator().manual_seed(seed))
+    return ids, labels, logits, turn_index(ids, assistant_id(processor))
+
+
+def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import per_turn_loss
+
+    ids, labels, logits, turns = _scored_pair(processor, "count", 0)
+    losses, present = per_turn_loss(logits, labels, turns)
     assert present.tolist() == [[True, True, True], [True, False, False]]
     for b in range(2):
         marks = (ids[b] == assistant_id(processor)).nonzero().flatten().tolist() + [ids.shape[1]]
@@ -159,16 +170,10 @@ def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
 
 
 def test_token_mean_objective_weighs_every_answer_token_once(processor):
-    from mmaccel.embedded.data import assistant_id
-    from mmaccel.embedded.train import objective, per_turn_loss, turn_index
+    from mmaccel.embedded.train import objective, per_turn_loss
 
-    samples = [make_sample("caption", sample_rng(5, 2, "train"), hires=False, followups=2),
-               make_sample("color", sample_rng(5, 1, "train"), hires=False)]
-    batch = encode_for_training(processor, samples)
-    ids, labels = batch["input_ids"], batch["labels"]
-    logits = torch.randn(*ids.shape, len(processor.tokenizer), generator=torch.Generator().manual_seed(1))
-    losses, present, count = per_turn_loss(logits, labels, turn_index(ids, assistant_id(processor)),
-                                           with_counts=True)
+    ids, labels, logits, turns = _scored_pair(processor, "caption", 1)
+    losses, present, count = per_turn_loss(logits, labels, turns, with_counts=True)
     flat = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
     torch.testing.assert_close(objective(losses, present, count, "tokens"), flat)
     torch.testing.assert_close(objective(losses, present, count, "turns"), losses[present].mean())
