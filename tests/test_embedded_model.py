@@ -139,14 +139,13 @@ def test_followup_turns_are_labelled_answer_by_answer(processor):
             assert tok.decode(row[span], skip_special_tokens=True).strip() == answer
 
 
-def _scored_pair(processor, first_family: str, seed: int):
-    """A two-row training batch (first row with 2 follow-ups) and random logits for it:
-    (input_ids, labels, logits, turn index)."""
+def _scored_pair(processor, first_family: str, first_index: int, seed: int):
+    """A two-row training batch (first row: sample ``first_index`` of ``first_family`` with
+    2 follow-ups) and random logits for it: (input_ids, labels, logits, turn index)."""
     from mmaccel.embedded.data import assistant_id
     from mmaccel.embedded.train import turn_index
 
-    samples = [make_sample(first_family, sample_rng(5, 0 if first_family == "count" else 2, "train"),
-                           hires=False, followups=2),
+    samples = [make_sample(first_family, sample_rng(5, first_index, "train"), hires=False, followups=2),
                make_sample("color", sample_rng(5, 1, "train"), hires=False)]
     batch = encode_for_training(processor, samples)
     ids, labels = batch["input_ids"], batch["labels"]
@@ -158,7 +157,7 @@ def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
     from mmaccel.embedded.data import assistant_id
     from mmaccel.embedded.train import per_turn_loss
 
-    ids, labels, logits, turns = _scored_pair(processor, "count", 0)
+    ids, labels, logits, turns = _scored_pair(processor, "count", 0, 0)
     losses, present = per_turn_loss(logits, labels, turns)
     assert present.tolist() == [[True, True, True], [True, False, False]]
     for b in range(2):
@@ -172,7 +171,7 @@ def test_per_turn_loss_is_each_answers_mean_cross_entropy(processor):
 def test_token_mean_objective_weighs_every_answer_token_once(processor):
     from mmaccel.embedded.train import objective, per_turn_loss
 
-    ids, labels, logits, turns = _scored_pair(processor, "caption", 1)
+    ids, labels, logits, turns = _scored_pair(processor, "caption", 2, 1)
     losses, present, count = per_turn_loss(logits, labels, turns, with_counts=True)
     flat = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
     torch.testing.assert_close(objective(losses, present, count, "tokens"), flat)
@@ -180,6 +179,8 @@ def test_token_mean_objective_weighs_every_answer_token_once(processor):
     assert not torch.allclose(flat, losses[present].mean())  # the caption turn is long
     with pytest.raises(ValueError, match="loss_mean"):
         objective(losses, present, count, "samples")
+    with pytest.raises(ValueError, match="loss_mean"):
+        TrainConfig(loss_mean="samples")
 
 
 def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(processor):
@@ -201,6 +202,8 @@ def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(proces
     assert (hidden.sum(1) <= 0.9 * visual.sum(1)).all() and (hidden.sum(1) == 0).any()
     with pytest.raises(ValueError, match="visual dropout"):
         drop_visual(batch["input_ids"], batch["attention_mask"], [1], 1.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="visual dropout"):
+        TrainConfig(visual_dropout=1.0)
 
     lm = build_model(processor.tokenizer, seed=0, text={"num_hidden_layers": 2}).model.language_model.eval()
     row = int(hidden.sum(1).argmax())

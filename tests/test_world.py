@@ -254,8 +254,12 @@ def test_followups_answer_the_same_scene_exactly():
 
 
 def test_unknown_followup_kind_is_refused():
+    from mmaccel.embedded.train import TrainConfig
+
     with pytest.raises(ValueError, match="unknown follow-up kinds"):
         make_sample("color", sample_rng(4, 0, "test"), followups=2, extra_followups=("digits",))
+    with pytest.raises(ValueError, match="unknown follow-up kinds"):  # at start-up, before stage 1
+        TrainConfig(extra_followups=("captions",))
 
 
 def test_followups_leave_the_main_sample_unchanged():

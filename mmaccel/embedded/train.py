@@ -151,6 +151,14 @@ class TrainConfig:
     text: dict = field(default_factory=dict)
     vision: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # fail at start-up, not at the first stage-2 step after minutes of stage 1
+        from ..world.followups import check_extra_kinds
+
+        check_extra_kinds(self.extra_followups)
+        check_dropout(self.visual_dropout)
+        objective_kind(self.loss_mean)
+
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     """Linear warm-up (steps) to ``cfg.lr``, flat until progress ``decay_from``, then cosine
@@ -235,13 +243,21 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_m
     return losses[:, 0].cpu().numpy(), follow
 
 
+LOSS_MEANS = ("turns", "tokens")
+
+
+def objective_kind(loss_mean: str) -> str:
+    """``loss_mean`` itself when it is one of :data:`LOSS_MEANS`, else ``ValueError``."""
+    if loss_mean not in LOSS_MEANS:
+        raise ValueError(f"unknown loss_mean {loss_mean!r}; choose from {LOSS_MEANS}")
+    return loss_mean
+
+
 def objective(losses, present, count, loss_mean: str):
     """The scalar to minimise from per-turn mean losses (B, T), see :func:`train_step`."""
-    if loss_mean == "turns":
+    if objective_kind(loss_mean) == "turns":
         return losses[present].mean()
-    if loss_mean == "tokens":
-        return (losses * count).sum() / count.sum()
-    raise ValueError(f"unknown loss_mean {loss_mean!r}; choose 'turns' or 'tokens'")
+    return (losses * count).sum() / count.sum()
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -347,6 +363,12 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
     return [s.family for s in samples], batch
 
 
+def check_dropout(max_fraction: float) -> None:
+    """Visual dropout must hide less than every token: [0, 1)."""
+    if not 0.0 <= max_fraction < 1.0:
+        raise ValueError(f"visual dropout must be in [0, 1), got {max_fraction}")
+
+
 def drop_visual(input_ids, attention_mask, media_ids: list[int], max_fraction: float,
                 rng: np.random.Generator, share: float = 0.5):
     """Visual-token dropout: hide a random part of some rows' visual tokens from attention.
@@ -360,8 +382,7 @@ def drop_visual(input_ids, attention_mask, media_ids: list[int], max_fraction: f
     """
     import torch
 
-    if not 0.0 <= max_fraction < 1.0:
-        raise ValueError(f"visual dropout must be in [0, 1), got {max_fraction}")
+    check_dropout(max_fraction)
     mask = attention_mask.clone()
     visual = torch.isin(input_ids, torch.tensor(media_ids))
     for b in range(input_ids.shape[0]):
@@ -484,7 +505,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="override sampling weights of question families, e.g. flash=2.4,caption=3")
     p.add_argument("--visual-dropout", type=float, default=0.0,
                    help="half the rows hide a random fraction in [0, this) of their visual tokens")
-    p.add_argument("--loss-mean", choices=["turns", "tokens"], default=TrainConfig.loss_mean,
+    p.add_argument("--loss-mean", choices=LOSS_MEANS, default=TrainConfig.loss_mean,
                    help="average the loss over answered turns or over answer tokens")
     p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
     p.add_argument("--summary", choices=["", "mean", "token"], default=TrainConfig.summary,
@@ -508,7 +529,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
-                      extra_followups=tuple(k for k in a.extra_followups.split(",") if k), workers=a.workers, summary=a.summary,
+                      extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
+                      workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a

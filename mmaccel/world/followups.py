@@ -137,13 +137,18 @@ EXTRA_KINDS = ("flash", "caption")
 IMAGE_QUESTION_FAMILIES = ("color", "count", "exists", "where", "caption")
 
 
+def check_extra_kinds(extra) -> None:
+    """Raise ``ValueError`` naming any kind in ``extra`` that is not in :data:`EXTRA_KINDS`."""
+    unknown = set(extra) - set(EXTRA_KINDS)
+    if unknown:
+        raise ValueError(f"unknown follow-up kinds {sorted(unknown)}; choose from {EXTRA_KINDS}")
+
+
 def followups_for(family: str, meta: dict, question: str, rng: np.random.Generator,
                   k: int, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """Up to ``k`` follow-ups for a sample of ``family``, never repeating its question;
     ``extra`` adds the opt-in kinds of :data:`EXTRA_KINDS`."""
-    unknown = set(extra) - set(EXTRA_KINDS)
-    if unknown:
-        raise ValueError(f"unknown follow-up kinds {sorted(unknown)}; choose from {EXTRA_KINDS}")
+    check_extra_kinds(extra)
     if family == "multi":
         pool = multi_followups(meta["scenes"])
     elif family == "motion":
