@@ -1,4 +1,5 @@
 """The embedded default model: tokenizer, processor contract, training, shipped checkpoint."""
+import copy
 import subprocess
 import sys
 
@@ -225,6 +226,63 @@ def test_prefetched_batches_equal_inline_batches(processor):
         fams0, batch0 = step_batch(processor, cfg, step, groups)
         assert fams == fams0 and batch.keys() == batch0.keys()
         assert all(torch.equal(batch[k], batch0[k]) for k in batch)
+
+
+def _tiny_step_setup(processor, seed: int = 0):
+    """A 1-layer model, its optimiser and a 3-row batch of counting questions with follow-ups."""
+    from mmaccel.embedded.train import make_optimizer, step_batch
+
+    cfg = TrainConfig(seed=seed, batch_size=3, followups=2)
+    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
+                        vision={"num_hidden_layers": 1}).train()
+    _, batch = step_batch(processor, cfg, 0, {"image": (1.0, 1.0, {"hires": False}, {"count": 1.0})})
+    return model, make_optimizer(model, cfg), batch
+
+
+def _step(processor, batch, **kw):
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import train_step
+
+    model, opt, _ = _tiny_step_setup(processor)
+    losses, _ = train_step(model, opt, copy.copy(batch), assistant_id(processor), 1e-3, 1.0, **kw)
+    return model, losses
+
+
+def test_bf16_autocast_step_is_close_to_float32_and_keeps_float32_weights(processor):
+    _, _, batch = _tiny_step_setup(processor)
+    model32, loss32 = _step(processor, batch)
+    model16, loss16 = _step(processor, batch, bf16=True)
+    assert not np.array_equal(loss32, loss16)  # the bf16 path really ran
+    np.testing.assert_allclose(loss16, loss32, rtol=0.03)
+    assert all(p.dtype == torch.float32 for p in model16.parameters())
+    fresh, _, _ = _tiny_step_setup(processor)
+    moved = [n for n, p in model16.named_parameters() if not torch.equal(p, fresh.state_dict()[n])]
+    assert any("language_model" in n for n in moved)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_language_model_matches_eager_and_is_always_put_back(processor, backend):
+    import shutil
+
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import compiled_language_model, train_step
+
+    if backend == "inductor" and not shutil.which("cc"):
+        pytest.skip("inductor needs a C compiler")
+    _, _, batch = _tiny_step_setup(processor)
+    _, eager_loss = _step(processor, batch)
+    model, opt, _ = _tiny_step_setup(processor)
+    plain, keys = model.model.language_model, list(model.state_dict())
+    with compiled_language_model(model, backend=backend):
+        assert model.model.language_model is not plain
+        loss, _ = train_step(model, opt, copy.copy(batch), assistant_id(processor), 1e-3, 1.0)
+    np.testing.assert_allclose(loss, eager_loss, rtol=1e-4)
+    assert model.model.language_model is plain and list(model.state_dict()) == keys
+    with pytest.raises(RuntimeError, match="boom"), compiled_language_model(model, backend=backend):
+        raise RuntimeError("boom")
+    assert model.model.language_model is plain
+    with compiled_language_model(model, enabled=False):
+        assert model.model.language_model is plain
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import math
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,8 @@ class TrainConfig:
     loss_mean: str = "turns"
     family_weights: dict = field(default_factory=dict)
     visual_dropout: float = 0.0
+    bf16: bool = False
+    compile: bool = False
     order: str = "image-first"
     device: str = "cpu"
     workers: int = 0
@@ -220,18 +223,21 @@ def turn_index(input_ids, marker_id: int):
     return (input_ids == marker_id).long().cumsum(dim=1)
 
 
-def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_mean: str = "turns"):
+def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_mean: str = "turns",
+               bf16: bool = False):
     """One optimiser step on the mean over all answered turns (``loss_mean="turns"``) or
     all answer tokens (``"tokens"``) of an encoded ``batch`` (see
     :func:`encode_for_training`); returns the main question's loss per sample (B,) and
-    the follow-ups' mean loss (nan if none)."""
+    the follow-ups' mean loss (nan if none). ``bf16``: the forward pass under bfloat16
+    autocast (weights, gradients and the loss stay float32)."""
     import torch
 
     labels = batch.pop("labels")
     turns = turn_index(batch["input_ids"], marker_id).to(model.device)
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
-    out = model(**batch.to(model.device), use_cache=False)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(**batch.to(model.device), use_cache=False)
     losses, present, count = per_turn_loss(out.logits, labels.to(model.device), turns, with_counts=True)
     objective(losses, present, count, loss_mean).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -336,11 +342,33 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
         model.model.vision_tower.requires_grad_(False)
     opt = make_optimizer(model, cfg)
     budget = cfg.minutes * 60.0 - (time.time() - t0) if cfg.minutes else None
-    history = run_loop(model, opt, processor, cfg, log, groups, budget)
+    with compiled_language_model(model, cfg.compile):
+        history = run_loop(model, opt, processor, cfg, log, groups, budget)
     model.eval()
     if out_dir:
         save(model, processor, cfg, out_dir, history)
     return model, processor, history
+
+
+@contextmanager
+def compiled_language_model(model, enabled: bool = True, backend: str = "inductor"):
+    """Within the block, ``model``'s language model runs through ``torch.compile``
+    (dynamic shapes: batches differ in length and rows); the eager module is always put
+    back, so saving and generation see the plain model. Why: inductor fuses the norms,
+    rotary and activations, the bulk of a step after the matmuls; with ``bf16`` a stage-2
+    step took 0.36 s against 0.56 s eager in float32 on this CPU (RECIPE.md)."""
+    import torch
+
+    if not enabled:
+        yield model
+        return
+    inner = model.model
+    eager = inner.language_model
+    inner.language_model = torch.compile(eager, dynamic=True, backend=backend)
+    try:
+        yield model
+    finally:
+        inner.language_model = eager
 
 
 def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | None) -> float:
@@ -442,7 +470,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
             break
         fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog))
         lr = lr_at(step, prog, cfg)
-        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean)
+        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean, cfg.bf16)
         fam_loss.add(fams, losses)
         window.append(float(losses.mean()))
         follow.append(follow_loss)
@@ -507,6 +535,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="half the rows hide a random fraction in [0, this) of their visual tokens")
     p.add_argument("--loss-mean", choices=LOSS_MEANS, default=TrainConfig.loss_mean,
                    help="average the loss over answered turns or over answer tokens")
+    p.add_argument("--bf16", action="store_true",
+                   help="stage-2 forward under bfloat16 autocast (float32 weights; faster on CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the language model for stage 2 (about 80 s of compiling first)")
     p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
     p.add_argument("--summary", choices=["", "mean", "token"], default=TrainConfig.summary,
                    help="stage 1 also learns scene-summary targets (kinds present, shape counts)")
@@ -528,6 +560,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       vision_steps=a.vision_steps, vision_dense=a.vision_dense, freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
+                      bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary,
