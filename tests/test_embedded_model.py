@@ -217,6 +217,69 @@ def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(proces
     torch.testing.assert_close(masked.last_hidden_state[0, keep], removed.last_hidden_state[0], atol=1e-4, rtol=1e-4)
 
 
+def _content_of(model, batch):
+    """Content flags (N,) of a planned batch's visual tokens, as the training forward finds them."""
+    from mmaccel.embedded.dropout import MEDIA_KEYS, content_tokens, encoder_outputs, flat_tokens
+
+    with torch.no_grad():
+        tokens = flat_tokens(encoder_outputs(model, {k: batch[k] for k in MEDIA_KEYS if k in batch}))
+        blank = flat_tokens(encoder_outputs(model, batch["blank_media"]))
+    return content_tokens(tokens, blank, rows=batch["input_ids"].shape[0])
+
+
+def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
+    """Content tokens of the 6 x 6 base tile (24 px cells) cover each object's centre cell
+    and lie within one cell of an object's box; the rest are empty canvas."""
+    from mmaccel.embedded.dropout import plan_background_dropout
+
+    model, processor = shipped
+    samples = [make_sample("caption", sample_rng(HELD_OUT_SEED, i, "test"), hires=False) for i in range(4)]
+    batch = encode_for_training(processor, samples)
+    plan_background_dropout(processor, samples, batch, 0.5, np.random.default_rng(0))
+    per_row = _content_of(model, batch).view(len(samples), -1)  # 78 = 36 base + 36 crop + 6 newlines
+    for row, sample in zip(per_row, samples):
+        base = row[:36].view(6, 6)
+        near = torch.zeros(6, 6, dtype=torch.bool)
+        for o in sample.meta["objects"]:
+            assert base[int(o["cy"] // 24), int(o["cx"] // 24)], o
+            r = o["size"] / 2 + 24
+            y0, y1, x0, x1 = (int(max(0, min(5, v // 24))) for v in (o["cy"] - r, o["cy"] + r, o["cx"] - r, o["cx"] + r))
+            near[y0:y1 + 1, x0:x1 + 1] = True
+        assert not (base & ~near).any()
+
+
+@pytest.mark.parametrize("group", ["image", "multi", "video8"])
+def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
+    """The planned share of each row's empty tokens is hidden and nothing else; the forward
+    equals the plain model with that mask (and with no holes, the plain model)."""
+    from mmaccel.embedded.dropout import background_mask, forward_with_background_dropout
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    model, processor = shipped
+    cfg = TrainConfig(seed=4, batch_size=4, background_dropout=0.9)
+    _, batch = step_batch(processor, cfg, 1, {group: GROUPS[group]})
+    batch.pop("labels")
+    content = _content_of(model, batch)
+    ids, attn, frac = batch["input_ids"], batch["attention_mask"], batch["drop_fraction"]
+    mask = background_mask(ids, attn, [4, 5], content, frac, batch["drop_priority"])
+    visual = torch.isin(ids, torch.tensor([4, 5]))
+    empty = torch.zeros_like(visual)
+    empty[visual] = ~content
+    hidden = (attn == 1) & (mask == 0)
+    assert 0 < content.float().mean() < 0.6 and hidden.any()
+    assert not (hidden & ~empty).any()
+    assert hidden.sum(1).tolist() == [round(float(f) * int(n)) for f, n in zip(frac, empty.sum(1))]
+    plain = {k: v for k, v in batch.items() if k not in ("blank_media", "drop_fraction", "drop_priority")}
+    with torch.no_grad():
+        want = model(**{**plain, "attention_mask": mask}, use_cache=False).logits
+        got = forward_with_background_dropout(model, copy.copy(batch)).logits
+        whole = model(**plain, use_cache=False).logits
+        none = forward_with_background_dropout(model, copy.copy(batch) | {"drop_fraction": torch.zeros_like(frac)}).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep])
+    torch.testing.assert_close(none, whole)
+
+
 def test_prefetched_batches_equal_inline_batches(processor):
     from mmaccel.embedded.train import CURRICULUM, phase_groups, prefetched, progress_of, step_batch
 

@@ -42,6 +42,7 @@ import numpy as np
 from ..world.samples import SPLIT_KEY, make_sample
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
+from .dropout import check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -144,6 +145,7 @@ class TrainConfig:
     loss_mean: str = "turns"
     family_weights: dict = field(default_factory=dict)
     visual_dropout: float = 0.0
+    background_dropout: float = 0.0
     bf16: bool = False
     compile: bool = False
     order: str = "image-first"
@@ -160,6 +162,7 @@ class TrainConfig:
 
         check_extra_kinds(self.extra_followups)
         check_dropout(self.visual_dropout)
+        check_dropout(self.background_dropout)
         objective_kind(self.loss_mean)
 
 
@@ -237,7 +240,10 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_m
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(**batch.to(model.device), use_cache=False)
+        if "drop_fraction" in batch:  # planned by --background-dropout
+            out = forward_with_background_dropout(model, batch)
+        else:
+            out = model(**batch.to(model.device), use_cache=False)
     losses, present, count = per_turn_loss(out.logits, labels.to(model.device), turns, with_counts=True)
     objective(losses, present, count, loss_mean).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -388,38 +394,10 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 2]))
         batch["attention_mask"] = drop_visual(batch["input_ids"], batch["attention_mask"], media_ids,
                                               cfg.visual_dropout, rng)
+    if cfg.background_dropout:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
+        plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng)
     return [s.family for s in samples], batch
-
-
-def check_dropout(max_fraction: float) -> None:
-    """Visual dropout must hide less than every token: [0, 1)."""
-    if not 0.0 <= max_fraction < 1.0:
-        raise ValueError(f"visual dropout must be in [0, 1), got {max_fraction}")
-
-
-def drop_visual(input_ids, attention_mask, media_ids: list[int], max_fraction: float,
-                rng: np.random.Generator, share: float = 0.5):
-    """Visual-token dropout: hide a random part of some rows' visual tokens from attention.
-
-    input_ids, attention_mask (B, L). Each row, with probability ``share``, masks a fraction
-    u ~ U(0, max_fraction) of its visual positions (``media_ids`` tokens); positions and
-    labels stay put, as under the ``preserve`` position policy at inference. Returns a new
-    mask (B, L). Why: a language model that always saw every visual token treats any reduced
-    set as unfamiliar input (see RECIPE.md); large VLMs tolerate reduction, a tiny one must
-    be shown it.
-    """
-    import torch
-
-    check_dropout(max_fraction)
-    mask = attention_mask.clone()
-    visual = torch.isin(input_ids, torch.tensor(media_ids))
-    for b in range(input_ids.shape[0]):
-        if rng.random() >= share:
-            continue
-        pos = visual[b].nonzero().flatten().numpy()
-        n = int(round(float(rng.uniform(0.0, max_fraction)) * len(pos)))
-        mask[b, rng.choice(pos, size=n, replace=False)] = 0
-    return mask
 
 
 _WORKER = {}
@@ -535,6 +513,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="half the rows hide a random fraction in [0, this) of their visual tokens")
     p.add_argument("--loss-mean", choices=LOSS_MEANS, default=TrainConfig.loss_mean,
                    help="average the loss over answered turns or over answer tokens")
+    p.add_argument("--background-dropout", type=float, default=0.0,
+                   help="half the rows hide a random share in [0, P) of their empty-canvas visual tokens")
     p.add_argument("--bf16", action="store_true",
                    help="stage-2 forward under bfloat16 autocast (float32 weights; faster on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--compile", action="store_true",
@@ -562,6 +542,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
+                      background_dropout=a.background_dropout,
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
