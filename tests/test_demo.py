@@ -76,8 +76,11 @@ def test_demo_in_a_real_browser(demo_url, picture, tmp_path):
         page.get_by_label("Question").fill("what is the color ?")
         page.get_by_role("button", name="Run").click()
         expect(page.locator("#speed")).to_contain_text("visual tokens kept", timeout=60_000)
-        expect(page.locator("#kept img").first).to_be_visible(timeout=30_000)
-        box = page.locator("#kept img").first.bounding_box()
+        kept = page.locator("#kept img").first
+        expect(kept).to_be_visible(timeout=30_000)
+        kept.evaluate("img => img.decode()")  # visible can precede painted under load
+        page.wait_for_timeout(500)  # let the gallery's fade-in finish
+        box = kept.bounding_box()
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert box["width"] > 20 and box["height"] > 20
