@@ -204,7 +204,7 @@ def bench_fidelity(
     batch_size: int = typer.Option(16, "--batch-size"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
     sweep: bool = typer.Option(False, "--sweep", help="all --methods x --retentions; table + plot in --out"),
-    methods: str = typer.Option("random,pool,fastv,aim,hired,visionzip,stc,mustdrop", "--methods"),
+    methods: str = typer.Option("random,pool,fastv,aim,hired,visionzip,stc,mustdrop,tome", "--methods"),
     retentions: str = typer.Option("1.0,0.5,0.25,0.11", "--retentions"),
     out: Path = typer.Option(Path("results/fidelity"), "--out"),
 ):
