@@ -219,12 +219,11 @@ def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(proces
 
 def _content_of(model, batch):
     """Content flags (N,) of a planned batch's visual tokens, as the training forward finds them."""
-    from mmaccel.embedded.dropout import MEDIA_KEYS, content_tokens, encoder_outputs, flat_tokens
+    from mmaccel.embedded.dropout import MEDIA_KEYS, content_of, encoder_outputs
 
     with torch.no_grad():
-        tokens = flat_tokens(encoder_outputs(model, {k: batch[k] for k in MEDIA_KEYS if k in batch}))
-        blank = flat_tokens(encoder_outputs(model, batch["blank_media"]))
-    return content_tokens(tokens, blank, rows=batch["input_ids"].shape[0])
+        outputs = encoder_outputs(model, {k: batch[k] for k in MEDIA_KEYS if k in batch})
+    return content_of(model, outputs, batch["blank_media"], rows=batch["input_ids"].shape[0])
 
 
 def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
@@ -252,7 +251,7 @@ def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
 def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     """The planned share of each row's empty tokens is hidden and nothing else; the forward
     equals the plain model with that mask (and with no holes, the plain model)."""
-    from mmaccel.embedded.dropout import background_mask, forward_with_background_dropout
+    from mmaccel.embedded.dropout import background_mask, forward_with_background_dropout, media_token_ids
     from mmaccel.embedded.train import GROUPS, step_batch
 
     model, processor = shipped
@@ -261,10 +260,10 @@ def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     batch.pop("labels")
     content = _content_of(model, batch)
     ids, attn, frac = batch["input_ids"], batch["attention_mask"], batch["drop_fraction"]
-    mask = background_mask(ids, attn, [4, 5], content, frac, batch["drop_priority"])
-    visual = torch.isin(ids, torch.tensor([4, 5]))
+    mask = background_mask(ids, attn, media_token_ids(model), content, frac, batch["drop_priority"])
+    visual = torch.isin(ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(["<image>", "<video>"])))
     empty = torch.zeros_like(visual)
-    empty[visual] = ~content
+    empty[visual] = ~content  # computed here, not by the helper under test
     hidden = (attn == 1) & (mask == 0)
     assert 0 < content.float().mean() < 0.6 and hidden.any()
     assert not (hidden & ~empty).any()

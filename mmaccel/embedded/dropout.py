@@ -109,6 +109,21 @@ def content_tokens(tokens, blank, rows: int, rel: float = 0.15):
     return dist > rel * dist.float().quantile(0.95)
 
 
+def content_of(model, outputs: dict, blank_media: dict, rows: int):
+    """Bool (N,) content flags of the visual tokens in ``outputs`` (see :func:`encoder_outputs`),
+    against the encoded ``blank_media`` of one row (no gradients)."""
+    import torch
+
+    with torch.no_grad():
+        blank = flat_tokens(encoder_outputs(model, blank_media))
+        return content_tokens(flat_tokens(outputs).detach(), blank, rows)
+
+
+def media_token_ids(model) -> list[int]:
+    """The image and video placeholder ids of ``model``."""
+    return [model.config.image_token_id, model.config.video_token_id]
+
+
 def background_mask(input_ids, attention_mask, media_ids: list[int], content, fraction, priority):
     """Attention mask (B, L) with ``fraction[b]`` of row b's empty visual tokens hidden.
 
@@ -131,17 +146,12 @@ def background_mask(input_ids, attention_mask, media_ids: list[int], content, fr
 def forward_with_background_dropout(model, batch):
     """Model output on ``batch`` (planned by :func:`plan_background_dropout`, labels
     removed) with the planned share of each row's empty visual tokens hidden."""
-    import torch
-
     plan = {k: batch.pop(k) for k in PLAN_KEYS}
     batch = batch.to(model.device)
     media = {k: batch.pop(k) for k in MEDIA_KEYS if k in batch}
     blank_media = {k: v.to(model.device) for k, v in plan["blank_media"].items()}
     outputs = encoder_outputs(model, media)  # gradients reach the projector through these
-    with torch.no_grad():
-        blank = flat_tokens(encoder_outputs(model, blank_media))
-        content = content_tokens(flat_tokens(outputs).detach(), blank, rows=batch["input_ids"].shape[0])
-    cfg = model.config
-    mask = background_mask(batch["input_ids"], batch["attention_mask"], [cfg.image_token_id, cfg.video_token_id],
+    content = content_of(model, outputs, blank_media, rows=batch["input_ids"].shape[0])
+    mask = background_mask(batch["input_ids"], batch["attention_mask"], media_token_ids(model),
                            content, plan["drop_fraction"], plan["drop_priority"].to(model.device))
     return model(input_ids=batch["input_ids"], attention_mask=mask, mm_encoder_outputs=outputs, use_cache=False)
