@@ -269,3 +269,43 @@ def test_followups_leave_the_main_sample_unchanged():
         assert (plain.question, plain.answer, plain.meta) == (extra.question, extra.answer, extra.meta)
         assert plain.followups == []
         assert (extra.followups == []) if fam == "flash" else (fam == "motion" or extra.followups)
+
+
+def test_shuffled_turns_keep_every_pair_and_move_the_main_question():
+    """The shuffle reorders the (question, answer) pairs of a sample and nothing else; over
+    flash videos the first turn asks a never-vanishing object (answer 0) as often as the
+    per-video share of such objects says, so its position no longer gives the answer away."""
+    from mmaccel.world.samples import shuffled_turns
+
+    rng = np.random.default_rng(0)
+    first_zero = expected_zero = 0.0
+    for i in range(120):
+        s = make_sample("flash", sample_rng(6, i, "train"), followups=8, extra_followups=("flash",))
+        t = shuffled_turns(s, rng)
+        before = [(s.question, s.answer), *s.followups]
+        after = [(t.question, t.answer), *t.followups]
+        assert sorted(before) == sorted(after) and len(after) == len(before)
+        assert t.frames is s.frames and t.meta is s.meta and t.family == s.family
+        first_zero += t.answer == "0"
+        expected_zero += sum(a == "0" for _, a in before) / len(before)
+    assert s.answer != "0" and expected_zero > 20
+    assert abs(first_zero - expected_zero) < 4 * np.sqrt(expected_zero)
+
+
+def test_shuffle_turns_option_reorders_training_batches_only():
+    """--shuffle-turns keeps each step's samples, media and answer tokens; only the order
+    of the turns (so the token sequence) changes."""
+    import torch
+
+    from mmaccel.embedded.build import build_processor, build_tokenizer
+    from mmaccel.embedded.train import CURRICULUM, TrainConfig, step_batch
+
+    proc = build_processor(build_tokenizer("question-both"), "question-both")
+    groups = CURRICULUM[-1].groups
+    runs = [[step_batch(proc, TrainConfig(followups=4, order="question-both", shuffle_turns=on), k, groups)
+             for k in range(3)] for on in (False, True)]
+    for (fa, a), (fb, b) in zip(*runs):
+        pix = "pixel_values_videos" if "pixel_values_videos" in a else "pixel_values"
+        assert fa == fb and torch.equal(a[pix], b[pix])
+        assert sorted(a["labels"][a["labels"] != -100].tolist()) == sorted(b["labels"][b["labels"] != -100].tolist())
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for (_, a), (_, b) in zip(*runs))

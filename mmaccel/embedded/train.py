@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..world.samples import SPLIT_KEY, make_sample
+from ..world.samples import SPLIT_KEY, make_sample, shuffled_turns
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
 from .dropout import check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout
@@ -146,6 +146,7 @@ class TrainConfig:
     family_weights: dict = field(default_factory=dict)
     visual_dropout: float = 0.0
     background_dropout: float = 0.0
+    shuffle_turns: bool = False
     bf16: bool = False
     compile: bool = False
     order: str = "image-first"
@@ -388,6 +389,9 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
     """Families and encoded batch of training step ``step`` (a pure function of its inputs)."""
     _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups,
                             cfg.extra_followups)
+    if cfg.shuffle_turns:  # its own stream, so the samples are those of a run without it
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 4]))
+        samples = [shuffled_turns(s, rng) for s in samples]
     batch = encode_for_training(processor, samples)
     if cfg.visual_dropout:
         media_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")]
@@ -515,6 +519,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="average the loss over answered turns or over answer tokens")
     p.add_argument("--background-dropout", type=float, default=0.0,
                    help="half the rows hide a random share in [0, P) of their empty-canvas visual tokens")
+    p.add_argument("--shuffle-turns", action="store_true",
+                   help="put each sample's main question and follow-ups in a random order (no turn "
+                        "position gives an answer away)")
     p.add_argument("--bf16", action="store_true",
                    help="stage-2 forward under bfloat16 autocast (float32 weights; faster on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--compile", action="store_true",
@@ -542,7 +549,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
-                      background_dropout=a.background_dropout,
+                      background_dropout=a.background_dropout, shuffle_turns=a.shuffle_turns,
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,

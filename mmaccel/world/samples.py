@@ -7,7 +7,7 @@ splits come from disjoint seed spaces.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import numpy as np
@@ -77,6 +77,20 @@ def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: boo
         sample.followups = followups_for(family, sample.meta, sample.question, rng, followups,
                                          extra_followups)
     return sample
+
+
+def shuffled_turns(sample: Sample, rng: np.random.Generator) -> Sample:
+    """The same media and question-answer pairs, the main question and its follow-ups in a
+    random order (training only).
+
+    Without it the main turn is always the family's built question, whose answer set can
+    differ from the follow-ups' (a flash video's main question is about the object that
+    vanishes, answers 1-3; its follow-ups ask the others, ``0``), so the turn's position
+    alone gives the answer away and the pixels are never needed.
+    """
+    turns = [(sample.question, sample.answer), *sample.followups]
+    (question, answer), *rest = [turns[int(i)] for i in rng.permutation(len(turns))]
+    return replace(sample, question=question, answer=answer, followups=rest)
 
 
 def _build_sample(family, rng, sid, hires, num_frames, hires_p, max_objects) -> Sample:
