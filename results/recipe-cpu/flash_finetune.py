@@ -1,0 +1,53 @@
+"""Can the language model learn to find single-frame absences at all, given the signal alone?
+(issue 3, `flash`; eighth session)
+
+Fine-tunes a trained model (tower frozen, projector + LM train, lr 3e-4, bf16) on 8-frame
+flash videos only, with every object's flash count as a turn (`--extra-followups flash`) in a
+shuffled order (`--shuffle-turns`), so no turn position and no other family competes; then
+saves it for `flash_shortcut.py`.
+
+Usage: python results/recipe-cpu/flash_finetune.py OUT_DIR [--model DIR] [--minutes 12]
+"""
+import argparse
+import time
+
+import torch
+
+from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
+from mmaccel.embedded.data import assistant_id
+from mmaccel.embedded.train import TrainConfig, make_optimizer, step_batch, train_step
+
+FLASH_ONLY = {"video8": (1.0, 1.0, {"num_frames": 8}, {"flash": 1.0})}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--minutes", type=float, default=12.0)
+    p.add_argument("--seed", type=int, default=7)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    model, processor = load_model(a.model)
+    model.train()
+    for prm in model.model.vision_tower.parameters():
+        prm.requires_grad_(False)
+    cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash",), shuffle_turns=True,
+                      loss_mean="tokens", bf16=True)
+    opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
+    while time.time() - t0 < a.minutes * 60:
+        _, batch = step_batch(processor, cfg, step, FLASH_ONLY)
+        losses, follow = train_step(model, opt, batch, marker, 3e-4, 1.0, "tokens", bf16=True)
+        window.append(float(losses.mean()))
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step} first-turn loss {sum(window) / len(window):.3f} follow-ups {follow:.3f} "
+                  f"t {time.time() - t0:.0f}s", flush=True)
+            window = []
+    model.eval()
+    model.save_pretrained(a.out)
+    processor.save_pretrained(a.out)
+
+
+if __name__ == "__main__":
+    main()
