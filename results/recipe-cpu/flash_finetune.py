@@ -20,6 +20,20 @@ from mmaccel.embedded.train import TrainConfig, make_optimizer, step_batch, trai
 FLASH_ONLY = {"video8": (1.0, 1.0, {"num_frames": 8}, {"flash": 1.0})}
 
 
+def fine_tune(model, processor, cfg: TrainConfig, seconds: float) -> None:
+    """Train on flash-only batches for ``seconds``; prints the mean first-turn loss every 100 steps."""
+    opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
+    while time.time() - t0 < seconds:
+        _, batch = step_batch(processor, cfg, step, FLASH_ONLY)
+        losses, follow = train_step(model, opt, batch, marker, cfg.lr, cfg.clip, cfg.loss_mean, cfg.bf16)
+        window.append(float(losses.mean()))
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step} first-turn loss {sum(window) / len(window):.3f} follow-ups {follow:.3f} "
+                  f"t {time.time() - t0:.0f}s", flush=True)
+            window = []
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -30,20 +44,10 @@ def main():
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
     model.train()
-    for prm in model.model.vision_tower.parameters():
-        prm.requires_grad_(False)
+    model.model.vision_tower.requires_grad_(False)  # as --freeze-tower does in stage 2
     cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash",), shuffle_turns=True,
-                      loss_mean="tokens", bf16=True)
-    opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
-    while time.time() - t0 < a.minutes * 60:
-        _, batch = step_batch(processor, cfg, step, FLASH_ONLY)
-        losses, follow = train_step(model, opt, batch, marker, 3e-4, 1.0, "tokens", bf16=True)
-        window.append(float(losses.mean()))
-        step += 1
-        if step % 100 == 0:
-            print(f"step {step} first-turn loss {sum(window) / len(window):.3f} follow-ups {follow:.3f} "
-                  f"t {time.time() - t0:.0f}s", flush=True)
-            window = []
+                      loss_mean="tokens", bf16=True)  # lr 3e-4 and clip 1.0: TrainConfig's defaults
+    fine_tune(model, processor, cfg, a.minutes * 60)
     model.eval()
     model.save_pretrained(a.out)
     processor.save_pretrained(a.out)
