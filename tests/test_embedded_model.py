@@ -556,3 +556,30 @@ def test_probe_on_the_shipped_model_reads_colour(shipped):
     res = probe(model, processor, train_scenes=120, test_scenes=60)
     assert res["objects_test"] > 60 and res["color"] > 0.9
     assert set(res["shape_by_size"]) <= {"0-12px", "12-18px", "18-26px", "26-40px"}
+
+
+def test_flash_stretch_takes_its_share_inside_and_changes_nothing_outside():
+    from mmaccel.embedded.train import CURRICULUM, parse_stretch, phase_groups, training_phases
+
+    cfg = TrainConfig(flash_stretch=parse_stretch("0.25:0.55:0.4:1"))
+    phases = training_phases(cfg)
+    for prog in (0.0, 0.2, 0.6, 0.99):  # outside the stretch: the curriculum's groups
+        assert phase_groups(phases, prog) == phase_groups(CURRICULUM, prog)
+    for prog, before in ((0.3, 0.3), (0.5, 0.5)):  # inside: flash8 at 0.4, the rest scaled by 0.6
+        groups, plain = phase_groups(phases, prog), phase_groups(CURRICULUM, before)
+        assert groups["flash8"][0] == pytest.approx(0.4)
+        assert groups["flash8"][2] == {"num_frames": 8, "max_objects": 1}
+        assert groups["flash8"][3] == {"flash": 1.0}
+        assert sum(g[0] for g in groups.values()) == pytest.approx(1.0)
+        for name, g in plain.items():
+            assert groups[name][0] == pytest.approx(0.6 * g[0]) and groups[name][1:] == g[1:]
+    assert [p.end for p in phases] == [0.15, 0.25, 0.35, 0.55, 1.0]
+    assert training_phases(TrainConfig()) == CURRICULUM
+
+
+@pytest.mark.parametrize("text", ["0.5:0.4:0.3", "0.1:0.2", "0.1:0.2:0", "0.1:1.2:0.5", "a:b:c"])
+def test_bad_flash_stretch_is_refused(text):
+    from mmaccel.embedded.train import parse_stretch
+
+    with pytest.raises(ValueError):
+        parse_stretch(text)

@@ -310,3 +310,21 @@ def test_shuffle_turns_option_reorders_training_batches_only():
         assert fa == fb and torch.equal(a[pix], b[pix])
         assert sorted(a["labels"][a["labels"] != -100].tolist()) == sorted(b["labels"][b["labels"] != -100].tolist())
     assert any(not torch.equal(a["input_ids"], b["input_ids"]) for (_, a), (_, b) in zip(*runs))
+
+
+def test_video_max_objects_caps_videos_and_keeps_the_default_stream():
+    from mmaccel.world.samples import make_sample, sample_rng
+
+    for fam in ("flash", "motion", "appear"):
+        solo = [make_sample(fam, sample_rng(3, i), num_frames=8, max_objects=1) for i in range(12)]
+        assert all(len(s.meta["objects"]) == 1 for s in solo)
+        capped = [make_sample(fam, sample_rng(3, i), num_frames=8, max_objects=3) for i in range(6)]
+        plain = [make_sample(fam, sample_rng(3, i), num_frames=8) for i in range(6)]
+        assert any(len(s.meta["objects"]) > 1 for s in plain)
+        # videos hold at most 3 objects: a cap of 3 draws exactly what no cap draws
+        assert all(np.array_equal(a.frames, b.frames) and a.answer == b.answer for a, b in zip(capped, plain))
+    flash = [make_sample("flash", sample_rng(4, i), num_frames=8, max_objects=1) for i in range(20)]
+    hidden = [len(s.meta["objects"][0]["visible"]) - sum(s.meta["objects"][0]["visible"]) for s in flash]
+    assert hidden == [int(s.answer) for s in flash]
+    with pytest.raises(ValueError, match="max_objects"):
+        make_sample("flash", sample_rng(3, 0), max_objects=0)

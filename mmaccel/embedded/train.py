@@ -107,6 +107,57 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+def with_stretch(phases: tuple[Phase, ...], start: float, end: float, name: str, group: tuple,
+                 share: float) -> tuple[Phase, ...]:
+    """``phases`` with ``group`` (under ``name``) drawn for ``share`` of the batches between
+    schedule progress ``start`` and ``end``; the other groups keep their relative odds there.
+
+    The phases are split at ``start`` and ``end`` so that nothing outside changes.
+    """
+    if not (0.0 <= start < end <= 1.0 and 0.0 < share <= 1.0):
+        raise ValueError(f"stretch needs 0 <= start < end <= 1 and 0 < share <= 1, got {start}, {end}, {share}")
+    ends = sorted({p.end for p in phases} | {start, end} - {0.0})
+    out = []
+    for e in ends:
+        groups = phase_groups(phases, e - 1e-9)
+        if start < e <= end:
+            total = sum(g[0] for g in groups.values())
+            groups = {n: (g[0] / total * (1.0 - share), *g[1:]) for n, g in groups.items()}
+            groups = {**groups, name: (share, *group[1:])}
+        out.append(Phase(e, groups))
+    return tuple(out)
+
+
+def flash_stretch(spec: tuple) -> tuple[float, float, tuple, float]:
+    """(start, end, group, share) of a ``--flash-stretch`` spec (start, end, share[, objects]):
+    8-frame flash videos alone, with at most ``objects`` objects (default: the world's)."""
+    start, end, share, *rest = spec
+    kw = {"num_frames": 8, **({"max_objects": int(rest[0])} if rest else {})}
+    return float(start), float(end), (float(share), 1.0, kw, {"flash": 1.0}), float(share)
+
+
+def parse_stretch(text: str) -> tuple:
+    """'0.35:0.55:0.5[:1]' -> (0.35, 0.55, 0.5[, 1]); '' -> ()."""
+    if not text:
+        return ()
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"bad stretch {text!r}: use START:END:SHARE[:MAX_OBJECTS]")
+    out = tuple(float(x) for x in parts[:3]) + tuple(int(x) for x in parts[3:])
+    with_stretch((Phase(1.0, {}),), out[0], out[1], "check", (out[2], 1.0, {}, {}), out[2])
+    return out
+
+
+def training_phases(cfg: "TrainConfig", groups: dict | None = None) -> tuple[Phase, ...]:
+    """The stage-2 phases of ``cfg``: the curriculum (or ``groups``), reweighted by
+    ``cfg.family_weights``, with ``cfg.flash_stretch`` inserted when set."""
+    phases = reweighted(curriculum(groups), cfg.family_weights)
+    if not cfg.flash_stretch:
+        return phases
+    start, end, group, share = flash_stretch(cfg.flash_stretch)
+    return with_stretch(phases, start, end, "flash8", group, share)
+
+
 def phase_groups(phases: tuple[Phase, ...], progress: float) -> dict:
     """The groups of the first phase whose ``end`` lies beyond ``progress``."""
     for ph in phases:
@@ -147,6 +198,7 @@ class TrainConfig:
     visual_dropout: float = 0.0
     background_dropout: float = 0.0
     shuffle_turns: bool = False
+    flash_stretch: tuple = ()
     bf16: bool = False
     compile: bool = False
     order: str = "image-first"
@@ -438,7 +490,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
     """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent."""
     t0, step, history = time.time(), 0, []
     fam_loss, window, follow = FamilyLoss(), [], []
-    phases = reweighted(curriculum(groups), cfg.family_weights)
+    phases = training_phases(cfg, groups)
     source = prefetched(cfg, phases) if cfg.workers and cfg.steps else None
     marker = assistant_id(processor)
     while True:
@@ -522,6 +574,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--shuffle-turns", action="store_true",
                    help="put each sample's main question and follow-ups in a random order (no turn "
                         "position gives an answer away)")
+    p.add_argument("--flash-stretch", default="",
+                   help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
+                        "SHARE of the batches are 8-frame flash videos alone (of at most MAX_OBJECTS "
+                        "objects), e.g. 0.35:0.55:0.5:1")
     p.add_argument("--bf16", action="store_true",
                    help="stage-2 forward under bfloat16 autocast (float32 weights; faster on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--compile", action="store_true",
@@ -550,6 +606,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
                       background_dropout=a.background_dropout, shuffle_turns=a.shuffle_turns,
+                      flash_stretch=parse_stretch(a.flash_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,

@@ -68,7 +68,8 @@ def make_sample(family: str, rng: np.random.Generator, sid: str = "", hires: boo
                 extra_followups: tuple[str, ...] = ()) -> Sample:
     """Build one sample of ``family``. ``hires`` None: high-res with prob. ``hires_p``.
 
-    ``max_objects`` caps the objects of still-image scenes (default: the world's 6).
+    ``max_objects`` caps the objects of a scene or video (default: the world's 6; videos
+    hold at most 3 anyway).
     ``followups``: up to this many extra questions about the same media (training);
     ``extra_followups``: opt-in follow-up kinds (see :func:`.followups.followups_for`).
     """
@@ -96,7 +97,7 @@ def shuffled_turns(sample: Sample, rng: np.random.Generator) -> Sample:
 def _build_sample(family, rng, sid, hires, num_frames, hires_p, max_objects) -> Sample:
     kind = family_kind(family)
     if kind == "video":
-        frames, q, a, meta = build_video_family(family, rng, num_frames)
+        frames, q, a, meta = build_video_family(family, rng, num_frames, max_objects)
         return Sample(sid, family, q, a, frames=frames, meta=meta)
     if kind == "multi":
         scenes, q, a, meta = _retry(lambda: build_multi(rng))

@@ -14,7 +14,7 @@ import numpy as np
 
 from .images import COLOR_NAMES, _pick, new_scene
 from .scene import Obj, PlacementError, Scene, place, render
-from .spec import IMAGE_SIDE, MOTIONS, SHAPES, TEMPLATES, VIDEO_FRAMES, VIDEO_SIZE_RANGE
+from .spec import IMAGE_SIDE, MAX_OBJECTS, MOTIONS, SHAPES, TEMPLATES, VIDEO_FRAMES, VIDEO_SIZE_RANGE
 
 STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -81,16 +81,18 @@ def video_meta(scene: Scene, tracks: list, visible: np.ndarray) -> dict:
     return {"side": scene.side, "background": scene.background, "objects": objs}
 
 
-def _others(rng, k: int, exclude):
+def _others(rng, k: int, exclude, cap: int):
+    """``k`` other (shape, color) kinds, the first ``cap`` of them kept (all ``k`` are drawn,
+    so a cap of ``k`` or more leaves the random stream as it was)."""
     kinds = [(s, c) for s in SHAPES for c in COLOR_NAMES if (s, c) != exclude]
-    return [_pick(rng, kinds) for _ in range(k)]
+    return [_pick(rng, kinds) for _ in range(k)][:max(0, cap)]
 
 
-def build_motion(rng, t: int):
+def build_motion(rng, t: int, max_objects: int = MAX_OBJECTS):
     shape, color, d = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES), _pick(rng, MOTIONS)
     scene, tracks = new_scene(rng), []
     add_mover(tracks, rng, shape, color, d, t)
-    for s, c in _others(rng, int(rng.integers(0, 3)), (shape, color)):
+    for s, c in _others(rng, int(rng.integers(0, 3)), (shape, color), max_objects - 1):
         other = _pick(rng, [m for m in MOTIONS if m != d] + [None, None])
         add_mover(tracks, rng, s, c, other, t)
     visible = np.ones((len(tracks), t), bool)
@@ -107,11 +109,11 @@ def flash_frames(rng, t: int, k: int) -> list[int]:
     raise PlacementError("no flash pattern")
 
 
-def build_flash(rng, t: int):
+def build_flash(rng, t: int, max_objects: int = MAX_OBJECTS):
     shape, color, k = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES), int(rng.integers(1, 4))
     scene, tracks = new_scene(rng), []
     add_mover(tracks, rng, shape, color, None, t)
-    for s, c in _others(rng, int(rng.integers(0, 3)), (shape, color)):
+    for s, c in _others(rng, int(rng.integers(0, 3)), (shape, color), max_objects - 1):
         add_mover(tracks, rng, s, c, None, t)
     visible = np.ones((len(tracks), t), bool)
     visible[0, flash_frames(rng, t, k)] = False
@@ -119,11 +121,11 @@ def build_flash(rng, t: int):
     return scene, tracks, visible, q, str(k)
 
 
-def build_appear(rng, t: int):
+def build_appear(rng, t: int, max_objects: int = MAX_OBJECTS):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
     scene, tracks = new_scene(rng), []
     add_mover(tracks, rng, shape, color, None, t)
-    for s, c in _others(rng, int(rng.integers(1, 3)), (shape, color)):
+    for s, c in _others(rng, int(rng.integers(1, 3)), (shape, color), max_objects - 1):
         add_mover(tracks, rng, s, c, None, t)
     visible = np.ones((len(tracks), t), bool)
     visible[0, : int(rng.integers(t // 4, 3 * t // 4 + 1))] = False
@@ -133,12 +135,16 @@ def build_appear(rng, t: int):
 VIDEO_BUILDERS = {"motion": build_motion, "flash": build_flash, "appear": build_appear}
 
 
-def build_video_family(family: str, rng: np.random.Generator, num_frames: int | None = None):
-    """Return (frames (T,H,W,3) uint8, question, answer, meta); T from VIDEO_FRAMES if None."""
+def build_video_family(family: str, rng: np.random.Generator, num_frames: int | None = None,
+                       max_objects: int = MAX_OBJECTS):
+    """Return (frames (T,H,W,3) uint8, question, answer, meta); T from VIDEO_FRAMES if None.
+    ``max_objects`` caps the objects per video (1: the asked object alone; curricula)."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
     t = num_frames or int(_pick(rng, VIDEO_FRAMES))
     for _ in range(100):
         try:
-            scene, tracks, visible, q, a = VIDEO_BUILDERS[family](rng, t)
+            scene, tracks, visible, q, a = VIDEO_BUILDERS[family](rng, t, max_objects)
         except PlacementError:
             continue
         return render_tracks(scene, tracks, visible), q, a, video_meta(scene, tracks, visible)

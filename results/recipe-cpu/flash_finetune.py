@@ -7,6 +7,8 @@ shuffled order (`--shuffle-turns`), so no turn position and no other family comp
 saves it for `flash_shortcut.py`.
 
 Usage: python results/recipe-cpu/flash_finetune.py OUT_DIR [--model DIR] [--minutes 12]
+       [--stages 0.3] [--lr 3e-4] [--device cuda]
+(``--stages``: one-object videos first, where the hole is the only change in the video.)
 """
 import argparse
 import time
@@ -17,14 +19,25 @@ from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
 from mmaccel.embedded.data import assistant_id
 from mmaccel.embedded.train import TrainConfig, make_optimizer, step_batch, train_step
 
-FLASH_ONLY = {"video8": (1.0, 1.0, {"num_frames": 8}, {"flash": 1.0})}
+def flash_only(max_objects: int = 3) -> dict:
+    """One group: 8-frame flash videos of at most ``max_objects`` objects."""
+    return {"video8": (1.0, 1.0, {"num_frames": 8, "max_objects": max_objects}, {"flash": 1.0})}
 
 
-def fine_tune(model, processor, cfg: TrainConfig, seconds: float) -> None:
-    """Train on flash-only batches for ``seconds``; prints the mean first-turn loss every 100 steps."""
+def objects_at(frac: float, stages: list[float]) -> int:
+    """The object cap at time fraction ``frac``: 1 until stages[0], 2 until stages[1] (if
+    given), and the world's 3 after the last stage."""
+    passed = sum(frac >= s for s in stages)
+    return 3 if passed == len(stages) else 1 + passed
+
+
+def fine_tune(model, processor, cfg: TrainConfig, seconds: float, stages=()) -> None:
+    """Train on flash-only batches for ``seconds`` (object caps by ``stages``, see
+    :func:`objects_at`); prints the mean first-turn loss every 100 steps."""
     opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
     while time.time() - t0 < seconds:
-        _, batch = step_batch(processor, cfg, step, FLASH_ONLY)
+        groups = flash_only(objects_at((time.time() - t0) / seconds, list(stages)))
+        _, batch = step_batch(processor, cfg, step, groups)
         losses, follow = train_step(model, opt, batch, marker, cfg.lr, cfg.clip, cfg.loss_mean, cfg.bf16)
         window.append(float(losses.mean()))
         step += 1
@@ -40,14 +53,19 @@ def main():
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)
     p.add_argument("--minutes", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--stages", default="",
+                   help="comma list of time fractions where the object cap steps 1 -> 2 -> 3, "
+                        "e.g. 0.3 (one object until 30%%) or 0.25,0.5; empty: 1-3 objects throughout")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
-    model.train()
+    model.to(a.device).train()
     model.model.vision_tower.requires_grad_(False)  # as --freeze-tower does in stage 2
     cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash",), shuffle_turns=True,
-                      loss_mean="tokens", bf16=True)  # lr 3e-4 and clip 1.0: TrainConfig's defaults
-    fine_tune(model, processor, cfg, a.minutes * 60)
+                      loss_mean="tokens", bf16=True, lr=a.lr)  # clip 1.0: TrainConfig's default
+    fine_tune(model, processor, cfg, a.minutes * 60, [float(x) for x in a.stages.split(",") if x])
     model.eval()
     model.save_pretrained(a.out)
     processor.save_pretrained(a.out)
