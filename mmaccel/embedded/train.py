@@ -446,6 +446,7 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
         samples = [shuffled_turns(s, rng) for s in samples]
     batch = encode_for_training(processor, samples)
     if cfg.visual_dropout:
+        # from the tokenizer, not dropout.media_token_ids(model): batch workers hold no model
         media_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")]
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 2]))
         batch["attention_mask"] = drop_visual(batch["input_ids"], batch["attention_mask"], media_ids,
