@@ -1,5 +1,6 @@
 """The embedded default model: tokenizer, processor contract, training, shipped checkpoint."""
 import copy
+import json
 import subprocess
 import sys
 
@@ -583,3 +584,11 @@ def test_bad_flash_stretch_is_refused(text):
 
     with pytest.raises(ValueError):
         parse_stretch(text)
+
+
+def test_saved_step_count_is_the_last_step_not_the_last_log_line(tmp_path):
+    cfg = TrainConfig(seed=2, steps=3, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=1,
+                      log_every=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    _, _, hist = train(cfg, tmp_path / "m", groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    assert [h["step"] for h in hist] == [2, 3]
+    assert json.loads((tmp_path / "m" / "train_config.json").read_text())["steps_done"] == 3

@@ -497,11 +497,11 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
     while True:
         elapsed = time.time() - t0
         prog = progress_of(step, elapsed, cfg, budget)
-        if (cfg.steps and step >= cfg.steps) or (not cfg.steps and prog >= 1.0):
-            log(f"stage 2 done at step {step} ({elapsed:.0f}s)")
-            break
-        if cfg.steps and budget is not None and elapsed >= budget:
-            log(f"stage 2 stopped by the --minutes cap at step {step} of {cfg.steps} ({elapsed:.0f}s)")
+        stop = stop_message(step, elapsed, prog, cfg, budget)
+        if stop:
+            if window:  # the steps since the last log line, so the history ends at the last step
+                history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss))
+            log(stop)
             break
         fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog))
         lr = lr_at(step, prog, cfg)
@@ -514,6 +514,15 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
             history.append(log_step(log, step, window, follow, lr, time.time() - t0, fam_loss))
             window, follow = [], []
     return history
+
+
+def stop_message(step: int, elapsed: float, prog: float, cfg: TrainConfig, budget) -> str | None:
+    """Why stage 2 ends before step ``step``, or None to go on."""
+    if (cfg.steps and step >= cfg.steps) or (not cfg.steps and prog >= 1.0):
+        return f"stage 2 done at step {step} ({elapsed:.0f}s)"
+    if cfg.steps and budget is not None and elapsed >= budget:
+        return f"stage 2 stopped by the --minutes cap at step {step} of {cfg.steps} ({elapsed:.0f}s)"
+    return None
 
 
 def log_step(log, step: int, window, follow, lr: float, seconds: float, fam_loss: FamilyLoss) -> dict:
