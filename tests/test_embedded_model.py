@@ -586,6 +586,11 @@ def test_bad_flash_stretch_is_refused(text):
         parse_stretch(text)
 
 
+def test_bad_flash_stretch_in_a_config_fails_at_start_up():
+    with pytest.raises(ValueError, match="stretch"):
+        TrainConfig(flash_stretch=(0.5, 0.4, 0.3))
+
+
 def test_saved_step_count_is_the_last_step_not_the_last_log_line(tmp_path):
     cfg = TrainConfig(seed=2, steps=3, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=1,
                       log_every=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})

@@ -114,8 +114,7 @@ def with_stretch(phases: tuple[Phase, ...], start: float, end: float, name: str,
 
     The phases are split at ``start`` and ``end`` so that nothing outside changes.
     """
-    if not (0.0 <= start < end <= 1.0 and 0.0 < share <= 1.0):
-        raise ValueError(f"stretch needs 0 <= start < end <= 1 and 0 < share <= 1, got {start}, {end}, {share}")
+    check_stretch(start, end, share)
     ends = sorted({p.end for p in phases} | {start, end} - {0.0})
     out = []
     for e in ends:
@@ -128,10 +127,19 @@ def with_stretch(phases: tuple[Phase, ...], start: float, end: float, name: str,
     return tuple(out)
 
 
+def check_stretch(start: float, end: float, share: float) -> None:
+    """``ValueError`` unless 0 <= start < end <= 1 and 0 < share <= 1."""
+    if not (0.0 <= start < end <= 1.0 and 0.0 < share <= 1.0):
+        raise ValueError(f"stretch needs 0 <= start < end <= 1 and 0 < share <= 1, got {start}, {end}, {share}")
+
+
 def flash_stretch(spec: tuple) -> tuple[float, float, tuple, float]:
     """(start, end, group, share) of a ``--flash-stretch`` spec (start, end, share[, objects]):
     8-frame flash videos alone, with at most ``objects`` objects (default: the world's)."""
+    if len(spec) not in (3, 4):
+        raise ValueError(f"bad stretch {spec!r}: use (start, end, share[, max_objects])")
     start, end, share, *rest = spec
+    check_stretch(float(start), float(end), float(share))
     kw = {"num_frames": 8, **({"max_objects": int(rest[0])} if rest else {})}
     return float(start), float(end), (float(share), 1.0, kw, {"flash": 1.0}), float(share)
 
@@ -144,7 +152,7 @@ def parse_stretch(text: str) -> tuple:
     if len(parts) not in (3, 4):
         raise ValueError(f"bad stretch {text!r}: use START:END:SHARE[:MAX_OBJECTS]")
     out = tuple(float(x) for x in parts[:3]) + tuple(int(x) for x in parts[3:])
-    with_stretch((Phase(1.0, {}),), out[0], out[1], "check", (out[2], 1.0, {}, {}), out[2])
+    flash_stretch(out)  # raises on a bad range or share
     return out
 
 
@@ -217,6 +225,8 @@ class TrainConfig:
         check_dropout(self.visual_dropout)
         check_dropout(self.background_dropout)
         objective_kind(self.loss_mean)
+        if self.flash_stretch:
+            flash_stretch(self.flash_stretch)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
