@@ -107,13 +107,15 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
-def with_stretch(phases: tuple[Phase, ...], start: float, end: float, name: str, group: tuple,
-                 share: float) -> tuple[Phase, ...]:
-    """``phases`` with ``group`` (under ``name``) drawn for ``share`` of the batches between
-    schedule progress ``start`` and ``end``; the other groups keep their relative odds there.
+def with_stretch(phases: tuple[Phase, ...], start: float, end: float, name: str,
+                 group: tuple) -> tuple[Phase, ...]:
+    """``phases`` with ``group`` (under ``name``) drawn for its probability ``group[0]`` (the
+    share) of the batches between schedule progress ``start`` and ``end``; the other groups
+    keep their relative odds there.
 
     The phases are split at ``start`` and ``end`` so that nothing outside changes.
     """
+    share = group[0]
     check_stretch(start, end, share)
     ends = sorted({p.end for p in phases} | {start, end} - {0.0})
     out = []
@@ -122,7 +124,7 @@ def with_stretch(phases: tuple[Phase, ...], start: float, end: float, name: str,
         if start < e <= end:
             total = sum(g[0] for g in groups.values())
             groups = {n: (g[0] / total * (1.0 - share), *g[1:]) for n, g in groups.items()}
-            groups = {**groups, name: (share, *group[1:])}
+            groups = {**groups, name: group}
         out.append(Phase(e, groups))
     return tuple(out)
 
@@ -133,15 +135,16 @@ def check_stretch(start: float, end: float, share: float) -> None:
         raise ValueError(f"stretch needs 0 <= start < end <= 1 and 0 < share <= 1, got {start}, {end}, {share}")
 
 
-def flash_stretch(spec: tuple) -> tuple[float, float, tuple, float]:
-    """(start, end, group, share) of a ``--flash-stretch`` spec (start, end, share[, objects]):
-    8-frame flash videos alone, with at most ``objects`` objects (default: the world's)."""
+def flash_stretch(spec: tuple) -> tuple[float, float, tuple]:
+    """(start, end, group) of a ``--flash-stretch`` spec (start, end, share[, objects]): a group
+    of probability ``share``, 8-frame flash videos alone, with at most ``objects`` objects
+    (default: the world's)."""
     if len(spec) not in (3, 4):
         raise ValueError(f"bad stretch {spec!r}: use (start, end, share[, max_objects])")
     start, end, share, *rest = spec
     check_stretch(float(start), float(end), float(share))
     kw = {"num_frames": 8, **({"max_objects": int(rest[0])} if rest else {})}
-    return float(start), float(end), (float(share), 1.0, kw, {"flash": 1.0}), float(share)
+    return float(start), float(end), (float(share), 1.0, kw, {"flash": 1.0})
 
 
 def parse_stretch(text: str) -> tuple:
@@ -149,10 +152,8 @@ def parse_stretch(text: str) -> tuple:
     if not text:
         return ()
     parts = text.split(":")
-    if len(parts) not in (3, 4):
-        raise ValueError(f"bad stretch {text!r}: use START:END:SHARE[:MAX_OBJECTS]")
     out = tuple(float(x) for x in parts[:3]) + tuple(int(x) for x in parts[3:])
-    flash_stretch(out)  # raises on a bad range or share
+    flash_stretch(out)  # raises on a bad length, range or share
     return out
 
 
@@ -162,8 +163,8 @@ def training_phases(cfg: "TrainConfig", groups: dict | None = None) -> tuple[Pha
     phases = reweighted(curriculum(groups), cfg.family_weights)
     if not cfg.flash_stretch:
         return phases
-    start, end, group, share = flash_stretch(cfg.flash_stretch)
-    return with_stretch(phases, start, end, "flash8", group, share)
+    start, end, group = flash_stretch(cfg.flash_stretch)
+    return with_stretch(phases, start, end, "flash8", group)
 
 
 def phase_groups(phases: tuple[Phase, ...], progress: float) -> dict:

@@ -14,6 +14,7 @@ import argparse
 from mmaccel.api import accelerate_vlm
 from mmaccel.bench.fidelity import compare, run_samples
 from mmaccel.embedded import load_model
+from mmaccel.embedded.evaluate import summarize
 from mmaccel.world.samples import generate_samples
 from mmaccel.world.spec import MODEL_FAMILIES
 
@@ -26,7 +27,7 @@ def main():
     model, processor = load_model(a.model)
     samples = generate_samples(a.n, seed=0, split="test", families=MODEL_FAMILIES)
     base = run_samples(model, processor, samples)
-    full = sum(x == s.answer for x, s in zip(base.answers, samples)) / len(samples)
+    full = summarize(samples, base.answers)["aggregates"]["all"]["accuracy"]
     print(f"model {a.model}, n={a.n}, full-token accuracy {full:.3f}")
     print("| retention | window merge | kept | caption | visual tokens, last layer | FLOP x |")
     print("| --- | --- | --- | --- | --- | --- |")
