@@ -53,6 +53,7 @@ class Request:
     decode_masks: dict = field(default_factory=dict)  # stage index -> mask of this step
     full_tokens: list = field(default_factory=list)  # per sample: real tokens before any reduction
     visual_in: list = field(default_factory=list)  # per sample: visual tokens at the LLM input
+    visual_orig: list = field(default_factory=list)  # per sample: visual tokens before any reduction
     segments: list = field(default_factory=list)  # the visual segments of the prefill
     sources: list = field(default_factory=list)  # per sample: {kept position: merged source positions}
     final: Stage | None = None  # the stage the last decoder layer saw
@@ -355,6 +356,7 @@ class Runtime:
             req.final = Stage(0, valid, visual, positions, orig)
             return None
         self._protected = torch.zeros_like(valid)
+        req.visual_orig = (visual & valid).sum(1).tolist()
         keep, embeds = self._pre_llm(embeds, segments, valid, visual)
         index, new_valid = pack_kept(keep)
         stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,
@@ -542,7 +544,8 @@ class Runtime:
         if rows is None:  # the last query of every sample
             rows = torch.full((probs.shape[0], 1), probs.shape[-1] - 1, dtype=torch.long, device=probs.device)
             row_valid = torch.ones_like(rows, dtype=torch.bool)
-        budgets = [round(n * self.schedule[idx]) for n in req.visual_in]
+        base = req.visual_orig if self.method.budget_base == "original" else req.visual_in
+        budgets = [round(n * self.schedule[idx]) for n in base]
         keep = self.method.select(probs, rows, row_valid, stage.valid, stage.visual, stage.protected, budgets)
         index, valid = pack_kept(keep)
         new_hidden = gather_tokens(hidden, index)

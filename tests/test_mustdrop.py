@@ -76,16 +76,8 @@ def test_window_similarity_and_groups_by_hand():
 
 def test_window_merge_shortens_the_tower_and_keeps_one_token_per_window():
     from mmaccel.models import get_adapter
-    from mmaccel.testing import tiny
 
-    saved = tiny._clip_vision
-    tiny._clip_vision = lambda **k: saved(image_size=84, layers=4)  # a 6x6 patch grid
-    try:
-        model, proc = tiny.build("llava", seed=6)
-    finally:
-        tiny._clip_vision = saved
-    proc.patch_size, model.config.image_seq_length = 14, 36
-    proc.image_processor.size, proc.image_processor.crop_size = {"shortest_edge": 84}, {"height": 84, "width": 84}
+    model, proc = _six_by_six_llava()
     inputs = make_inputs(proc)
     adapter = get_adapter(model)
     with accelerate_vlm(model, method="mustdrop", merge_threshold=-1.0) as handle, torch.no_grad():
@@ -97,6 +89,39 @@ def test_window_merge_shortens_the_tower_and_keeps_one_token_per_window():
         prov = handle.provenance()[0]
     assert kept == 4  # threshold -1: every 3x3 window merges, 36 patches -> 4 tokens
     assert sorted(len(g) for g in prov.values()) == [9, 9, 9, 9]
+
+
+def _six_by_six_llava(seed=6):
+    from mmaccel.testing import tiny
+
+    saved = tiny._clip_vision
+    tiny._clip_vision = lambda **k: saved(image_size=84, layers=4)  # a 6x6 patch grid
+    try:
+        model, proc = tiny.build("llava", seed=seed)
+    finally:
+        tiny._clip_vision = saved
+    proc.patch_size, model.config.image_seq_length = 14, 36
+    proc.image_processor.size, proc.image_processor.crop_size = {"shortest_edge": 84}, {"height": 84, "width": 84}
+    return model, proc
+
+
+def test_budget_counts_the_tokens_before_the_window_merge(monkeypatch):
+    from mmaccel.vision import window_merge
+
+    def top_left_window_only(x, side, threshold, window=3, cols=None):
+        groups = torch.arange(side * (cols or side))
+        groups[torch.tensor([0, 1, 2, side, side + 1, side + 2, 2 * side, 2 * side + 1, 2 * side + 2])] = 0
+        return groups
+
+    monkeypatch.setattr(window_merge, "window_groups", top_left_window_only)
+    model, proc = _six_by_six_llava()
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method="mustdrop", retention=0.5) as handle, torch.no_grad():
+        model(**inputs, use_cache=True)
+        request = handle._runtime.request
+    assert request.visual_orig == [36, 36] and request.visual_in == [28, 28]
+    # 0.5 of the 36 the processor made, not of the 28 left after the merge (14)
+    assert handle.stats.visual_tokens_per_layer[-1] == 2 * 18
 
 
 def test_window_groups_on_a_rectangular_grid():

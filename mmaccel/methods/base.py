@@ -12,8 +12,11 @@ from ..models.base import Segment
 
 @dataclass
 class Method:
-    """Common fields. ``retention`` (0, 1] overrides the method's native budget when given:
-    the fraction of a sample's visual tokens kept by the method's final reduction step."""
+    """Common fields. ``retention`` (0, 1] overrides the method's native budget when given: the
+    fraction of a sample's visual tokens (as the processor made them) left after the method's
+    budgeted reduction step. A method that merges before the LLM and prunes inside it
+    (mustdrop) ends at that count like the others; AIM's retention is its merge budget and its
+    in-LLM schedule then applies the official relative rates (see its docstring)."""
 
     retention: float | None = None
     name: ClassVar[str] = ""
@@ -73,6 +76,9 @@ class InLLMPruner(Method):
     """Prunes visual tokens inside the decoder at chosen layers, from query-subset attention."""
 
     query: ClassVar[str] = "last"  # which queries score the keys: "last" | "text" (all text after the media)
+    # what the schedule's fractions count: "llm_input" (the visual tokens that reach the LLM, after
+    # any pre-LLM step) or "original" (the processor's visual tokens, before any reduction)
+    budget_base: ClassVar[str] = "llm_input"
 
     def schedule(self, num_layers: int) -> list[tuple[int, float]]:
         """[(layer, fraction of each sample's visual tokens at the LLM input to keep from that layer on)]."""
