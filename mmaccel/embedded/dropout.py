@@ -1,4 +1,4 @@
-"""Visual-token dropout for stage-2 training (all off in the shipped recipe).
+"""Visual-token dropout for stage-2 training (the shipped model used background dropout 0.9).
 
 Two kinds, both as attention-mask holes with positions kept (what the runtime's
 ``preserve`` position policy does with removed tokens):
