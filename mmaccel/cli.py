@@ -207,10 +207,15 @@ def bench_fidelity(
     methods: str = typer.Option("random,pool,fastv,aim,hired,visionzip,stc,mustdrop,tome", "--methods"),
     retentions: str = typer.Option("1.0,0.5,0.25,0.11", "--retentions"),
     out: Path = typer.Option(Path("results/fidelity"), "--out"),
+    from_json: Optional[Path] = typer.Option(None, "--from-json",
+                                             help="re-render a saved sweep's table and plot into --out (no model run)"),
 ):
     """Accuracy per family, agreement, first-token KL and tokens per layer of a method on the world."""
     try:
-        result = _run_fidelity(method, retention, n, seed, model, batch_size, sweep, methods, retentions, out)
+        if from_json:
+            result = _render_saved_sweep(from_json, out)
+        else:
+            result = _run_fidelity(method, retention, n, seed, model, batch_size, sweep, methods, retentions, out)
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(str(err).splitlines()[0])
     if json_out:
@@ -218,6 +223,20 @@ def bench_fidelity(
     from .bench.fidelity import markdown_table
 
     typer.echo(markdown_table(result))
+
+
+def _render_saved_sweep(path: Path, out: Path) -> dict:
+    from .bench.fidelity import write_sweep
+
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not a sweep JSON ({err})") from None
+    if not isinstance(result, dict) or not {"baseline", "points", "environment", "n"} <= set(result):
+        raise UserError(f"{path} is not a sweep JSON written by `mmaccel bench fidelity --sweep`")
+    for written in write_sweep(result, out).values():
+        typer.echo(f"wrote {written}", err=True)
+    return result
 
 
 def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, methods, retentions, out):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmaccel.bench.fidelity import RunResult, compare, markdown_table
+from mmaccel.bench.fidelity import RunResult, accuracy_at_cost, compare, cost_curve, equal_cost, markdown_table
 from mmaccel.cli import app
 
 
@@ -42,22 +42,54 @@ def test_compare_metrics_by_hand():
     assert res["visual_tokens_per_layer_per_sample"] == [10, 5] and res["flop_ratio"] == 3.0
 
 
+def _point(method, retention, acc, flop_ratio):
+    return {"method": method, "retention": retention, "aggregates": {"all": acc}, "flop_ratio": flop_ratio}
+
+
+def test_equal_cost_interpolates_between_measured_points_and_never_extrapolates():
+    result = {"baseline": {"aggregates": {"all": 0.8}},
+              "points": [_point("random", 1.0, 0.8, 1.0), _point("random", 0.25, 0.4, 4.0),
+                         _point("deep", 0.25, 0.7, 2.0), _point("deep", 0.11, 0.6, 2.5),
+                         _point("cheap", 0.5, 0.6, 2.0), _point("cheap", 0.25, 0.5, 5.0)]}
+    assert cost_curve(result, "deep") == [(0.4, 0.6), (0.5, 0.7), (1.0, 0.8)]
+    assert accuracy_at_cost(cost_curve(result, "cheap"), 0.25) == pytest.approx(0.5 + 0.1 * 0.05 / 0.3)
+    assert accuracy_at_cost(cost_curve(result, "deep"), 0.25) is None  # cheapest point costs 40%
+    assert accuracy_at_cost(cost_curve(result, "random"), 0.25) == pytest.approx(0.4)
+    lines = equal_cost(result)
+    assert lines[1].startswith("## At equal cost: 25.0% of the full prefill FLOPs") and "retention 0.25" in lines[1]
+    assert "- `deep`: not measured this cheap (its cheapest point costs 40.0%)" in lines
+    assert "- `random`: 0.400, keeps 50.0% of full accuracy" in lines
+
+
 def test_cli_sweep_writes_table_plot_and_json(world_model_dir, tmp_path):
     out = tmp_path / "sweep"
     res = CliRunner().invoke(app, ["bench", "fidelity", "--model", str(world_model_dir), "--n", "8", "--sweep",
-                                   "--methods", "pool,fastv", "--retentions", "1.0,0.25", "--out", str(out)])
+                                   "--methods", "pool,fastv,random", "--retentions", "1.0,0.25", "--out", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "fidelity.json").read_text())
     points = {(p["method"], p["retention"]): p for p in data["points"]}
-    assert set(points) == {("pool", 1.0), ("pool", 0.25), ("fastv", 1.0), ("fastv", 0.25)}
+    assert set(points) == {(m, r) for m in ("pool", "fastv", "random") for r in (1.0, 0.25)}
     for method in ("pool", "fastv"):  # full retention is exact: same answers, zero KL
         assert points[(method, 1.0)]["agreement"] == 1.0 and points[(method, 1.0)]["first_token_kl"] < 1e-9
         assert points[(method, 0.25)]["flop_ratio"] > 1.2
         full, quarter = (points[(method, r)]["visual_tokens_per_layer_per_sample"][-1] for r in (1.0, 0.25))
         assert quarter < 0.4 * full
     assert (out / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| pool | 0.25 |" in (out / "fidelity.md").read_text()
+    table = (out / "fidelity.md").read_text()
+    cost = 1.0 / points[("random", 0.25)]["flop_ratio"]
+    assert "| pool | 0.25 |" in table and f"## At equal cost: {cost:.1%} of the full prefill FLOPs" in table
     assert data["environment"]["torch"] == torch.__version__
+    again = tmp_path / "again"  # a saved sweep re-renders without running the model
+    res = CliRunner().invoke(app, ["bench", "fidelity", "--from-json", str(out / "fidelity.json"), "--out", str(again)])
+    assert res.exit_code == 0, res.output
+    assert (again / "fidelity.md").read_text() == table and (again / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_from_json_refuses_what_is_not_a_sweep(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"points": []}))
+    res = CliRunner().invoke(app, ["bench", "fidelity", "--from-json", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "is not a sweep JSON" in res.output and not (tmp_path / "o").exists()
 
 
 def test_cli_single_point_json(world_model_dir, tmp_path):

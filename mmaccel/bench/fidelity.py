@@ -195,26 +195,76 @@ def versus_random(result: dict, retention: float) -> list[str]:
     return lines
 
 
+def cost_curve(result: dict, method: str) -> list[tuple[float, float]]:
+    """[(prefill FLOP share of the full model, accuracy)] of ``method``'s points, cheapest first,
+    with the unreduced model at share 1.0."""
+    pts = {1.0: result["baseline"]["aggregates"]["all"]}
+    for p in result["points"]:
+        if p["method"] == method and p["flop_ratio"] > 1.0:
+            pts[1.0 / p["flop_ratio"]] = p["aggregates"]["all"]
+    return sorted(pts.items())
+
+
+def accuracy_at_cost(curve: list[tuple[float, float]], share: float) -> float | None:
+    """Accuracy at prefill FLOP share ``share``, linear between the two measured points around
+    it; None when the method's cheapest point costs more (never extrapolated)."""
+    for (s0, a0), (s1, a1) in zip(curve, curve[1:]):
+        if s0 <= share <= s1:
+            return a0 if s1 == s0 else a0 + (a1 - a0) * (share - s0) / (s1 - s0)
+    return curve[0][1] if curve and abs(curve[0][0] - share) < 1e-12 else None
+
+
+def equal_cost(result: dict, reference: str = "random") -> list[str]:
+    """Markdown lines comparing every method at the prefill cost ``reference`` pays at each of
+    its retentions (a one-step pre-LLM method: the cost the retention buys), since methods
+    that prune inside the LLM or also merge pay more or less than that at the same retention."""
+    targets = sorted(1.0 / p["flop_ratio"] for p in result["points"]
+                     if p["method"] == reference and p["flop_ratio"] > 1.0)
+    base = result["baseline"]["aggregates"]["all"]
+    lines = []
+    for share in targets:
+        lines += ["", f"## At equal cost: {share:.1%} of the full prefill FLOPs (`{reference}`'s cost at "
+                      f"retention {_retention_at(result, reference, share)})"]
+        for method in sorted({p["method"] for p in result["points"]}):
+            curve = cost_curve(result, method)
+            acc = accuracy_at_cost(curve, share)
+            kept = f"{acc / base:.1%}" if acc is not None and base else "n/a"
+            lines.append(f"- `{method}`: not measured this cheap (its cheapest point costs {curve[0][0]:.1%})"
+                         if acc is None else f"- `{method}`: {acc:.3f}, keeps {kept} of full accuracy")
+    return lines
+
+
+def _retention_at(result: dict, method: str, share: float) -> float:
+    return next(p["retention"] for p in result["points"]
+                if p["method"] == method and abs(1.0 / p["flop_ratio"] - share) < 1e-12)
+
+
 def plot(result: dict, path: Path) -> None:
-    """Accuracy (all families) vs retention, one line per method, baseline dashed."""
+    """Accuracy (all families) vs retention and vs prefill FLOP share, one line per method,
+    the unreduced model dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, (by_retention, by_cost) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
     by_method = defaultdict(list)
     for p in result["points"]:
         by_method[p["method"]].append((p["retention"], p["aggregates"]["all"]))
     for method, pts in sorted(by_method.items()):
         pts.sort()
-        ax.plot([r for r, _ in pts], [a for _, a in pts], marker="o", label=method)
-    ax.axhline(result["baseline"]["aggregates"]["all"], color="gray", linestyle="--", label="no reduction")
-    ax.set_xlabel("retention (fraction of visual tokens kept)")
-    ax.set_ylabel("exact-match accuracy (all families)")
-    ax.set_title(f"Fidelity on the embedded world (n={result['n']})")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        line, = by_retention.plot([r for r, _ in pts], [a for _, a in pts], marker="o", label=method)
+        curve = cost_curve(result, method)
+        by_cost.plot([s for s, _ in curve], [a for _, a in curve], marker="o", color=line.get_color())
+    for ax in (by_retention, by_cost):
+        ax.axhline(result["baseline"]["aggregates"]["all"], color="gray", linestyle="--",
+                   label="no reduction" if ax is by_retention else None)
+        ax.grid(alpha=0.3)
+    by_retention.set_xlabel("retention (fraction of visual tokens kept)")
+    by_cost.set_xlabel("prefill FLOPs (share of the unreduced model)")
+    by_retention.set_ylabel("exact-match accuracy (all families)")
+    fig.suptitle(f"Fidelity on the embedded world (n={result['n']})")
+    by_retention.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -228,7 +278,7 @@ def write_sweep(result: dict, out_dir: Path) -> dict[str, Path]:
     note = (f"Machine: {env['processor']}, {env['threads']} threads, torch {env['torch']}, "
             f"transformers {env['transformers']}, {env['date']}. n={result['n']} held-out samples.\n\n")
     summary = [line for r in sorted({p["retention"] for p in result["points"]}) if r < 1.0
-               for line in ["", f"## Retention {r}", *versus_random(result, r)]]
+               for line in ["", f"## Retention {r}", *versus_random(result, r)]] + equal_cost(result)
     paths["md"].write_text("# Fidelity sweep\n\n" + note + markdown_table(result) + "\n" + "\n".join(summary) + "\n")
     plot(result, paths["png"])
     return paths
