@@ -347,7 +347,8 @@ class Runtime:
         for seg in segments:
             visual[seg.sample, seg.positions] = True
         self.stats.batch_size = batch
-        self.stats.visual_tokens_in = int((visual & valid).sum())
+        req.visual_orig = (visual & valid).sum(1).tolist()
+        self.stats.visual_tokens_in = sum(req.visual_orig)
         req.full_tokens = valid.sum(1).tolist()
         positions = self._input_positions(kwargs.get("position_ids"), mask2d, batch, length, embeds.device)
         if not self.splicing:
@@ -356,7 +357,6 @@ class Runtime:
             req.final = Stage(0, valid, visual, positions, orig)
             return None
         self._protected = torch.zeros_like(valid)
-        req.visual_orig = (visual & valid).sum(1).tolist()
         keep, embeds = self._pre_llm(embeds, segments, valid, visual)
         index, new_valid = pack_kept(keep)
         stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,

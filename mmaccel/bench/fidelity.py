@@ -218,25 +218,20 @@ def equal_cost(result: dict, reference: str = "random") -> list[str]:
     """Markdown lines comparing every method at the prefill cost ``reference`` pays at each of
     its retentions (a one-step pre-LLM method: the cost the retention buys), since methods
     that prune inside the LLM or also merge pay more or less than that at the same retention."""
-    targets = sorted(1.0 / p["flop_ratio"] for p in result["points"]
+    targets = sorted((1.0 / p["flop_ratio"], p["retention"]) for p in result["points"]
                      if p["method"] == reference and p["flop_ratio"] > 1.0)
     base = result["baseline"]["aggregates"]["all"]
+    curves = {m: cost_curve(result, m) for m in sorted({p["method"] for p in result["points"]})}
     lines = []
-    for share in targets:
+    for share, retention in targets:
         lines += ["", f"## At equal cost: {share:.1%} of the full prefill FLOPs (`{reference}`'s cost at "
-                      f"retention {_retention_at(result, reference, share)})"]
-        for method in sorted({p["method"] for p in result["points"]}):
-            curve = cost_curve(result, method)
+                      f"retention {retention})"]
+        for method, curve in curves.items():
             acc = accuracy_at_cost(curve, share)
             kept = f"{acc / base:.1%}" if acc is not None and base else "n/a"
             lines.append(f"- `{method}`: not measured this cheap (its cheapest point costs {curve[0][0]:.1%})"
                          if acc is None else f"- `{method}`: {acc:.3f}, keeps {kept} of full accuracy")
     return lines
-
-
-def _retention_at(result: dict, method: str, share: float) -> float:
-    return next(p["retention"] for p in result["points"]
-                if p["method"] == method and abs(1.0 / p["flop_ratio"] - share) < 1e-12)
 
 
 def plot(result: dict, path: Path) -> None:
