@@ -211,7 +211,7 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words
     return ce + l1 + align + extra, acc.item(), l1.item() / 4.0, s_acc
 
 
-def summary_loss(feats, present, counts, mode: str, head):
+def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0):
     """BCE on kind presence + CE on per-shape counts, from the tokens' mean ("mean") or
     from each token ("token"). feats (n, T, D); present (n, N_KINDS); counts (n, S).
     Returns (loss, share of scenes whose presence bits and counts are all right)."""
@@ -226,15 +226,17 @@ def summary_loss(feats, present, counts, mode: str, head):
     loss = F.binary_cross_entropy_with_logits(pres_logit, tgt_p) + \
         F.cross_entropy(cnt_logit.flatten(0, -2), tgt_c.flatten())
     right = ((pres_logit > 0) == (tgt_p > 0.5)).all(-1) & (cnt_logit.argmax(-1) == tgt_c).all(-1)
-    return loss, right.float().mean().item()
+    return weight * loss, right.float().mean().item()
 
 
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
-                    log=print, summary: str = "", dense: bool = False, workers: int = 0) -> float:
+                    log=print, summary: str = "", dense: bool = False, workers: int = 0,
+                    summary_weight: float = 1.0) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
-    returns the final cell accuracy. ``workers`` processes render the batches (the scenes,
-    not the small tower, are most of a stage-1 step on the CPU); the batches stay the same."""
+    returns the final cell accuracy. ``summary_weight`` scales the summary loss. ``workers``
+    processes render the batches (the scenes, not the small tower, are most of a stage-1 step
+    on the CPU); the batches stay the same."""
     import torch
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
@@ -254,7 +256,7 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
         batch = [t.to(model.device) for t in next(batches)]
         if not summary:
             batch += [None, None]
-        loss, *st = patch_loss(model, head, *batch, words=words, summary=(summary, s_head) if summary else None,
+        loss, *st = patch_loss(model, head, *batch, words=words, summary=(summary, s_head, summary_weight) if summary else None,
                                dense=dense)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

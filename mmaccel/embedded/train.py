@@ -198,6 +198,7 @@ class TrainConfig:
     stage1_workers: int = 0
     freeze_tower: bool = False
     summary: str = ""
+    summary_weight: float = 1.0
     visual_norm: float = 1.0
     threads: int = 2
     followups: int = 0
@@ -403,7 +404,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     t0 = time.time()
     if cfg.vision_steps:
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
-                              summary=cfg.summary, dense=cfg.vision_dense, workers=cfg.stage1_workers)
+                              summary=cfg.summary, summary_weight=cfg.summary_weight, dense=cfg.vision_dense, workers=cfg.stage1_workers)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -605,7 +606,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="torch.compile the language model for stage 2 (about 80 s of compiling first)")
     p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
     p.add_argument("--summary", choices=["", "mean", "token"], default=TrainConfig.summary,
-                   help="stage 1 also learns scene-summary targets (kinds present, shape counts)")
+                   help="stage 1 also learns scene-summary targets (kinds present, shape counts), "
+                        "from the tokens' mean or from every token")
+    p.add_argument("--summary-weight", type=float, default=TrainConfig.summary_weight,
+                   help="weight of the stage-1 scene-summary loss")
     p.add_argument("--families", default=None,
                    help="probe runs: train only these still-image families (comma list), no curriculum")
     p.add_argument("--max-objects", type=int, default=None, help="with --families: objects per scene cap")
@@ -629,7 +633,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       background_dropout=a.background_dropout, shuffle_turns=a.shuffle_turns,
                       flash_stretch=parse_stretch(a.flash_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
-                      workers=a.workers, summary=a.summary,
+                      workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
                       lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a
