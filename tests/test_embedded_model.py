@@ -597,3 +597,23 @@ def test_saved_step_count_is_the_last_step_not_the_last_log_line(tmp_path):
     _, _, hist = train(cfg, tmp_path / "m", groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
     assert [h["step"] for h in hist] == [2, 3]
     assert json.loads((tmp_path / "m" / "train_config.json").read_text())["steps_done"] == 3
+
+
+def test_scene_summary_loss_reads_every_token_and_scales_with_its_weight():
+    """``--summary token``: every token answers the scene summary; a head that does so for every
+    token of one scene and not the other scores half right; the weight scales the loss only."""
+    from mmaccel.embedded.pretrain import MAX_SHAPE_COUNT, N_KINDS, SUMMARY_OUT, summary_loss
+
+    present = torch.zeros(2, N_KINDS)
+    present[:, 0] = 1.0
+    counts = torch.tensor([[1, 0, 0], [1, 0, 0]])
+    right = torch.full((SUMMARY_OUT,), -20.0)
+    right[0] = 20.0  # kind 0 present, the rest absent
+    for s, c in enumerate(counts[0].tolist()):
+        right[N_KINDS + s * (MAX_SHAPE_COUNT + 1) + c] = 20.0
+    outputs = torch.stack([right.expand(5, -1), -right.expand(5, -1)])  # scene 0 right, scene 1 wrong
+    head = lambda x: x  # noqa: E731 (the "features" are the head's outputs here)
+    loss, acc = summary_loss(outputs, present, counts, "token", head)
+    assert acc == 0.5
+    loss3, acc3 = summary_loss(outputs, present, counts, "token", head, weight=0.3)
+    assert acc3 == acc and torch.isclose(loss3, 0.3 * loss)
