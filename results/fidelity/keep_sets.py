@@ -65,12 +65,18 @@ def precision_at(scores: torch.Tensor, on_object: np.ndarray, k: int = 9) -> flo
     return float(np.take_along_axis(on_object, top, 1).mean())
 
 
-def score_probe(model, processor) -> None:
-    adapter = get_adapter(model)
+def probe_scenes(processor) -> tuple[torch.Tensor, np.ndarray]:
+    """The 100 held-out still scenes of probe 1: base tiles (100, 3, S, S) and whether each of
+    their 6 x 6 cells lies on an object (100, 36)."""
     rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["test"], 3, 7]))
     samples = [make_sample(f, rng, hires=False) for f in ["color", "count", "exists", "where"] * 25]
     pix = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"][:, 0]
-    on_object = np.stack([object_targets(s.meta, 6)[:, 0] >= 0 for s in samples])
+    return pix, np.stack([object_targets(s.meta, 6)[:, 0] >= 0 for s in samples])
+
+
+def score_probe(model, processor) -> None:
+    adapter = get_adapter(model)
+    pix, on_object = probe_scenes(processor)
     layers = list(range(len(adapter.vision_layers)))
     with VisionTap(adapter, layers, "mean_received") as tap, torch.no_grad():
         model.model.vision_tower(pix)
