@@ -256,8 +256,8 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
         batch = [t.to(model.device) for t in next(batches)]
         if not summary:
             batch += [None, None]
-        loss, *st = patch_loss(model, head, *batch, words=words, summary=(summary, s_head, summary_weight) if summary else None,
-                               dense=dense)
+        loss, *st = patch_loss(model, head, *batch, words=words, dense=dense,
+                               summary=(summary, s_head, summary_weight) if summary else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

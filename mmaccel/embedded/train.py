@@ -404,7 +404,8 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     t0 = time.time()
     if cfg.vision_steps:
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
-                              summary=cfg.summary, summary_weight=cfg.summary_weight, dense=cfg.vision_dense, workers=cfg.stage1_workers)
+                              summary=cfg.summary, summary_weight=cfg.summary_weight,
+                              dense=cfg.vision_dense, workers=cfg.stage1_workers)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
