@@ -617,3 +617,22 @@ def test_scene_summary_loss_reads_every_token_and_scales_with_its_weight():
     assert acc == 0.5
     loss3, acc3 = summary_loss(outputs, present, counts, "token", head, weight=0.3)
     assert acc3 == acc and torch.isclose(loss3, 0.3 * loss)
+
+
+def test_scene_summary_channel_group_reads_and_trains_only_its_channels():
+    """``--summary-channels K``: the summary head sees the first K channels only, so the summary
+    loss sends no gradient to the other channels, and a scene told apart only in a later channel
+    cannot be read."""
+    from mmaccel.embedded.pretrain import N_KINDS, SUMMARY_OUT, summary_loss
+
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 8, requires_grad=True)
+    present, counts = torch.zeros(2, N_KINDS), torch.zeros(2, 3, dtype=torch.long)
+    head = torch.nn.Linear(3, SUMMARY_OUT)
+    loss, _ = summary_loss(feats, present, counts, "token", head, channels=3)
+    loss.backward()
+    assert feats.grad[..., :3].abs().sum() > 0 and feats.grad[..., 3:].abs().sum() == 0
+    with pytest.raises(RuntimeError):  # a head sized for all channels does not fit the group
+        summary_loss(feats, present, counts, "token", torch.nn.Linear(8, SUMMARY_OUT), channels=3)
+    full, _ = summary_loss(feats.detach(), present, counts, "token", torch.nn.Linear(8, SUMMARY_OUT))
+    assert torch.isfinite(full)

@@ -211,12 +211,15 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words
     return ce + l1 + align + extra, acc.item(), l1.item() / 4.0, s_acc
 
 
-def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0):
+def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, channels: int = 0):
     """BCE on kind presence + CE on per-shape counts, from the tokens' mean ("mean") or
     from each token ("token"). feats (n, T, D); present (n, N_KINDS); counts (n, S).
+    ``channels`` > 0: the head reads only the first ``channels`` of the D channels, so the
+    summary is asked of a channel group and the other channels keep only the per-cell targets.
     Returns (loss, share of scenes whose presence bits and counts are all right)."""
     import torch.nn.functional as F
 
+    feats = feats[..., :channels] if channels else feats
     x = feats.mean(1, keepdim=True) if mode == "mean" else feats
     out = head(x)  # (n, T or 1, SUMMARY_OUT)
     pres_logit = out[..., :N_KINDS]
@@ -231,10 +234,11 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0):
 
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
-                    summary_weight: float = 1.0) -> float:
+                    summary_weight: float = 1.0, summary_channels: int = 0) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
-    returns the final cell accuracy. ``summary_weight`` scales the summary loss. ``workers``
+    returns the final cell accuracy. ``summary_weight`` scales the summary loss, which reads the
+    first ``summary_channels`` channels (0: all). ``workers``
     processes render the batches (the scenes, not the small tower, are most of a stage-1 step
     on the CPU); the batches stay the same."""
     import torch
@@ -242,7 +246,7 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     hidden = model.config.text_config.hidden_size
     head = torch.nn.Linear(hidden, HEAD_OUT).to(model.device)
-    s_head = torch.nn.Linear(hidden, SUMMARY_OUT).to(model.device) if summary else None
+    s_head = torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device) if summary else None
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     params.append(model.get_input_embeddings().weight)
     words = word_ids(processor.tokenizer)
@@ -257,7 +261,7 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
         if not summary:
             batch += [None, None]
         loss, *st = patch_loss(model, head, *batch, words=words, dense=dense,
-                               summary=(summary, s_head, summary_weight) if summary else None)
+                               summary=(summary, s_head, summary_weight, summary_channels) if summary else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -199,6 +199,7 @@ class TrainConfig:
     freeze_tower: bool = False
     summary: str = ""
     summary_weight: float = 1.0
+    summary_channels: int = 0
     visual_norm: float = 1.0
     threads: int = 2
     followups: int = 0
@@ -405,6 +406,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     if cfg.vision_steps:
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
                               summary=cfg.summary, summary_weight=cfg.summary_weight,
+                              summary_channels=cfg.summary_channels,
                               dense=cfg.vision_dense, workers=cfg.stage1_workers)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
@@ -611,6 +613,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "from the tokens' mean or from every token")
     p.add_argument("--summary-weight", type=float, default=TrainConfig.summary_weight,
                    help="weight of the stage-1 scene-summary loss")
+    p.add_argument("--summary-channels", type=int, default=TrainConfig.summary_channels,
+                   help="the summary head reads only the first N channels of the projected tokens (0: all)")
     p.add_argument("--families", default=None,
                    help="probe runs: train only these still-image families (comma list), no curriculum")
     p.add_argument("--max-objects", type=int, default=None, help="with --families: objects per scene cap")
@@ -635,7 +639,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       flash_stretch=parse_stretch(a.flash_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
-                      lr_late=a.lr_late, lr_late_from=a.lr_late_from,
+                      summary_channels=a.summary_channels, lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a
 
