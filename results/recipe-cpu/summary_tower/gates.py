@@ -1,0 +1,55 @@
+"""Apply the ship rules of this folder's README to a candidate run (twelfth session).
+
+Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON
+Compares against run 13 (the shipped model): its seed-15 n=1800 evaluation in this folder and
+its n=900 sweep in results/fidelity/fidelity.json. Prints each gate's figures and verdict.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SEED_METHODS = ("aim", "hired", "stc", "mustdrop")
+BARS = {"image_questions": 0.95, "video": 0.90, "caption": 0.80}
+
+
+def full_token(path: str) -> dict:
+    return {k: v["accuracy"] for k, v in json.loads(Path(path).read_text())["aggregates"].items()}
+
+
+def kept(path: str) -> dict:
+    """(method, retention) -> share of full accuracy kept ('all' aggregate)."""
+    d = json.loads(Path(path).read_text())
+    full = d["baseline"]["aggregates"]["all"]
+    return {(p["method"], p["retention"]): p["aggregates"]["all"] / full for p in d["points"]}
+
+
+def gate1(cand: dict, ref: dict) -> bool:
+    ok = cand["all"] >= ref["all"] - 0.01 and all(cand[k] >= ref[k] - 0.03 for k in BARS)
+    print("gate 1:", {k: (round(ref[k], 3), round(cand[k], 3)) for k in ("all", *BARS)}, "->", ok)
+    return ok
+
+
+def seed_mean(k: dict) -> float:
+    return sum(k[(m, r)] for m in SEED_METHODS for r in (0.25, 0.11)) / (2 * len(SEED_METHODS))
+
+
+def main(cand_eval: str, cand_fid: str) -> None:
+    ref, cand = full_token(HERE / "eval_seed15_n1800_run13.json"), full_token(cand_eval)
+    g1 = gate1(cand, ref)
+    kr, kc = kept("results/fidelity/fidelity.json"), kept(cand_fid)
+    drop = {m: round(kc[(m, 0.25)] - kr[(m, 0.25)], 3) for m in SEED_METHODS}
+    mr, mc = seed_mean(kr), seed_mean(kc)
+    print(f"seed-method mean kept: run 13 {mr:.3f}, candidate {mc:.3f}; change at 0.25: {drop}")
+    gate_a = mc >= mr + 0.02 and min(drop.values()) >= -0.05
+    bars = lambda a: sum(a[k] >= v for k, v in BARS.items())  # noqa: E731
+    gate_b = (bars(cand) > bars(ref) and cand["all"] >= ref["all"] + 0.02 and mc >= mr - 0.03
+              and min(drop.values()) >= -0.10)
+    print(f"issue-3 bars met: run 13 {bars(ref)}, candidate {bars(cand)}")
+    print(f"A: {gate_a}  B: {gate_b}  -> ships: {g1 and (gate_a or gate_b)}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
