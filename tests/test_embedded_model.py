@@ -3,6 +3,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -252,7 +253,7 @@ def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
 def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     """The planned share of each row's empty tokens is hidden and nothing else; the forward
     equals the plain model with that mask (and with no holes, the plain model)."""
-    from mmaccel.embedded.dropout import background_mask, forward_with_background_dropout, media_token_ids
+    from mmaccel.embedded.dropout import PLAN_KEYS, background_mask, forward_with_background_dropout, media_token_ids
     from mmaccel.embedded.train import GROUPS, step_batch
 
     model, processor = shipped
@@ -269,7 +270,7 @@ def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     assert 0 < content.float().mean() < 0.6 and hidden.any()
     assert not (hidden & ~empty).any()
     assert hidden.sum(1).tolist() == [round(float(f) * int(n)) for f, n in zip(frac, empty.sum(1))]
-    plain = {k: v for k, v in batch.items() if k not in ("blank_media", "drop_fraction", "drop_priority")}
+    plain = {k: v for k, v in batch.items() if k not in PLAN_KEYS}
     with torch.no_grad():
         want = model(**{**plain, "attention_mask": mask}, use_cache=False).logits
         got = forward_with_background_dropout(model, copy.copy(batch)).logits
@@ -278,6 +279,40 @@ def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep])
     torch.testing.assert_close(none, whole)
+
+
+def test_stop_rows_hide_content_tokens_and_keep_only_eos_labels(shipped):
+    """``--stop-rows``: a picked row hides 80-100% of its empty tokens and its planned share of
+    content tokens (never the last one) and keeps only its eos labels; the rows not picked keep
+    the plan and labels of a run without stop rows."""
+    from mmaccel.embedded.dropout import background_mask, media_token_ids
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    model, processor = shipped
+    eos = processor.tokenizer.eos_token_id
+    plain_cfg = TrainConfig(seed=4, batch_size=8, background_dropout=0.9, followups=2)
+    _, plain = step_batch(processor, plain_cfg, 3, {"image": GROUPS["image"]})
+    _, batch = step_batch(processor, TrainConfig(**{**asdict(plain_cfg), "stop_rows": 0.5}), 3,
+                          {"image": GROUPS["image"]})
+    picked = batch["content_fraction"] > 0
+    assert 0 < picked.sum() < 8
+    labels, ref = batch["labels"], plain["labels"]
+    assert torch.equal(labels[~picked], ref[~picked])
+    assert torch.equal(batch["drop_fraction"][~picked], plain["drop_fraction"][~picked])
+    assert ((labels[picked] == eos) | (labels[picked] == -100)).all()
+    assert torch.equal((labels[picked] == eos).sum(1), (ref[picked] == eos).sum(1))
+    assert (batch["drop_fraction"][picked] >= 0.8).all()
+    content = _content_of(model, batch)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = background_mask(ids, attn, media_token_ids(model), content, batch["drop_fraction"],
+                           batch["drop_priority"], batch["content_fraction"])
+    visual = torch.isin(ids, torch.tensor(media_token_ids(model)))
+    full = torch.zeros_like(visual)
+    full[visual] = content
+    shown = (full & (mask == 1)).sum(1)
+    want = [n - min(round(float(f) * int(n)), int(n) - 1) for f, n in zip(batch["content_fraction"], full.sum(1))]
+    assert shown.tolist() == want and (shown[picked] >= 1).all()
+    assert (shown[picked] < full.sum(1)[picked]).any()
 
 
 def test_prefetched_batches_equal_inline_batches(processor):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 MEDIA_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
-PLAN_KEYS = ("blank_media", "drop_fraction", "drop_priority")
+PLAN_KEYS = ("blank_media", "drop_fraction", "drop_priority", "content_fraction")
 
 
 def check_dropout(max_fraction: float) -> None:
@@ -76,6 +76,30 @@ def plan_background_dropout(processor, samples, batch, max_fraction: float, rng:
     batch["blank_media"] = {k: blank[k] for k in MEDIA_KEYS if k in blank}
     batch["drop_fraction"] = torch.tensor(np.where(picked, rng.uniform(0.0, max_fraction, rows), 0.0))
     batch["drop_priority"] = torch.from_numpy(rng.random((rows, length)))
+    batch["content_fraction"] = torch.zeros(rows, dtype=torch.float64)
+
+
+def plan_stop_rows(batch, eos_id: int, share: float, rng: np.random.Generator,
+                   content_max: float = 0.9) -> None:
+    """Stop rows (``--stop-rows``), on a batch planned by :func:`plan_background_dropout`.
+
+    A ``share`` of the rows hide 80-100% of their empty tokens and a share U(0, content_max) of
+    their content tokens (at least one content token stays), and keep only their eos labels:
+    those rows teach the language model to end a finished answer whatever visual tokens are
+    left, without asking it to answer from evidence that may be gone. Why: on reduced token
+    sets that keep a few object tokens and no background (hired, stc at low retention) the
+    models answered the first word right and then ran on without an eos (twelfth session,
+    RECIPE.md). Own random stream, so the other rows' plan is unchanged.
+    """
+    import torch
+
+    picked = torch.from_numpy(rng.random(len(batch["drop_fraction"])) < share)
+    background = torch.from_numpy(rng.uniform(0.8, 1.0, len(picked)))
+    content = torch.from_numpy(rng.uniform(0.0, content_max, len(picked)))
+    batch["drop_fraction"] = torch.where(picked, background, batch["drop_fraction"])
+    batch["content_fraction"] = torch.where(picked, content, batch["content_fraction"])
+    labels = batch["labels"]
+    labels[picked[:, None] & (labels != eos_id)] = -100
 
 
 def encoder_outputs(model, media: dict) -> dict:
@@ -124,23 +148,35 @@ def media_token_ids(model) -> list[int]:
     return [model.config.image_token_id, model.config.video_token_id]
 
 
-def background_mask(input_ids, attention_mask, media_ids: list[int], content, fraction, priority):
-    """Attention mask (B, L) with ``fraction[b]`` of row b's empty visual tokens hidden.
+def background_mask(input_ids, attention_mask, media_ids: list[int], content, fraction, priority,
+                    content_fraction=None):
+    """Attention mask (B, L) with ``fraction[b]`` of row b's empty visual tokens hidden, and
+    ``content_fraction[b]`` of its content tokens (all but at least one; stop rows).
 
-    content (N,) flags the visual tokens in row-major order; fraction (B,); priority (B, L).
+    content (N,) flags the visual tokens in row-major order; fraction, content_fraction (B,);
+    priority (B, L).
     """
     import torch
 
     visual = torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device))
     empty = torch.zeros_like(visual)
     empty[visual] = ~content
+    full = visual & ~empty
     mask = attention_mask.clone()
     for b in range(input_ids.shape[0]):
-        pos = empty[b].nonzero().flatten()
-        n = int(round(float(fraction[b]) * len(pos)))
-        if n:
-            mask[b, pos[priority[b, pos].argsort()[:n]]] = 0
+        _hide(mask[b], empty[b], float(fraction[b]), priority[b])
+        if content_fraction is not None and content_fraction[b] > 0:
+            _hide(mask[b], full[b], float(content_fraction[b]), priority[b], keep=1)
     return mask
+
+
+def _hide(mask_row, candidates, fraction: float, priority_row, keep: int = 0) -> None:
+    """Zero ``fraction`` of the ``candidates`` (L,) bool positions of ``mask_row`` (L,), lowest
+    ``priority_row`` first, leaving at least ``keep`` of them."""
+    pos = candidates.nonzero().flatten()
+    n = min(int(round(fraction * len(pos))), max(0, len(pos) - keep))
+    if n:
+        mask_row[pos[priority_row[pos].argsort()[:n]]] = 0
 
 
 def forward_with_background_dropout(model, batch):
@@ -153,5 +189,6 @@ def forward_with_background_dropout(model, batch):
     outputs = encoder_outputs(model, media)  # gradients reach the projector through these
     content = content_of(model, outputs, blank_media, rows=batch["input_ids"].shape[0])
     mask = background_mask(batch["input_ids"], batch["attention_mask"], media_token_ids(model),
-                           content, plan["drop_fraction"], plan["drop_priority"].to(model.device))
+                           content, plan["drop_fraction"], plan["drop_priority"].to(model.device),
+                           plan["content_fraction"])
     return model(input_ids=batch["input_ids"], attention_mask=mask, mm_encoder_outputs=outputs, use_cache=False)

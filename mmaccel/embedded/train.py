@@ -42,7 +42,8 @@ import numpy as np
 from ..world.samples import SPLIT_KEY, make_sample, shuffled_turns
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
-from .dropout import check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout
+from .dropout import (check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout,
+                      plan_stop_rows)
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -208,6 +209,7 @@ class TrainConfig:
     family_weights: dict = field(default_factory=dict)
     visual_dropout: float = 0.0
     background_dropout: float = 0.0
+    stop_rows: float = 0.0
     shuffle_turns: bool = False
     flash_stretch: tuple = ()
     bf16: bool = False
@@ -227,6 +229,8 @@ class TrainConfig:
         check_extra_kinds(self.extra_followups)
         check_dropout(self.visual_dropout)
         check_dropout(self.background_dropout)
+        if not 0.0 <= self.stop_rows <= 1.0 or (self.stop_rows and not self.background_dropout):
+            raise ValueError(f"stop_rows must be in [0, 1] and needs background dropout, got {self.stop_rows}")
         objective_kind(self.loss_mean)
         if self.flash_stretch:
             flash_stretch(self.flash_stretch)
@@ -469,6 +473,9 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
     if cfg.background_dropout:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
         plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng)
+    if cfg.stop_rows:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 5]))
+        plan_stop_rows(batch, processor.tokenizer.eos_token_id, cfg.stop_rows, rng)
     return [s.family for s in samples], batch
 
 
@@ -613,6 +620,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "from the tokens' mean or from every token")
     p.add_argument("--summary-weight", type=float, default=TrainConfig.summary_weight,
                    help="weight of the stage-1 scene-summary loss")
+    p.add_argument("--stop-rows", type=float, default=TrainConfig.stop_rows,
+                   help="share of rows that hide most visual tokens (background first) and learn only their eos "
+                        "(needs --background-dropout)")
     p.add_argument("--summary-channels", type=int, default=TrainConfig.summary_channels,
                    help="the summary head reads only the first N channels of the projected tokens (0: all)")
     p.add_argument("--families", default=None,
@@ -635,7 +645,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
-                      background_dropout=a.background_dropout, shuffle_turns=a.shuffle_turns,
+                      background_dropout=a.background_dropout, stop_rows=a.stop_rows, shuffle_turns=a.shuffle_turns,
                       flash_stretch=parse_stretch(a.flash_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
