@@ -315,6 +315,14 @@ def test_stop_rows_hide_content_tokens_and_keep_only_eos_labels(shipped):
     assert (shown[picked] < full.sum(1)[picked]).any()
 
 
+@pytest.mark.parametrize("kw", [{"stop_rows": 0.25}, {"stop_rows": 1.5, "background_dropout": 0.9},
+                                {"stop_rows": -0.1, "background_dropout": 0.9}])
+def test_stop_rows_config_is_checked_at_start_up(kw):
+    with pytest.raises(ValueError, match="stop_rows"):
+        TrainConfig(**kw)
+    assert TrainConfig(stop_rows=0.25, background_dropout=0.9).stop_rows == 0.25
+
+
 def test_prefetched_batches_equal_inline_batches(processor):
     from mmaccel.embedded.train import CURRICULUM, phase_groups, prefetched, progress_of, step_batch
 

@@ -1,6 +1,6 @@
 """Visual-token dropout for stage-2 training (the shipped model used background dropout 0.9).
 
-Two kinds, both as attention-mask holes with positions kept (what the runtime's
+Three kinds, all as attention-mask holes with positions kept (what the runtime's
 ``preserve`` position policy does with removed tokens):
 
 - :func:`drop_visual` (``--visual-dropout``): any visual token, uniformly. Some of the
@@ -11,6 +11,9 @@ Two kinds, both as attention-mask holes with positions kept (what the runtime's
   tokens mean nothing, which is what a reduction method that keeps the objects needs
   (a model trained on whole grids reads the grid's layout, see
   ``results/fidelity/keep_sets.md``).
+- stop rows (``--stop-rows``, on top of background dropout, :func:`plan_stop_rows`): a share
+  of rows hide most tokens, content included, and learn only their eos, so that a finished
+  answer ends whatever tokens a reduction left (twelfth session, RECIPE.md).
 
 Randomness is drawn with the batch (:func:`plan_background_dropout`, in ``step_batch``);
 which tokens are empty needs the model's features, so it is decided in the training
