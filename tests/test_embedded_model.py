@@ -253,7 +253,8 @@ def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
 def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     """The planned share of each row's empty tokens is hidden and nothing else; the forward
     equals the plain model with that mask (and with no holes, the plain model)."""
-    from mmaccel.embedded.dropout import PLAN_KEYS, background_mask, forward_with_background_dropout, media_token_ids
+    from mmaccel.embedded.dropout import (PLAN_KEYS, background_mask, forward_with_background_dropout,
+                                          media_token_ids)
     from mmaccel.embedded.train import GROUPS, step_batch
 
     model, processor = shipped
@@ -307,12 +308,25 @@ def test_stop_rows_hide_content_tokens_and_keep_only_eos_labels(shipped):
     mask = background_mask(ids, attn, media_token_ids(model), content, batch["drop_fraction"],
                            batch["drop_priority"], batch["content_fraction"])
     visual = torch.isin(ids, torch.tensor(media_token_ids(model)))
-    full = torch.zeros_like(visual)
-    full[visual] = content
-    shown = (full & (mask == 1)).sum(1)
-    want = [n - min(round(float(f) * int(n)), int(n) - 1) for f, n in zip(batch["content_fraction"], full.sum(1))]
+    filled = torch.zeros_like(visual)
+    filled[visual] = content
+    shown = (filled & (mask == 1)).sum(1)
+    want = [n - min(round(float(f) * int(n)), int(n) - 1) for f, n in zip(batch["content_fraction"], filled.sum(1))]
     assert shown.tolist() == want and (shown[picked] >= 1).all()
-    assert (shown[picked] < full.sum(1)[picked]).any()
+    assert (shown[picked] < filled.sum(1)[picked]).any()
+
+
+def test_hidden_share_leaves_the_last_content_token():
+    """By hand: 2 content tokens at 90% would round to both; ``keep=1`` leaves the higher-priority
+    one; empty tokens (``keep=0``) may all go."""
+    from mmaccel.embedded.dropout import _hide
+
+    mask = torch.ones(5, dtype=torch.long)
+    priority = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.2])
+    _hide(mask, torch.tensor([False, True, True, False, False]), 0.9, priority, keep=1)
+    assert mask.tolist() == [1, 0, 1, 1, 1]
+    _hide(mask, torch.tensor([True, False, False, True, True]), 1.0, priority)
+    assert mask.tolist() == [0, 0, 1, 0, 0]
 
 
 @pytest.mark.parametrize("kw", [{"stop_rows": 0.25}, {"stop_rows": 1.5, "background_dropout": 0.9},

@@ -164,12 +164,12 @@ def background_mask(input_ids, attention_mask, media_ids: list[int], content, fr
     visual = torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device))
     empty = torch.zeros_like(visual)
     empty[visual] = ~content
-    full = visual & ~empty
+    filled = visual & ~empty
     mask = attention_mask.clone()
     for b in range(input_ids.shape[0]):
         _hide(mask[b], empty[b], float(fraction[b]), priority[b])
-        if content_fraction is not None and content_fraction[b] > 0:
-            _hide(mask[b], full[b], float(content_fraction[b]), priority[b], keep=1)
+        if content_fraction is not None:
+            _hide(mask[b], filled[b], float(content_fraction[b]), priority[b], keep=1)
     return mask
 
 

@@ -238,9 +238,8 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
     returns the final cell accuracy. ``summary_weight`` scales the summary loss, which reads the
-    first ``summary_channels`` channels (0: all). ``workers``
-    processes render the batches (the scenes, not the small tower, are most of a stage-1 step
-    on the CPU); the batches stay the same."""
+    first ``summary_channels`` channels (0: all). ``workers`` processes render the batches (the
+    scenes, not the small tower, are most of a stage-1 step on the CPU); the batches stay the same."""
     import torch
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size

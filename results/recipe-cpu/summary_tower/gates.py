@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from mmaccel.bench.fidelity import kept_share
+
 HERE = Path(__file__).parent
 SEED_METHODS = ("aim", "hired", "stc", "mustdrop")
 BARS = {"image_questions": 0.95, "video": 0.90, "caption": 0.80}
@@ -22,8 +24,7 @@ def full_token(path: str) -> dict:
 def kept(path: str) -> dict:
     """(method, retention) -> share of full accuracy kept ('all' aggregate)."""
     d = json.loads(Path(path).read_text())
-    full = d["baseline"]["aggregates"]["all"]
-    return {(p["method"], p["retention"]): p["aggregates"]["all"] / full for p in d["points"]}
+    return {(p["method"], p["retention"]): kept_share(d, p) for p in d["points"]}
 
 
 def gate1(cand: dict, ref: dict) -> bool:
