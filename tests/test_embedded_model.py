@@ -316,6 +316,27 @@ def test_stop_rows_hide_content_tokens_and_keep_only_eos_labels(shipped):
     assert (shown[picked] < filled.sum(1)[picked]).any()
 
 
+def test_stop_rows_start_at_their_schedule_position(shipped):
+    """``--stop-rows-from F``: before schedule position F a step's batch is that of a run
+    without stop rows; from F on it is that of a run with them from the first step."""
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    _, processor = shipped
+    groups = {"image": GROUPS["image"]}
+    plain_cfg = TrainConfig(seed=4, batch_size=8, background_dropout=0.9, followups=2)
+    always = TrainConfig(**{**asdict(plain_cfg), "stop_rows": 0.5})
+    late = TrainConfig(**{**asdict(always), "stop_rows_from": 0.8})
+    _, plain = step_batch(processor, plain_cfg, 3, groups, 0.5)
+    _, before = step_batch(processor, late, 3, groups, 0.79)
+    _, after = step_batch(processor, late, 3, groups, 0.8)
+    _, ref = step_batch(processor, always, 3, groups, 0.0)
+    assert (ref["content_fraction"] > 0).any()
+    for key in ("labels", "drop_fraction", "content_fraction"):
+        assert torch.equal(before[key], plain[key]) and torch.equal(after[key], ref[key])
+    with pytest.raises(ValueError, match="stop_rows_from"):
+        TrainConfig(background_dropout=0.9, stop_rows=0.25, stop_rows_from=1.0)
+
+
 def test_hidden_share_leaves_the_last_content_token():
     """By hand: 2 content tokens at 90% would round to both; ``keep=1`` leaves the higher-priority
     one; empty tokens (``keep=0``) may all go."""

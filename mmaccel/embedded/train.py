@@ -210,6 +210,7 @@ class TrainConfig:
     visual_dropout: float = 0.0
     background_dropout: float = 0.0
     stop_rows: float = 0.0
+    stop_rows_from: float = 0.0
     shuffle_turns: bool = False
     flash_stretch: tuple = ()
     bf16: bool = False
@@ -231,6 +232,8 @@ class TrainConfig:
         check_dropout(self.background_dropout)
         if not 0.0 <= self.stop_rows <= 1.0 or (self.stop_rows and not self.background_dropout):
             raise ValueError(f"stop_rows must be in [0, 1] and needs background dropout, got {self.stop_rows}")
+        if not 0.0 <= self.stop_rows_from < 1.0:
+            raise ValueError(f"stop_rows_from is a schedule position in [0, 1), got {self.stop_rows_from}")
         objective_kind(self.loss_mean)
         if self.flash_stretch:
             flash_stretch(self.flash_stretch)
@@ -456,8 +459,9 @@ def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | Non
     return elapsed / budget
 
 
-def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
-    """Families and encoded batch of training step ``step`` (a pure function of its inputs)."""
+def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float = 0.0):
+    """Families and encoded batch of training step ``step`` at schedule position ``prog``
+    (a pure function of its inputs)."""
     _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups,
                             cfg.extra_followups)
     if cfg.shuffle_turns:  # its own stream, so the samples are those of a run without it
@@ -473,7 +477,7 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict):
     if cfg.background_dropout:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
         plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng)
-    if cfg.stop_rows:
+    if cfg.stop_rows and prog >= cfg.stop_rows_from:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 5]))
         plan_stop_rows(batch, processor.tokenizer.eos_token_id, cfg.stop_rows, rng)
     return [s.family for s in samples], batch
@@ -483,13 +487,13 @@ _WORKER = {}
 
 
 def _worker_batch(args):
-    cfg, step, groups = args
+    cfg, step, groups, prog = args
     import torch
 
     torch.set_num_threads(1)
     if "processor" not in _WORKER:
         _WORKER["processor"] = build_processor(build_tokenizer(cfg.order), cfg.order)
-    return step_batch(_WORKER["processor"], cfg, step, groups)
+    return step_batch(_WORKER["processor"], cfg, step, groups, prog)
 
 
 def prefetched(cfg: TrainConfig, phases, ahead: int = 4):
@@ -499,7 +503,10 @@ def prefetched(cfg: TrainConfig, phases, ahead: int = 4):
     import multiprocessing as mp
     from collections import deque
 
-    job = lambda i: (cfg, i, phase_groups(phases, progress_of(i, 0.0, cfg, None)))  # noqa: E731
+    def job(i):
+        prog = progress_of(i, 0.0, cfg, None)
+        return cfg, i, phase_groups(phases, prog), prog
+
     with mp.get_context("fork").Pool(cfg.workers) as pool:
         pending, nxt = deque(), 0
         for step in range(cfg.steps):
@@ -525,7 +532,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
                 history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss))
             log(stop)
             break
-        fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog))
+        fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog), prog)
         lr = lr_at(step, prog, cfg)
         losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean, cfg.bf16)
         fam_loss.add(fams, losses)
@@ -623,6 +630,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--stop-rows", type=float, default=TrainConfig.stop_rows,
                    help="share of rows that hide most visual tokens (background first) and learn only their eos "
                         "(needs --background-dropout)")
+    p.add_argument("--stop-rows-from", type=float, default=TrainConfig.stop_rows_from,
+                   help="schedule position in [0, 1) from which --stop-rows applies (0: from the first step)")
     p.add_argument("--summary-channels", type=int, default=TrainConfig.summary_channels,
                    help="the summary head reads only the first N channels of the projected tokens (0: all)")
     p.add_argument("--families", default=None,
@@ -645,7 +654,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
-                      background_dropout=a.background_dropout, stop_rows=a.stop_rows, shuffle_turns=a.shuffle_turns,
+                      background_dropout=a.background_dropout, stop_rows=a.stop_rows,
+                      stop_rows_from=a.stop_rows_from, shuffle_turns=a.shuffle_turns,
                       flash_stretch=parse_stretch(a.flash_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
