@@ -19,12 +19,13 @@ Deliberate differences: scores come from the query-subset tap (SDPA stays SDPA, 
 kept tokens keep their positions unless the policy is ``compact`` (the official code
 renumbers), batches get per-sample sets, layer choices scale with depth instead of the
 hard-coded 32; the window merge (see :mod:`mmaccel.vision.window_merge`) is per image rather
-than ``min`` over the batch and keeps spatial order; merged windows are copied back to their cells before the feature layer's block
-and the pre-LLM step keeps one token per window. On Qwen2-VL the cells are the tower's 2x2
-merge windows (one language-model token each), so a merged 3x3 block is nine LLM tokens
-(:mod:`.tome_qwen`); on Qwen2.5-VL the 3x3 blocks tile each attention window on its own (4x4
-merge windows in the real model: one block per full window, none in edge windows under 3 wide),
-so no merge crosses a window and the windowed attention stays exact.
+than ``min`` over the batch and keeps spatial order; merged windows are copied back to their
+cells before the feature layer's block and the pre-LLM step keeps one token per window. On
+Qwen2-VL the cells are the tower's 2x2 merge windows (one language-model token each), so a
+merged 3x3 block is nine LLM tokens (:mod:`.tome_qwen`); on Qwen2.5-VL the 3x3 blocks tile
+each attention window on its own (4x4 merge windows in the real model: one block per full
+window, none in edge windows under 3 wide), so no merge crosses a window and the windowed
+attention stays exact.
 """
 from __future__ import annotations
 
