@@ -335,6 +335,25 @@ def test_stop_rows_start_at_their_schedule_position(shipped):
         assert torch.equal(before[key], plain[key]) and torch.equal(after[key], ref[key])
 
 
+def test_stop_rows_media_image_spares_video_batches(shipped):
+    """``--stop-rows-media image``: a video batch is that of a run without stop rows, an image
+    batch that of a run with them on every batch."""
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    _, processor = shipped
+    plain_cfg = TrainConfig(seed=4, batch_size=4, background_dropout=0.9, followups=2)
+    every = TrainConfig(**{**asdict(plain_cfg), "stop_rows": 0.75})
+    images_only = TrainConfig(**{**asdict(every), "stop_rows_media": "image"})
+    for group, want_cfg in (("video8", plain_cfg), ("image", every)):
+        groups = {group: GROUPS[group]}
+        _, got = step_batch(processor, images_only, 3, groups)
+        _, want = step_batch(processor, want_cfg, 3, groups)
+        _, stopped = step_batch(processor, every, 3, groups)
+        assert (stopped["content_fraction"] > 0).any(), group
+        for key in ("labels", "drop_fraction", "content_fraction"):
+            assert torch.equal(got[key], want[key]), (group, key)
+
+
 def test_hidden_share_leaves_the_last_content_token():
     """By hand: 2 content tokens at 90% would round to both; ``keep=1`` leaves the higher-priority
     one; empty tokens (``keep=0``) may all go."""
@@ -353,6 +372,7 @@ def test_hidden_share_leaves_the_last_content_token():
     ({"stop_rows": 1.5, "background_dropout": 0.9}, "stop_rows"),
     ({"stop_rows": -0.1, "background_dropout": 0.9}, "stop_rows"),
     ({"stop_rows": 0.25, "background_dropout": 0.9, "stop_rows_from": 1.0}, "stop_rows_from"),
+    ({"stop_rows": 0.25, "background_dropout": 0.9, "stop_rows_media": "images"}, "stop_rows_media"),
 ])
 def test_stop_rows_config_is_checked_at_start_up(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -50,6 +50,7 @@ from .pretrain import pretrain_vision, rescale_projector
 CORE_MIX = {"color": 1.0, "count": 1.2, "exists": 1.2, "where": 1.0, "caption": 1.5}
 HIRES_MIX = {"color": 1.0, "count": 1.0, "exists": 1.0, "where": 1.0, "caption": 1.5}
 VIDEO_MIX = {"motion": 1.2, "flash": 1.2, "appear": 1.0}
+STOP_ROWS_MEDIA = ("all", "image")
 GROUPS = {
     "image": (0.52, 1.0, {"hires": False}, CORE_MIX),
     "hires": (0.10, 0.5, {"hires": True}, HIRES_MIX),
@@ -211,6 +212,7 @@ class TrainConfig:
     background_dropout: float = 0.0
     stop_rows: float = 0.0
     stop_rows_from: float = 0.0
+    stop_rows_media: str = "all"
     shuffle_turns: bool = False
     flash_stretch: tuple = ()
     bf16: bool = False
@@ -234,6 +236,8 @@ class TrainConfig:
             raise ValueError(f"stop_rows must be in [0, 1] and needs background dropout, got {self.stop_rows}")
         if not 0.0 <= self.stop_rows_from < 1.0:
             raise ValueError(f"stop_rows_from is a schedule position in [0, 1), got {self.stop_rows_from}")
+        if self.stop_rows_media not in STOP_ROWS_MEDIA:
+            raise ValueError(f"stop_rows_media must be one of {STOP_ROWS_MEDIA}, got {self.stop_rows_media!r}")
         objective_kind(self.loss_mean)
         if self.flash_stretch:
             flash_stretch(self.flash_stretch)
@@ -477,10 +481,20 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float
     if cfg.background_dropout:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
         plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng)
-    if cfg.stop_rows and prog >= cfg.stop_rows_from:
+    if stop_rows_apply(cfg, batch, prog):
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 5]))
         plan_stop_rows(batch, processor.tokenizer.eos_token_id, cfg.stop_rows, rng)
     return [s.family for s in samples], batch
+
+
+def stop_rows_apply(cfg: TrainConfig, batch: dict, prog: float) -> bool:
+    """Whether this step's batch gets stop rows: from schedule position ``stop_rows_from``, and
+    with ``stop_rows_media="image"`` only on batches of still images (one media kind per batch),
+    so video rows keep every answer (runs 18, 20, 21: with stop rows on every batch from the
+    first step, motion never left its loss plateau)."""
+    if not cfg.stop_rows or prog < cfg.stop_rows_from:
+        return False
+    return cfg.stop_rows_media == "all" or "pixel_values_videos" not in batch
 
 
 _WORKER = {}
@@ -632,6 +646,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "(needs --background-dropout)")
     p.add_argument("--stop-rows-from", type=float, default=TrainConfig.stop_rows_from,
                    help="schedule position in [0, 1) from which --stop-rows applies (0: from the first step)")
+    p.add_argument("--stop-rows-media", choices=STOP_ROWS_MEDIA, default=TrainConfig.stop_rows_media,
+                   help="which batches get --stop-rows: all, or still images only (video rows keep their answers)")
     p.add_argument("--summary-channels", type=int, default=TrainConfig.summary_channels,
                    help="the summary head reads only the first N channels of the projected tokens (0: all)")
     p.add_argument("--families", default=None,
@@ -655,7 +671,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
                       background_dropout=a.background_dropout, stop_rows=a.stop_rows,
-                      stop_rows_from=a.stop_rows_from, shuffle_turns=a.shuffle_turns,
+                      stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
+                      shuffle_turns=a.shuffle_turns,
                       flash_stretch=parse_stretch(a.flash_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
