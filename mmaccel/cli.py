@@ -278,6 +278,10 @@ def bench_speed(
     stc: bool = typer.Option(False, "--stc", help="also time STC-Cacher on a mostly static video"),
     qwen_tome: bool = typer.Option(False, "--qwen-tome", help="also time tome inside a Qwen2-VL tower"),
     vision_layers: int = typer.Option(2, "--vision-layers", help="CLIP tower depth (tome needs several)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]; CUDA stages are timed after a sync"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    batch: int = typer.Option(1, "--batch", help="samples per prefill (all of the same length)"),
+    llm: str = typer.Option("0.5b", "--llm", help="decoder shape: 0.5b (LLaVA-1.5-shaped, small) or 7b"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for speed.json and speed.md"),
 ):
     """Prefill wall-time speedup beside the analytic FLOP ratio on a LLaVA-1.5-shaped model."""
@@ -288,6 +292,7 @@ def bench_speed(
         for name in names:
             for r in rets:
                 AccelConfig.load(None, method=name, retention=r)
+        _check_speed_target(device, dtype, batch, llm)
     except (UserError, ValueError) as err:
         _fail(str(err).splitlines()[0])
     from .bench.speed import markdown, run
@@ -295,7 +300,7 @@ def bench_speed(
     _quiet_transformers()
     progress = lambda p: typer.echo(f"{p.method} r={p.retention}: {p.speedup:.2f}x (FLOP ratio {p.flop_ratio:.2f})",
                                     err=True)
-    result = run(names, rets, repeats, warmup, threads, small, progress, vision_layers)
+    result = run(names, rets, repeats, warmup, threads, small, progress, vision_layers, device, dtype, batch, llm)
     table = markdown(result)
     if out:  # written before the optional STC part, so a failure there loses nothing
         out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +319,28 @@ def bench_speed(
         (out / "speed.json").write_text(json.dumps(result, indent=2))
         (out / "speed.md").write_text("# Prefill speed\n\n" + table + "\n")
     typer.echo(table)
+
+
+SPEED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_speed_target(device: str, dtype: str, batch: int, llm: str) -> None:
+    """Reject a bad --device/--dtype/--batch/--llm before any model is built."""
+    from .bench.speed import LLM_SHAPES
+
+    if dtype not in SPEED_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose from {', '.join(SPEED_DTYPES)}")
+    if llm not in LLM_SHAPES:
+        raise UserError(f"--llm {llm!r}: choose from {', '.join(LLM_SHAPES)}")
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device!r}: use cpu or cuda[:N]")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available here")
 
 
 def _qwen_tome_section(result: dict, threads: int, small: bool, retentions: list[float]) -> str:

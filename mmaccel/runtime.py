@@ -15,7 +15,6 @@ Installed on one model instance and always removed by :meth:`Runtime.remove`:
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from .methods.base import InLLMPruner, Method, PreLLMReducer
 from .models.base import Segment, VLMAdapter
 from .scoring import TapRequest, register_wrapper
-from .stats import Stats, prefill_flops
+from .stats import Stats, clock, prefill_flops
 from .tokens.splice import compact_positions, gather_positions, gather_tokens, pack_kept
 
 
@@ -177,12 +176,12 @@ class Runtime:
             self._pending_ids = kwargs.get("input_ids", args[0] if args else None)
             self._new_stats()
             self.records = []
-            start = time.perf_counter()
+            start = clock()
             try:
                 out = generate(*args, **kwargs)
             finally:
                 self._in_generate = False
-            self.stats.add_time("total", time.perf_counter() - start)
+            self.stats.add_time("total", clock() - start)
             if isinstance(out, torch.Tensor) and self.request is not None:
                 self.stats.new_tokens = int(out.shape[0] * (out.shape[1] - self.request.orig_len))
             return out
@@ -197,10 +196,10 @@ class Runtime:
         if not self._in_generate and _cache_len(kwargs.get("cache", kwargs.get("past_key_values"))) == 0:
             self._new_stats()
             self.records = []
-        self._t0 = time.perf_counter()
+        self._t0 = clock()
 
     def _on_call_end(self, module, args, output):
-        elapsed = time.perf_counter() - self._t0
+        elapsed = clock() - self._t0
         phase = "prefill" if self.request is not None and self.request.prefill else "decode"
         self.stats.add_time(phase, elapsed)
         if self.request is not None and self.request.prefill:
@@ -237,9 +236,9 @@ class Runtime:
             if self.vision_tap is not None:
                 self.vision_tap.clear()
             self._pack_calls, self.vision_maps, self.current_kind = [], {}, kind
-            start = time.perf_counter()
+            start = clock()
             out = fn(*args, **kwargs)
-            self.stats.add_time("vision", time.perf_counter() - start)
+            self.stats.add_time("vision", clock() - start)
             call = dict(kwargs)
             if self.vision_tap is not None or self.vision_maps:
                 taps = self.vision_tap.scores.items() if self.vision_tap is not None else []
@@ -323,11 +322,11 @@ class Runtime:
                 for m, parts in enumerate(media_parts)]
 
     def _prefill_splice(self, args, kwargs):
-        start = time.perf_counter()
+        start = clock()
         try:
             return self._prefill_splice_inner(args, kwargs)
         finally:
-            self.stats.add_time("reduce", time.perf_counter() - start)
+            self.stats.add_time("reduce", clock() - start)
 
     def _prefill_splice_inner(self, args, kwargs):
         req = self.request
@@ -485,9 +484,9 @@ class Runtime:
             if not req.prefill:
                 return self._decode_layer(idx, args, kwargs)
             if idx in self.schedule:
-                start = time.perf_counter()
+                start = clock()
                 args, kwargs = self._prune(idx, args, kwargs)
-                self.stats.add_time("reduce", time.perf_counter() - start)
+                self.stats.add_time("reduce", clock() - start)
             if idx in self.taps:  # after this layer's own pruning: rows index what it will see
                 self._set_query_rows(idx)
             stage = req.stages[-1] if req.stages else req.final
@@ -510,7 +509,8 @@ class Runtime:
         if stage_idx not in req.decode_masks:
             stage = req.stages[stage_idx]
             mask2d = torch.cat([stage.valid.long(), req.decode_tail], 1)
-            req.decode_masks[stage_idx] = self._make_mask(kwargs, mask2d, stage.first_layer)
+            hidden = args[0] if args else None  # the layer's input: the mask's device and dtype
+            req.decode_masks[stage_idx] = self._make_mask(kwargs, mask2d, stage.first_layer, hidden)
         kwargs["attention_mask"] = req.decode_masks[stage_idx]
         return args, kwargs
 
@@ -519,7 +519,7 @@ class Runtime:
 
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         hidden = hidden if hidden is not None else kwargs.get("hidden_states")
-        ref = hidden if hidden is not None else torch.empty(mask2d.shape[0], 1, 0)
+        ref = hidden if hidden is not None else torch.empty(mask2d.shape[0], 1, 0, device=mask2d.device)
         return create_causal_mask(config=self.adapter.text_config, inputs_embeds=ref, attention_mask=mask2d,
                                   cache=cache, layer_idx=layer_idx)
 

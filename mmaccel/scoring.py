@@ -8,10 +8,11 @@ also computes ``softmax(q_sel k^T * scale + mask_sel)`` for the selected query r
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .stats import clock
 
 WRAPPER_PREFIX = "mmaccel_"
 
@@ -114,9 +115,9 @@ def _wrapped(base_name: str):
             causal = kwargs.get("is_causal")
             causal = getattr(module, "is_causal", True) if causal is None else causal
             mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-            start = time.perf_counter()
+            start = clock()
             tap.probs = tap.compute(module, query, key, mask, scaling, causal)
-            tap.seconds += time.perf_counter() - start
+            tap.seconds += clock() - start
             tap.collected.append(tap.probs)
         return out
 

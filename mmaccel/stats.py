@@ -1,8 +1,34 @@
 """One ``Stats`` record per forward/generate call, read by the API, CLI, demo and benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
+
+_SYNC_CUDA = False  # see synced_clock(): off by default, so hooks never stall the GPU stream
+
+
+def clock() -> float:
+    """``time.perf_counter()``; inside :func:`synced_clock` it first waits for queued CUDA work,
+    so stage timings (``reduce``, ``scoring``) are GPU time rather than launch time."""
+    if _SYNC_CUDA:
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def synced_clock(enabled: bool = True):
+    """Make :func:`clock` synchronise CUDA while the block runs (benchmarks on a GPU use it;
+    a sync per timed stage costs a little, so normal runs leave it off)."""
+    global _SYNC_CUDA
+    before, _SYNC_CUDA = _SYNC_CUDA, enabled
+    try:
+        yield
+    finally:
+        _SYNC_CUDA = before
 
 
 @dataclass

@@ -64,7 +64,7 @@ class StreamSession:
         k = max(1, round(self.retention * feats.shape[0]))
         if k < feats.shape[0]:
             scores, _ = stc_scores(feats, self.memory)
-            index = scores.topk(k, largest=False).indices.sort().values
+            index = scores.topk(k, largest=False).indices.sort().values.cpu()
         else:
             index = torch.arange(feats.shape[0])
         self.kept.append(feats[index])

@@ -1,6 +1,7 @@
 """The speed benchmark's plumbing on a tiny decoder (numbers from it mean nothing)."""
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from mmaccel.bench.speed import mostly_static_video, stc_flop_cut
@@ -63,3 +64,45 @@ def test_speed_bench_times_tome_inside_a_qwen2_vl_tower(tmp_path):
     assert p["patches_per_block"][0] == q["patches"] > p["patches_per_block"][-1]
     assert p["flop_ratio"] > 1.0 and p["seconds"] > 0
     assert "tome inside a Qwen2-VL tower" in (tmp_path / "speed.md").read_text()
+
+
+def test_speed_bench_batch_and_dtype_on_cpu(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "fastv", "--retentions", "0.25",
+                                   "--repeats", "1", "--warmup", "0", "--batch", "2", "--dtype", "bfloat16",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "speed.json").read_text())
+    env, (p,) = data["environment"], data["points"]
+    assert (env["device"], env["dtype"], env["batch"]) == ("cpu", "bfloat16", 2)
+    # two samples of 64 visual tokens each ((112 px / 14)^2), a quarter of each kept
+    assert p["visual_tokens_in"] == 2 * 64 and p["visual_tokens_last_layer"] == 2 * 16
+    assert "CPU, 2 threads, bfloat16, batch 2" in (tmp_path / "speed.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "float8"], "--dtype 'float8'"),
+    (["--llm", "70b"], "--llm '70b'"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--device", "tpu"], "--device 'tpu'"),
+])
+def test_speed_bench_rejects_a_bad_target(tmp_path, args, message):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--out", str(tmp_path), *args])
+    assert res.exit_code != 0 and message in res.output
+    assert not (tmp_path / "speed.json").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_speed_bench_says_when_cuda_is_missing(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--device", "cuda", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "no CUDA device is available here" in res.output
+
+
+def test_synced_clock_is_scoped():
+    from mmaccel import stats
+
+    assert stats._SYNC_CUDA is False
+    with pytest.raises(RuntimeError):
+        with stats.synced_clock():
+            assert stats._SYNC_CUDA is True
+            raise RuntimeError("boom")
+    assert stats._SYNC_CUDA is False

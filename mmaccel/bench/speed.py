@@ -13,14 +13,23 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from ..stats import clock, synced_clock
+
 LLAVA15_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                     num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)
+# LLaVA-1.5-7B's decoder (Vicuna-7B): for GPU runs, where a 0.5B decoder at batch 1 is launch-bound
+LLAVA15_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+LLM_SHAPES = {"0.5b": LLAVA15_TEXT, "7b": LLAVA15_7B_TEXT}
 SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=128, max_position_embeddings=2048)
 
 
-def build_llava15_shaped(text: dict | None = None, image_size: int = 336, vision_layers: int = 2, seed: int = 0):
-    """(model, inputs): LlavaForConditionalGeneration with ``(image_size/14)^2`` visual tokens."""
+def build_llava15_shaped(text: dict | None = None, image_size: int = 336, vision_layers: int = 2, seed: int = 0,
+                         device: str = "cpu", dtype: str = "float32", batch: int = 1):
+    """(model, inputs): LlavaForConditionalGeneration with ``(image_size/14)^2`` visual tokens per
+    sample, ``batch`` samples of equal length, weights built on ``device`` (a 7B decoder is
+    initialised there, not on the CPU) and cast to ``dtype``."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -31,14 +40,16 @@ def build_llava15_shaped(text: dict | None = None, image_size: int = 336, vision
     cfg = LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=image_token,
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg).eval()
+    model.to(getattr(torch, dtype))
     n_visual = (image_size // 14) ** 2
     gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(3, image_token, (1, 40), generator=gen)
-    ids = torch.cat([prompt[:, :5], torch.full((1, n_visual), image_token), prompt[:, 5:]], 1)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(1, 3, image_size, image_size, generator=gen)}
-    return model, inputs
+    prompt = torch.randint(3, image_token, (batch, 40), generator=gen)
+    ids = torch.cat([prompt[:, :5], torch.full((batch, n_visual), image_token), prompt[:, 5:]], 1)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=gen).to(getattr(torch, dtype))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    return model, {k: v.to(device) for k, v in inputs.items()}
 
 
 class ModuleTimer:
@@ -51,10 +62,10 @@ class ModuleTimer:
         self._handles = [lm.register_forward_pre_hook(self._start), lm.register_forward_hook(self._stop)]
 
     def _start(self, module, args):
-        self._t0 = time.perf_counter()
+        self._t0 = clock()
 
     def _stop(self, module, args, output):
-        self.times.append(time.perf_counter() - self._t0)
+        self.times.append(clock() - self._t0)
 
     def remove(self):
         for h in self._handles:
@@ -127,43 +138,52 @@ def measure(model, inputs, method: str, retention: float, repeats: int = 5, warm
                  statistics.median(base_vit), statistics.median(accel_vit))
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device: str = "cpu", dtype: str = "float32", batch: int = 1) -> dict:
     import platform
 
     import torch
     import transformers
 
-    return {"machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": threads,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env = {"machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": threads,
+           "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": device, "dtype": dtype, "batch": batch,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.startswith("cuda"):
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return env
 
 
 def run(methods: list[str], retentions: list[float], repeats: int = 5, warmup: int = 2, threads: int = 2,
-        small: bool = False, progress=None, vision_layers: int = 2) -> dict:
+        small: bool = False, progress=None, vision_layers: int = 2, device: str = "cpu", dtype: str = "float32",
+        batch: int = 1, llm: str = "0.5b") -> dict:
     """The whole benchmark; ``small`` uses a tiny decoder (for tests of the plumbing only).
     ``vision_layers``: depth of the CLIP tower (methods that work inside it, like ``tome``,
-    need several blocks before the feature layer)."""
+    need several blocks before the feature layer). ``llm``: a key of :data:`LLM_SHAPES`.
+    On a CUDA device every timed stage waits for the GPU (:func:`synced_clock`)."""
     import torch
 
     torch.set_num_threads(threads)
-    model, inputs = build_llava15_shaped(SMALL_TEXT if small else None, image_size=112 if small else 336,
-                                         vision_layers=vision_layers)
+    text = SMALL_TEXT if small else LLM_SHAPES[llm]
+    model, inputs = build_llava15_shaped(text, image_size=112 if small else 336, vision_layers=vision_layers,
+                                         device=device, dtype=dtype, batch=batch)
     params = sum(p.numel() for p in model.model.language_model.parameters())
     points = []
-    for method in methods:
-        for retention in retentions:
-            point = measure(model, inputs, method, retention, repeats, warmup)
-            points.append(point.to_dict())
-            if progress:
-                progress(point)
-    return {"environment": environment(threads), "llm_parameters": params, "vision_layers": vision_layers,
+    with synced_clock(device.startswith("cuda")):
+        for method in methods:
+            for retention in retentions:
+                point = measure(model, inputs, method, retention, repeats, warmup)
+                points.append(point.to_dict())
+                if progress:
+                    progress(point)
+    return {"environment": environment(threads, device, dtype, batch), "llm_parameters": params,
+            "llm": "small" if small else llm, "vision_layers": vision_layers,
             "sequence_length": int(inputs["input_ids"].shape[1]), "repeats": repeats, "points": points}
 
 
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"LLaVA-1.5-shaped random model: {result['llm_parameters'] / 1e6:.0f}M-parameter decoder, "
-             f"{result['sequence_length']} tokens. CPU, {env['threads']} threads, torch {env['torch']}, "
+             f"{result['sequence_length']} tokens. {_where(env)}, torch {env['torch']}, "
              f"transformers {env['transformers']}, {env['date']}. Median of {result['repeats']}. "
              f"CLIP tower: {result.get('vision_layers', 2)} layers x 256 (ViT ms below).", "",
              "| method | retention | visual tokens (last layer) | base ms | accel ms | speedup | FLOP ratio | "
@@ -175,6 +195,13 @@ def markdown(result: dict) -> str:
                      f"{p['efficiency']:.2f} | {100 * p['scoring_share']:.1f} | {100 * p['reduce_share']:.1f} | "
                      f"{p.get('base_vit_ms', 0.0):.1f} | {p.get('accel_vit_ms', 0.0):.1f} |")
     return "\n".join(lines)
+
+
+def _where(env: dict) -> str:
+    """Where the run was timed, for the table's heading (never compare CPU and GPU rows)."""
+    if env.get("device", "cpu").startswith("cuda"):
+        return f"{env['gpu']} (CUDA {env['cuda']}), {env['dtype']}, batch {env['batch']}"
+    return f"CPU, {env['threads']} threads, {env.get('dtype', 'float32')}, batch {env.get('batch', 1)}"
 
 
 def mostly_static_video(frames: int = 16, size: int = 384, seed: int = 0):

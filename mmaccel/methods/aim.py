@@ -52,8 +52,9 @@ def bipartite_merge(x: torch.Tensor, r: int, groups: list[torch.Tensor] | None =
         return torch.arange(n), x, groups
     metric = F.normalize(x.float(), dim=-1)
     best, dest = (metric[a_idx] @ metric[b_idx].T).max(-1)
+    best, dest = best.cpu(), dest.cpu()  # index bookkeeping on the CPU, features stay on their device
     merged_a = best.argsort(descending=True)[:r]
-    out = x[b_idx].float().scatter_reduce(0, dest[merged_a, None].expand(-1, x.shape[1]),
+    out = x[b_idx].float().scatter_reduce(0, dest[merged_a, None].expand(-1, x.shape[1]).to(x.device),
                                           x[a_idx[merged_a]].float(), reduce="mean", include_self=True)
     new_groups = {int(b): [groups[int(b)]] for b in b_idx}
     for a, d in zip(a_idx[merged_a].tolist(), dest[merged_a].tolist()):

@@ -49,7 +49,8 @@ def count_in_boxes(selected: torch.Tensor, side: int, boxes: dict) -> dict[int, 
 
 def top_tokens(scores: torch.Tensor, k: int, among: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the ``k`` best finite scores (optionally only ``among`` these indices)."""
-    idx = among if among is not None else torch.arange(scores.numel())
+    scores = scores.cpu()  # selection bookkeeping on the CPU whatever the tower's device
+    idx = among.cpu() if among is not None else torch.arange(scores.numel())
     s = scores[idx]
     k = min(k, int(torch.isfinite(s).sum()))
     return idx[s.topk(k).indices] if k > 0 else torch.empty(0, dtype=torch.long)
@@ -92,8 +93,9 @@ class HiRED(PreLLMReducer):
         side = base.part.grid[0]
         early = head_scores(base.scores[min(k for k in base.scores if k != "tile")])
         selected = top_tokens(early, int(base.n * (1 - self.alpha)))
-        tiles = crops.scores["tile"].flatten()
-        boxes = crop_boxes(crops.scores["tile"], crops.part.grid)
+        tile_map = crops.scores["tile"].cpu()
+        tiles = tile_map.flatten()
+        boxes = crop_boxes(tile_map, crops.part.grid)
         counts = count_in_boxes(selected, side, boxes)
         ids = sorted(counts)
         members = {k: (tiles == k).nonzero().flatten() for k in ids}

@@ -82,7 +82,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         for seg in segments:
             red = one_per_group(seg)
             tap = [v for k, v in seg.scores.items() if not str(k).startswith("merge_")]
-            scores = head_scores(tap[0])[red.keep]
+            scores = head_scores(tap[0]).cpu()[red.keep]  # red.keep is on the CPU
             k = min(math.ceil(self.key_ratio * seg.n), int(torch.isfinite(scores).sum()))
             red.protected = red.keep[scores.topk(k).indices]
             out.append(red)

@@ -64,6 +64,7 @@ class STCPruner(PreLLMReducer):
                 out.append(Reduction(torch.arange(seg.n)))
                 continue
             scores, _ = stc_scores(feats[grid_idx], memory)
+            scores = scores.cpu()  # index bookkeeping on the CPU, features stay on their device
             k = max(0, min(k - int(structural.sum()), grid_idx.numel()))
             kept = grid_idx[scores.topk(k, largest=False).indices] if k else grid_idx[:0]
             out.append(Reduction(torch.cat([kept, structural.nonzero().flatten()]).sort().values))

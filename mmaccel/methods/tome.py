@@ -184,7 +184,7 @@ def one_per_group(segment: Segment) -> Reduction:
     maps = segment.scores or {}
     if "merge_rep" not in maps:
         return Reduction(torch.arange(segment.n))
-    rep, own = maps["merge_rep"][:, 0], maps["merge_own"][:, 0]
+    rep, own = maps["merge_rep"][:, 0].cpu(), maps["merge_own"][:, 0].cpu()  # index bookkeeping on the CPU
     keep = ((rep == own) | torch.isnan(rep)).nonzero().flatten()  # NaN: structural newline tokens, kept
     groups = [k[None] if torch.isnan(rep[k]) else ((rep == rep[k]) & ~torch.isnan(rep)).nonzero().flatten()
               for k in keep]
@@ -210,7 +210,7 @@ def expand_to_sources(x: torch.Tensor, assign: torch.Tensor, runtime, maps: bool
 def _representatives(assign: torch.Tensor) -> torch.Tensor:
     """(B, N0) -> (B, N0): the first original index sharing each token's merged slot."""
     big = assign.shape[1]
-    first = torch.full_like(assign, big).scatter_reduce(1, assign, torch.arange(big).expand_as(assign),
+    first = torch.full_like(assign, big).scatter_reduce(1, assign, torch.arange(big, device=assign.device).expand_as(assign),
                                                           reduce="amin", include_self=True)
     return torch.gather(first, 1, assign)
 

@@ -36,7 +36,8 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
     Dominant slots that no token can fill (too few finite scores, e.g. a segment that is only a
     row-newline token) go to the contextual share, so the budget is still spent.
     """
-    n = features.shape[0]
+    n, dev = features.shape[0], features.device
+    scores = scores.cpu()  # index bookkeeping on the CPU, features stay on their device
     wanted = n_dominant
     n_dominant = min(n_dominant, int(torch.isfinite(scores).sum()))
     n_contextual += wanted - n_dominant
@@ -52,10 +53,11 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
         step = max(1, rest_idx.numel() // n_contextual)
         targets = rest_idx[::step][:n_contextual]
         metric = F.normalize(features.float(), dim=-1)
-        owner = (metric[rest_idx] @ metric[targets].T).argmax(-1)
+        owner = (metric[rest_idx] @ metric[targets].T).argmax(-1).cpu()
         owner[torch.searchsorted(rest_idx.contiguous(), targets.contiguous())] = torch.arange(targets.numel())  # a target owns itself
-        sums = torch.zeros(targets.numel(), features.shape[1]).index_add_(0, owner, features[rest_idx].float())
-        counts = torch.bincount(owner, minlength=targets.numel()).clamp(min=1)
+        sums = torch.zeros(targets.numel(), features.shape[1], device=dev).index_add_(
+            0, owner.to(dev), features[rest_idx].float())
+        counts = torch.bincount(owner, minlength=targets.numel()).clamp(min=1).to(dev)
         keep.append(targets)
         feats.append(sums / counts[:, None])
         groups.append([rest_idx[owner == t] for t in range(targets.numel())])

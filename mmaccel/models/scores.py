@@ -38,7 +38,7 @@ def anyres_scores(adapter, entries, media_parts, pack_call: dict) -> list[list[t
     heads = rows.shape[-1]
     kwargs = {k: v for k, v in pack_call.items() if k not in ("image_features", "image_newline")}
     packed, _ = adapter.original_pack(image_features=list(torch.split(rows, counts)),
-                                      image_newline=torch.full((heads,), float("nan")), **kwargs)
+                                      image_newline=torch.full((heads,), float("nan"), device=rows.device), **kwargs)
     return [split_parts(p, parts) for p, parts in zip(packed, media_parts)]
 
 
@@ -60,7 +60,7 @@ def onevision_video_scores(adapter, entries, media_parts) -> list[list[torch.Ten
         frames = len(parts) - 1
         tokens = pooled[start:start + frames].reshape(-1, rows.shape[-1])
         start += frames
-        newline = torch.full((1, rows.shape[-1]), float("nan"))
+        newline = torch.full((1, rows.shape[-1]), float("nan"), device=tokens.device, dtype=tokens.dtype)
         out.append(split_parts(torch.cat([tokens, newline]), parts))
     return out
 

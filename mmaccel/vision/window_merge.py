@@ -44,20 +44,20 @@ def window_groups(x: torch.Tensor, side: int, threshold: float, window: int = 3,
 def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3):
     """x: (B, N0, D) after ViT layer 0. Returns (merged (B, L, D) padded, assign (B, N0) slot of
     every original token, bias (B, 1, 1, L) with -inf on padding)."""
-    offset = int(cls)
+    offset, dev = int(cls), x.device
     side = math.isqrt(x.shape[1] - offset)
     rows, assigns = [], []
     for b in range(x.shape[0]):
         groups = window_groups(x[b, offset:], side, threshold, window) + offset
-        groups = torch.cat([torch.arange(offset), groups])
+        groups = torch.cat([torch.arange(offset, device=dev), groups])
         reps, slot = groups.unique(return_inverse=True)  # reps sorted: spatial order kept
-        merged = torch.zeros(reps.numel(), x.shape[-1], dtype=x.dtype).index_add_(0, slot, x[b])
+        merged = torch.zeros(reps.numel(), x.shape[-1], dtype=x.dtype, device=dev).index_add_(0, slot, x[b])
         merged = merged / torch.bincount(slot, minlength=reps.numel())[:, None].to(x.dtype)
         rows.append(merged)
         assigns.append(slot)
     length = max(r.shape[0] for r in rows)
-    out = torch.zeros(x.shape[0], length, x.shape[-1], dtype=x.dtype)
-    bias = torch.zeros(x.shape[0], 1, 1, length)
+    out = torch.zeros(x.shape[0], length, x.shape[-1], dtype=x.dtype, device=dev)
+    bias = torch.zeros(x.shape[0], 1, 1, length, device=dev)
     for b, r in enumerate(rows):
         out[b, : r.shape[0]] = r
         bias[b, ..., r.shape[0]:] = float("-inf")
