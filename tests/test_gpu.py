@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmaccel import accelerate_vlm, list_methods
-from conftest import VIDEO_FAMILIES, make_inputs
+from conftest import VIDEO_FAMILIES, make_inputs, video
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -83,3 +83,17 @@ def test_speed_bench_runs_on_cuda_in_bf16(tmp_path):
     for p in data["points"]:
         assert p["visual_tokens_last_layer"] < p["visual_tokens_in"] and p["accel_ms"] > 0
     assert "bfloat16, batch 2" in (tmp_path / "speed.md").read_text()
+
+
+def test_stream_session_on_cuda_equals_cpu(cuda_models):
+    from mmaccel.stream import StreamSession
+
+    cpu_model, gpu_model, proc = cuda_models("llava_onevision")
+    sessions = [StreamSession(m, proc, retention=0.5) for m in (cpu_model, gpu_model)]
+    for frame in video(1, frames=5):
+        for s in sessions:
+            s.add_frame(frame)
+    for c, g in zip(sessions[0].kept_index, sessions[1].kept_index):
+        assert torch.equal(c.cpu(), g.cpu())
+    answers = [s.ask("what is the color ?", 4) for s in sessions]
+    assert answers[0].text == answers[1].text and answers[1].stats.visual_tokens_kept < answers[1].stats.visual_tokens_in
