@@ -37,6 +37,7 @@ class Stage:
     orig: torch.Tensor | None = None  # (B, L) index of each token in the original sequence
     protected: torch.Tensor | None = None  # (B, L) bool: tokens no later stage may drop
     layer_kwargs: dict = field(default_factory=dict)  # attention_mask, position_embeddings, position_ids
+    counts: tuple | None = None  # (tokens per sample, visual tokens): read once per stage, see _count_layer
 
 
 @dataclass
@@ -54,7 +55,8 @@ class Request:
     visual_in: list = field(default_factory=list)  # per sample: visual tokens at the LLM input
     visual_orig: list = field(default_factory=list)  # per sample: visual tokens before any reduction
     segments: list = field(default_factory=list)  # the visual segments of the prefill
-    sources: list = field(default_factory=list)  # per sample: {kept position: merged source positions}
+    # per sample: (kept positions, segment positions, Reduction) of each merging reduction
+    sources: list = field(default_factory=list)
     final: Stage | None = None  # the stage the last decoder layer saw
 
 
@@ -412,7 +414,7 @@ class Runtime:
         if not isinstance(self.method, PreLLMReducer) or not segments:
             return keep, embeds
         embeds = embeds.clone()
-        self.request.sources = [{} for _ in range(embeds.shape[0])]
+        self.request.sources = [[] for _ in range(embeds.shape[0])]
         frac = self.method.keep_fraction()
         for sample in range(embeds.shape[0]):
             media = _group_media([s for s in segments if s.sample == sample])
@@ -431,9 +433,8 @@ class Runtime:
             embeds[sample, kept_pos] = red.features.to(embeds.dtype)
         if red.protected is not None:
             self._protected[sample, seg.positions.to(embeds.device)[red.protected]] = True
-        if red.groups is not None:
-            for pos, group in zip(kept_pos.tolist(), red.groups):
-                self.request.sources[sample][pos] = seg.positions[group.cpu()]
+        if red.groups is not None:  # provenance is built only when asked for (see provenance())
+            self.request.sources[sample].append((kept_pos, seg.positions, red))
 
     def _decode_inputs(self, args, kwargs):
         req = self.request
@@ -498,8 +499,11 @@ class Runtime:
         return hook
 
     def _count_layer(self, stage: Stage) -> None:
-        self._per_sample_layers.append(stage.valid.sum(1).tolist())
-        self.stats.visual_tokens_per_layer.append(int((stage.visual & stage.valid).sum()))
+        if stage.counts is None:  # one host sync per stage, not per layer: on a GPU each one
+            # drains the queue and serialises kernel launches with compute (results/speed-gpu/)
+            stage.counts = (stage.valid.sum(1).tolist(), int((stage.visual & stage.valid).sum()))
+        self._per_sample_layers.append(stage.counts[0])
+        self.stats.visual_tokens_per_layer.append(stage.counts[1])
 
     def _decode_layer(self, idx, args, kwargs):
         req = self.request
@@ -588,8 +592,24 @@ def provenance(request: Request | None) -> list[dict[int, torch.Tensor]]:
     tokens merged into it by a pre-LLM merging method)."""
     out = []
     for b, kept in enumerate(kept_visual_positions(request)):
-        merged = request.sources[b] if b < len(request.sources) else {}
+        merged = _merged_sources(request.sources[b]) if b < len(request.sources) else {}
         out.append({p: merged.get(p, torch.tensor([p])) for p in kept.tolist()})
+    return out
+
+
+def merged_sources(request: Request | None) -> list[dict[int, torch.Tensor]]:
+    """Per sample: each token a pre-LLM merge kept -> the original positions merged into it
+    (all of the last prefill's merges, also of tokens later pruned inside the LLM)."""
+    return [_merged_sources(recorded) for recorded in request.sources] if request is not None else []
+
+
+def _merged_sources(recorded: list) -> dict[int, torch.Tensor]:
+    """Kept position -> original positions, from the merging reductions the prefill recorded
+    (per token Python work, so it runs here rather than in every prefill)."""
+    out = {}
+    for kept_pos, positions, red in recorded:
+        for pos, group in zip(kept_pos.tolist(), red.group_list()):
+            out[pos] = positions[group.cpu()]
     return out
 
 

@@ -291,6 +291,23 @@ def test_kept_positions_and_provenance(tiny_models, method):
             assert torch.equal(sources.sort().values, positions)
 
 
+@pytest.mark.parametrize("method, knobs", [("aim", {"prune": False}), ("visionzip", {})])
+def test_merging_provenance_accounts_for_every_visual_token_once(tiny_models, method, knobs):
+    """Merging methods record their groups lazily; provenance() must still give every visual
+    token to exactly one kept token, each kept token among its own sources."""
+    model, proc = tiny_models("llava")
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method=method, retention=0.25, **knobs) as handle, torch.no_grad():
+        model(**inputs)
+        kept, prov = handle.kept_visual_positions(), handle.provenance()
+    image_id = model.config.image_token_id
+    for b, positions in enumerate(kept):
+        assert sorted(prov[b]) == positions.tolist() and positions.numel() < (inputs["input_ids"][b] == image_id).sum()
+        sources = torch.cat(list(prov[b].values())).sort().values
+        assert torch.equal(sources, (inputs["input_ids"][b] == image_id).nonzero().flatten())
+        assert all(p in prov[b][p].tolist() for p in positions.tolist())
+
+
 def test_beam_search_and_static_cache(tiny_models):
     model, proc = tiny_models("llava_onevision")
     inputs = make_inputs(proc, batch=2)

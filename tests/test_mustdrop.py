@@ -4,6 +4,7 @@ import torch
 
 from mmaccel import accelerate_vlm
 from mmaccel.methods.mustdrop import MustDrop, dual_attention_keep, scaled_layers
+from mmaccel.runtime import merged_sources
 from mmaccel.testing.tiny import build
 from conftest import make_inputs
 
@@ -164,7 +165,7 @@ def test_window_merge_on_qwen2_vl_merges_flat_regions_and_restores_the_last_bloc
         with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5) as handle, \
                 torch.no_grad():
             both = model(**batch).logits[:, -1]
-            merges = handle._runtime.request.sources  # per sample: {kept position: its window}
+            merges = merged_sources(handle._runtime.request)  # per sample: {kept position: its window}
             first_layer, tokens_in = handle.stats.visual_tokens_per_layer[0], handle.stats.visual_tokens_in
             singles = torch.cat([model(**_select(batch, i, "qwen2_vl")).logits[:, -1] for i in range(2)])
     finally:
@@ -199,7 +200,7 @@ def test_window_merge_on_qwen2_5_vl_stays_inside_attention_windows():
         with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5) as handle, \
                 torch.no_grad():
             both = model(**batch).logits[:, -1]
-            merges = handle._runtime.request.sources
+            merges = merged_sources(handle._runtime.request)
             blocks = seen[:4]
             singles = torch.cat([model(**_select(batch, i, "qwen2_5_vl")).logits[:, -1] for i in range(2)])
     finally:
@@ -232,7 +233,7 @@ def test_window_merge_never_crosses_small_attention_windows(version):
     model, proc = tiny_qwen2_vl(version=version, vision_depth=4, window_size=56)
     with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5) as handle, torch.no_grad():
         model(**_flat_inputs(proc))
-        groups = [g for per_sample in handle._runtime.request.sources for g in per_sample.values() if g.numel() > 1]
+        groups = [g for per_sample in merged_sources(handle._runtime.request) for g in per_sample.values() if g.numel() > 1]
     assert len(groups) == (2 if version == "2" else 0)
 
 

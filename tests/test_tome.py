@@ -5,6 +5,7 @@ import torch
 from mmaccel import accelerate_vlm
 from mmaccel.methods.tome import _representatives, tome_match, tome_merge
 from mmaccel.models import get_adapter
+from mmaccel.runtime import merged_sources
 from mmaccel.testing import tiny
 from conftest import make_inputs
 
@@ -81,7 +82,7 @@ def test_tome_on_qwen2_5_vl_merges_inside_attention_windows():
     try:
         with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
             both = model(**batch).logits[:, -1]
-            merges = handle._runtime.request.sources
+            merges = merged_sources(handle._runtime.request)
             blocks = seen[:4]
             singles = torch.cat([model(**_select(batch, i, "qwen2_5_vl")).logits[:, -1] for i in range(2)])
             out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -233,7 +234,7 @@ def test_qwen2_vl_tower_merging_on_video_slices(method):
     try:
         with accelerate_vlm(model, method=method, retention=0.5, **params) as handle, torch.no_grad():
             model(**inputs)
-            merges = handle._runtime.request.sources
+            merges = merged_sources(handle._runtime.request)
             out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     finally:
         probe.remove()
@@ -256,7 +257,7 @@ def test_merge_to_budget_joins_identical_tokens_first():
     red = merge_to_budget(feats, 4)
     # even slots match odd ones: 0 = 1 and 2 = 3 are the best edges, each pair one token at its first slot
     assert red.keep.tolist() == [0, 2, 4, 5]
-    assert [g.tolist() for g in red.groups] == [[0, 1], [2, 3], [4], [5]]
+    assert [g.tolist() for g in red.group_list()] == [[0, 1], [2, 3], [4], [5]]
     torch.testing.assert_close(red.features, feats[[0, 2, 4, 5]])
     assert merge_to_budget(feats, 0).keep.numel() == 1
 
@@ -279,7 +280,7 @@ def test_tome_on_llava_onevision_video_merges_in_the_tower_and_per_pooled_frame(
     try:
         with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
             both = model(**inputs).logits[:, -1]
-            merges, stats = handle._runtime.request.sources, handle.stats
+            merges, stats = merged_sources(handle._runtime.request), handle.stats
             singles = torch.cat([model(**_select(inputs, i, "llava_onevision")).logits[:, -1] for i in range(2)])
             out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     finally:

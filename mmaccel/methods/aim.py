@@ -37,48 +37,57 @@ from ..models.base import Segment
 from .base import InLLMPruner, PreLLMReducer, Reduction
 
 
-def bipartite_merge(x: torch.Tensor, r: int, groups: list[torch.Tensor] | None = None):
+def bipartite_merge(x: torch.Tensor, r: int, owner: torch.Tensor | None = None):
     """One AIM merge pass over tokens in order.
 
     x: (n, D). Merges the ``r`` A tokens (even slots) most similar to a B token (odd slots) into
-    it. Returns (kept slot indices into x (m,), merged features (m, D), groups (sources per kept))
-    with m = n - r, kept in order. ``groups`` carries earlier passes' sources.
+    it. ``owner``: (n0,) slot in x of every original token (default: the identity, n0 = n), so
+    several passes compose. Returns (kept slot indices into x (m,), merged features (m, D),
+    owner (n0,) slot in the output of every original token) with m = n - r, kept in order.
+    Provenance is a vector rather than per-token lists: a pass is a few tensor ops, not a Python
+    loop over tokens (that loop dominated the prefill on a GPU; ``results/speed-gpu/``).
     """
     n = x.shape[0]
-    groups = groups if groups is not None else [torch.tensor([i]) for i in range(n)]
+    owner = owner if owner is not None else torch.arange(n)
     a_idx, b_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
     r = max(0, min(r, a_idx.numel(), b_idx.numel()))
     if r == 0:
-        return torch.arange(n), x, groups
+        return torch.arange(n), x, owner
     metric = F.normalize(x.float(), dim=-1)
     best, dest = (metric[a_idx] @ metric[b_idx].T).max(-1)
     best, dest = best.cpu(), dest.cpu()  # index bookkeeping on the CPU, features stay on their device
     merged_a = best.argsort(descending=True)[:r]
     out = x[b_idx].float().scatter_reduce(0, dest[merged_a, None].expand(-1, x.shape[1]).to(x.device),
                                           x[a_idx[merged_a]].float(), reduce="mean", include_self=True)
-    new_groups = {int(b): [groups[int(b)]] for b in b_idx}
-    for a, d in zip(a_idx[merged_a].tolist(), dest[merged_a].tolist()):
-        new_groups[int(b_idx[d])].append(groups[a])
     kept_a = torch.ones(a_idx.numel(), dtype=torch.bool)
     kept_a[merged_a] = False
     slots = torch.cat([a_idx[kept_a], b_idx]).sort()
     feats = torch.cat([x[a_idx[kept_a]].float(), out])[slots.indices]
-    out_groups = [torch.cat(new_groups[s]) if s in new_groups else groups[s] for s in slots.values.tolist()]
-    return slots.values, feats.to(x.dtype), out_groups
+    new_slot = torch.empty(n, dtype=torch.long)  # where each slot of x goes in the output
+    new_slot[slots.values] = torch.arange(slots.values.numel())
+    new_slot[a_idx[merged_a]] = new_slot[b_idx[dest[merged_a]]]
+    return slots.values, feats.to(x.dtype), new_slot[owner]
+
+
+def groups_of(owner: torch.Tensor, m: int) -> list[torch.Tensor]:
+    """(n0,) output slot of every original token -> per slot, its original tokens (ascending)."""
+    members = owner.argsort(stable=True)
+    return list(members.split(torch.bincount(owner, minlength=m).tolist()))
 
 
 def merge_to_budget(x: torch.Tensor, k: int):
     """Repeated AIM passes (r = min(cur - k, cur // 2)) until ``k`` tokens remain.
     Returns (kept slot indices into x, features (k, D), groups of original indices)."""
     slots = torch.arange(x.shape[0])
-    feats, groups = x, None
+    feats, owner = x, None
     while feats.shape[0] > max(k, 1):
         r = min(feats.shape[0] - k, feats.shape[0] // 2)
-        keep, feats, groups = bipartite_merge(feats, r, groups)
+        keep, feats, owner = bipartite_merge(feats, r, owner)
         slots = slots[keep]
         if r == 0:
             break
-    return slots, feats, groups or [torch.tensor([int(s)]) for s in slots]
+    owner = owner if owner is not None else torch.arange(x.shape[0])
+    return slots, feats, groups_of(owner, slots.numel())
 
 
 def aim_schedule(num_layers: int, start: float = 0.5, end: float = 0.75) -> list[tuple[int, float]]:
@@ -125,14 +134,18 @@ class AIM(PreLLMReducer, InLLMPruner):
 
     def reduce(self, features, segment: Segment, budget: int) -> Reduction:
         structural = segment.token_kinds()
-        grid_idx = (~structural).nonzero().flatten()
-        k = max(0, budget - int(structural.sum()))
+        grid_idx, struct_idx = (~structural).nonzero().flatten(), structural.nonzero().flatten()
+        k = max(0, budget - struct_idx.numel())
         slots, feats, groups = merge_to_budget(features[grid_idx], k)
-        keep = torch.cat([grid_idx[slots], structural.nonzero().flatten()])
+        keep = torch.cat([grid_idx[slots], struct_idx])
         order = keep.argsort()
         feats = torch.cat([feats, features[structural]])[order]
-        groups = [grid_idx[g] for g in groups] + [torch.tensor([int(i)]) for i in structural.nonzero().flatten()]
-        return Reduction(keep[order].to(features.device), feats, [groups[i] for i in order.tolist()])
+
+        def sources():  # per kept token, in order; built only when provenance is asked for
+            every = [grid_idx[g] for g in groups] + list(struct_idx[:, None].unbind())
+            return [every[i] for i in order.tolist()]
+
+        return Reduction(keep[order].to(features.device), feats, sources)
 
     def schedule(self, num_layers: int):
         if not self.prune or self.keep_fraction() >= 1.0:  # retention 1.0: no reduction at any stage

@@ -3,7 +3,7 @@ thing to implement; it never imports a model family (adapters never contain a me
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -50,8 +50,14 @@ class Reduction:
 
     keep: torch.Tensor  # (k,) long, sorted, indices into the segment
     features: torch.Tensor | None = None  # (k, D) replacement features (merging methods)
-    groups: list[torch.Tensor] | None = None  # per kept token: local indices merged into it
+    # per kept token: local indices merged into it; or a function returning that list, so a
+    # method can leave it to be built only when provenance is asked for (it costs host time)
+    groups: list[torch.Tensor] | Callable[[], list[torch.Tensor]] | None = None
     protected: torch.Tensor | None = None  # (p,) local indices later stages must never drop
+
+    def group_list(self) -> list[torch.Tensor] | None:
+        """``groups`` as a list (built now if the method left it as a function)."""
+        return self.groups() if callable(self.groups) else self.groups
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Baselines: ``none``, ``random`` and ``pool`` (spatial average pooling to the budget)."""
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -78,14 +79,23 @@ class Pool(PreLLMReducer):
         raster = features[: h * cols].reshape(h, cols, -1)
         pixels = raster[:, :w].permute(2, 0, 1).unsqueeze(0)
         pooled = F.adaptive_avg_pool2d(pixels.float(), (oh, ow))[0].permute(1, 2, 0).to(features.dtype)
-        keep, feats, groups = [], [], []
-        for i, (r0, r1) in enumerate(_window_edges(h, oh)):
-            for j, (c0, c1) in enumerate(_window_edges(w, ow)):
-                keep.append(r0 * cols + c0)
-                feats.append(pooled[i, j])
-                groups.append((torch.arange(r0, r1)[:, None] * cols + torch.arange(c0, c1)[None]).flatten())
-            if segment.part.newline:
-                keep.append((r1 - 1) * cols + w)
-                feats.append(raster[r1 - 1, w])
-                groups.append(torch.tensor([(r1 - 1) * cols + w]))
-        return Reduction(torch.tensor(keep, device=features.device), torch.stack(feats), groups)
+        row_edges, col_edges = _window_edges(h, oh), _window_edges(w, ow)
+        starts = torch.tensor([r0 * cols for r0, _ in row_edges])[:, None]
+        keep = starts + torch.tensor([c0 for c0, _ in col_edges])[None]  # (oh, ow) first cells
+        if segment.part.newline:  # each pooled row keeps the newline of its last source row
+            last_rows = [r1 - 1 for _, r1 in row_edges]
+            keep = torch.cat([keep, torch.tensor(last_rows)[:, None] * cols + w], 1)
+            pooled = torch.cat([pooled, raster[last_rows, w][:, None]], 1)
+        groups = functools.partial(_pool_groups, row_edges, col_edges, cols, w if segment.part.newline else None)
+        return Reduction(keep.flatten().to(features.device), pooled.reshape(keep.numel(), -1), groups)
+
+
+def _pool_groups(row_edges, col_edges, cols: int, newline_col: int | None) -> list[torch.Tensor]:
+    """Source cells of each pooled token in raster order (and each kept newline: itself)."""
+    groups = []
+    for r0, r1 in row_edges:
+        for c0, c1 in col_edges:
+            groups.append((torch.arange(r0, r1)[:, None] * cols + torch.arange(c0, c1)[None]).flatten())
+        if newline_col is not None:
+            groups.append(torch.tensor([(r1 - 1) * cols + newline_col]))
+    return groups

@@ -22,6 +22,7 @@ the projected features, size-weighted, repeated down to the frame's budget).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -144,8 +145,13 @@ def merge_to_budget(features: torch.Tensor, budget: int) -> Reduction:
     first = torch.full((x.shape[1],), n, device=x.device).scatter_reduce(
         0, slots, torch.arange(n, device=x.device), reduce="amin")
     order = first.argsort()
-    groups = [(slots == j).nonzero().flatten() for j in order.tolist()]
+    groups = functools.partial(_members_in_order, slots.cpu(), order.cpu())  # built only for provenance
     return Reduction(first[order], x[0, order].to(features.dtype), groups)
+
+
+def _members_in_order(slots: torch.Tensor, order: torch.Tensor) -> list[torch.Tensor]:
+    """Per merged slot (in ``order``): the original tokens assigned to it."""
+    return [(slots == j).nonzero().flatten() for j in order.tolist()]
 
 
 def wrap_tower_attention(adapter) -> list:
@@ -186,9 +192,13 @@ def one_per_group(segment: Segment) -> Reduction:
         return Reduction(torch.arange(segment.n))
     rep, own = maps["merge_rep"][:, 0].cpu(), maps["merge_own"][:, 0].cpu()  # index bookkeeping on the CPU
     keep = ((rep == own) | torch.isnan(rep)).nonzero().flatten()  # NaN: structural newline tokens, kept
-    groups = [k[None] if torch.isnan(rep[k]) else ((rep == rep[k]) & ~torch.isnan(rep)).nonzero().flatten()
-              for k in keep]
-    return Reduction(keep, None, groups)
+    return Reduction(keep, None, functools.partial(_window_members, rep, keep))  # groups: for provenance only
+
+
+def _window_members(rep: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
+    """Per kept token: the tokens whose merge representative it is (a newline: itself)."""
+    return [k[None] if torch.isnan(rep[k]) else ((rep == rep[k]) & ~torch.isnan(rep)).nonzero().flatten()
+            for k in keep]
 
 
 def expand_to_sources(x: torch.Tensor, assign: torch.Tensor, runtime, maps: bool = True) -> torch.Tensor:

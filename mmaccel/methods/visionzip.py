@@ -48,7 +48,7 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
     n_contextual = min(n_contextual, rest_idx.numel())
     keep = [dominant]
     feats = [features[dominant].float()]
-    groups = [[torch.tensor([int(i)]) for i in dominant]]
+    groups = [list(dominant[:, None].unbind())]  # views, not one tensor per token
     if n_contextual:
         step = max(1, rest_idx.numel() // n_contextual)
         targets = rest_idx[::step][:n_contextual]
@@ -57,10 +57,11 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
         owner[torch.searchsorted(rest_idx.contiguous(), targets.contiguous())] = torch.arange(targets.numel())  # a target owns itself
         sums = torch.zeros(targets.numel(), features.shape[1], device=dev).index_add_(
             0, owner.to(dev), features[rest_idx].float())
-        counts = torch.bincount(owner, minlength=targets.numel()).clamp(min=1).to(dev)
+        sizes = torch.bincount(owner, minlength=targets.numel())
         keep.append(targets)
-        feats.append(sums / counts[:, None])
-        groups.append([rest_idx[owner == t] for t in range(targets.numel())])
+        feats.append(sums / sizes.clamp(min=1).to(dev)[:, None])
+        by_owner = rest_idx[owner.argsort(stable=True)]  # sources grouped by target, in order
+        groups.append(list(by_owner.split(sizes.tolist())))
     keep_all = torch.cat(keep)
     order = keep_all.argsort()
     all_groups = [g for gs in groups for g in gs]
