@@ -2,7 +2,7 @@
 
 Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON
 Compares against run 13 (the shipped model): its seed-15 n=1800 evaluation in this folder and
-its n=900 sweep in results/fidelity/run13_fidelity.json. Prints each gate's figures and verdict.
+its n=900 sweep in results/fidelity/fidelity.json. Prints each gate's figures and verdict.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def seed_mean(k: dict) -> float:
 def main(cand_eval: str, cand_fid: str) -> None:
     ref, cand = full_token(HERE / "eval_seed15_n1800_run13.json"), full_token(cand_eval)
     g1 = gate1(cand, ref)
-    kr, kc = kept("results/fidelity/run13_fidelity.json"), kept(cand_fid)
+    kr, kc = kept("results/fidelity/fidelity.json"), kept(cand_fid)
     drop = {m: round(kc[(m, 0.25)] - kr[(m, 0.25)], 3) for m in SEED_METHODS}
     mr, mc = seed_mean(kr), seed_mean(kc)
     print(f"seed-method mean kept: run 13 {mr:.3f}, candidate {mc:.3f}; change at 0.25: {drop}")
