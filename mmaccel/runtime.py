@@ -590,10 +590,11 @@ def kept_visual_positions(request: Request | None) -> list[torch.Tensor]:
 def provenance(request: Request | None) -> list[dict[int, torch.Tensor]]:
     """Per sample: kept visual position -> original positions it stands for (itself, or the
     tokens merged into it by a pre-LLM merging method)."""
+    merged = merged_sources(request)
     out = []
     for b, kept in enumerate(kept_visual_positions(request)):
-        merged = _merged_sources(request.sources[b]) if b < len(request.sources) else {}
-        out.append({p: merged.get(p, torch.tensor([p])) for p in kept.tolist()})
+        sources = merged[b] if b < len(merged) else {}
+        out.append({p: sources.get(p, torch.tensor([p])) for p in kept.tolist()})
     return out
 
 

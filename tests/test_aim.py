@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from mmaccel.methods.aim import AIM, aim_schedule, bipartite_merge, groups_of, merge_to_budget, pagerank_importance
+from mmaccel.methods.aim import AIM, aim_schedule, bipartite_merge, merge_to_budget, pagerank_importance
+from mmaccel.methods.base import members_by_slot
 from mmaccel.models.base import Part, Segment
 
 
@@ -11,7 +12,7 @@ def test_identical_tokens_merge_and_distinct_ones_stay():
     keep, feats, owner = bipartite_merge(x, 1)
     # A = {0, 2}, B = {1, 3}: token 0 is identical to token 1, so it is the one merged
     assert keep.tolist() == [1, 2, 3] and owner.tolist() == [0, 0, 1, 2]
-    assert torch.equal(feats[0], x[1]) and [g.tolist() for g in groups_of(owner, 3)] == [[0, 1], [2], [3]]
+    assert torch.equal(feats[0], x[1]) and [g.tolist() for g in members_by_slot(owner, 3)] == [[0, 1], [2], [3]]
 
 
 def test_merge_is_an_unweighted_mean_including_the_destination():
@@ -19,7 +20,7 @@ def test_merge_is_an_unweighted_mean_including_the_destination():
     keep, feats, owner = bipartite_merge(x, 2)  # both A tokens (0, 2) go to B token 1
     assert keep.tolist() == [1, 3] and owner.tolist() == [0, 0, 0, 1]
     torch.testing.assert_close(feats[0], torch.tensor([4.0, 2.0]))  # mean of 2,4,6
-    assert groups_of(owner, 2)[0].tolist() == [0, 1, 2]
+    assert members_by_slot(owner, 2)[0].tolist() == [0, 1, 2]
 
 
 def test_a_second_pass_carries_the_first_passes_sources():
@@ -30,7 +31,7 @@ def test_a_second_pass_carries_the_first_passes_sources():
     # (cosine 0.71; [1,0] is at best 0 from B), so slot 2 (token 4) joins slot 1 (tokens 2, 3)
     keep2, _, owner2 = bipartite_merge(feats, 1, owner)
     assert keep2.tolist() == [0, 1, 3] and owner2.tolist() == [0, 0, 1, 1, 1, 2]
-    assert [g.tolist() for g in groups_of(owner2, 3)] == [[0, 1], [2, 3, 4], [5]]
+    assert [g.tolist() for g in members_by_slot(owner2, 3)] == [[0, 1], [2, 3, 4], [5]]
 
 
 def test_official_two_passes_keep_a_quarter_and_cover_everything():

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import Segment
-from .base import InLLMPruner, PreLLMReducer, Reduction
+from .base import InLLMPruner, PreLLMReducer, Reduction, members_by_slot
 
 
 def bipartite_merge(x: torch.Tensor, r: int, owner: torch.Tensor | None = None):
@@ -69,12 +69,6 @@ def bipartite_merge(x: torch.Tensor, r: int, owner: torch.Tensor | None = None):
     return slots.values, feats.to(x.dtype), new_slot[owner]
 
 
-def groups_of(owner: torch.Tensor, m: int) -> list[torch.Tensor]:
-    """(n0,) output slot of every original token -> per slot, its original tokens (ascending)."""
-    members = owner.argsort(stable=True)
-    return list(members.split(torch.bincount(owner, minlength=m).tolist()))
-
-
 def merge_to_budget(x: torch.Tensor, k: int):
     """Repeated AIM passes (r = min(cur - k, cur // 2)) until ``k`` tokens remain.
     Returns (kept slot indices into x, features (k, D), groups of original indices)."""
@@ -87,7 +81,7 @@ def merge_to_budget(x: torch.Tensor, k: int):
         if r == 0:
             break
     owner = owner if owner is not None else torch.arange(x.shape[0])
-    return slots, feats, groups_of(owner, slots.numel())
+    return slots, feats, members_by_slot(owner, slots.numel())
 
 
 def aim_schedule(num_layers: int, start: float = 0.5, end: float = 0.75) -> list[tuple[int, float]]:

@@ -60,6 +60,14 @@ class Reduction:
         return self.groups() if callable(self.groups) else self.groups
 
 
+def members_by_slot(owner: torch.Tensor, slots: int, values: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Invert an assignment: ``owner`` (n,) slot of every token -> per slot, its tokens in
+    ascending order (or ``values`` at those tokens). One sort, no Python loop over tokens."""
+    members = owner.argsort(stable=True)
+    members = members if values is None else values[members]
+    return list(members.split(torch.bincount(owner, minlength=slots).tolist()))
+
+
 @dataclass
 class PreLLMReducer(Method):
     """Reduces each image / crop / frame's projected features before the LLM."""

@@ -100,7 +100,7 @@ class HiRED(PreLLMReducer):
         ids = sorted(counts)
         members = {k: (tiles == k).nonzero().flatten() for k in ids}
         budgets = _proportional([counts[k] for k in ids], [members[k].numel() for k in ids], sub)
-        late = head_scores(crops.scores[feat_layer])
+        late = head_scores(crops.scores[feat_layer]).cpu()  # once, not in every crop's top_tokens
         picks = [top_tokens(late, b, members[k]) for k, b in zip(ids, budgets)]
         return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import Segment
-from .base import PreLLMReducer, Reduction
+from .base import PreLLMReducer, Reduction, members_by_slot
 from .visionzip import feature_layer
 
 
@@ -151,7 +151,8 @@ def merge_to_budget(features: torch.Tensor, budget: int) -> Reduction:
 
 def _members_in_order(slots: torch.Tensor, order: torch.Tensor) -> list[torch.Tensor]:
     """Per merged slot (in ``order``): the original tokens assigned to it."""
-    return [(slots == j).nonzero().flatten() for j in order.tolist()]
+    members = members_by_slot(slots, order.numel())
+    return [members[j] for j in order.tolist()]
 
 
 def wrap_tower_attention(adapter) -> list:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import Segment
-from .base import PreLLMReducer, Reduction
+from .base import PreLLMReducer, Reduction, members_by_slot
 
 
 def head_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,7 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
         sizes = torch.bincount(owner, minlength=targets.numel())
         keep.append(targets)
         feats.append(sums / sizes.clamp(min=1).to(dev)[:, None])
-        by_owner = rest_idx[owner.argsort(stable=True)]  # sources grouped by target, in order
-        groups.append(list(by_owner.split(sizes.tolist())))
+        groups.append(members_by_slot(owner, targets.numel(), rest_idx))
     keep_all = torch.cat(keep)
     order = keep_all.argsort()
     all_groups = [g for gs in groups for g in gs]
