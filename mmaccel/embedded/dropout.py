@@ -6,8 +6,12 @@ Three kinds, all as attention-mask holes with positions kept (what the runtime's
 - :func:`drop_visual` (``--visual-dropout``): any visual token, uniformly. Some of the
   hidden tokens carry the answer, so part of the training signal asks the impossible.
 - background dropout (``--background-dropout``): only tokens that look like the empty
-  canvas, i.e. whose projected feature is close to the token a blank image gives at
-  the same place. Every answer stays answerable; the model learns that missing empty
+  canvas. Two detectors (``--content-from``): ``features`` (runs 13-23) calls a token empty
+  when its projected feature is close to the token a blank image gives at the same place;
+  ``pixels`` calls it empty when every pixel of the patches it is built from has its
+  image's background colour. The feature test fails on scene-summary towers, which write
+  the scene into every token (it flags 92-99% of tokens there, sixteenth session); the
+  pixel test does not depend on the model's weights. Every answer stays answerable; the model learns that missing empty
   tokens mean nothing, which is what a reduction method that keeps the objects needs
   (a model trained on whole grids reads the grid's layout, see
   ``results/fidelity/keep_sets.md``).
@@ -25,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 MEDIA_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
-PLAN_KEYS = ("blank_media", "drop_fraction", "drop_priority", "content_fraction")
+PLAN_KEYS = ("blank_media", "drop_fraction", "drop_priority", "content_fraction", "content_from")
+CONTENT_FROM = ("features", "pixels")
 
 
 def check_dropout(max_fraction: float) -> None:
@@ -60,11 +65,12 @@ def drop_visual(input_ids, attention_mask, media_ids: list[int], max_fraction: f
 
 
 def plan_background_dropout(processor, samples, batch, max_fraction: float, rng: np.random.Generator,
-                            share: float = 0.5) -> None:
+                            share: float = 0.5, content_from: str = "features") -> None:
     """Add the random part of background dropout to an encoded ``batch`` (in place).
 
-    ``blank_media``: the first sample's media as a blank canvas, encoded alone (every row
-    of a batch has the same token layout: one group per batch). ``drop_fraction`` (B,):
+    ``content_from``: which detector the forward uses (see the module docstring).
+    ``blank_media`` (features only): the first sample's media as a blank canvas, encoded
+    alone (every row of a batch has the same token layout: one group per batch). ``drop_fraction`` (B,):
     u ~ U(0, max_fraction) for a ``share`` of the rows, else 0. ``drop_priority`` (B, L):
     uniform numbers; the lowest-priority empty tokens of a row are hidden first.
     """
@@ -73,10 +79,13 @@ def plan_background_dropout(processor, samples, batch, max_fraction: float, rng:
     from .data import blanked, encode_prompts
 
     check_dropout(max_fraction)
-    blank = encode_prompts(processor, [blanked(samples[0])])
+    check_content_from(content_from)
     rows, length = batch["input_ids"].shape
     picked = rng.random(rows) < share
-    batch["blank_media"] = {k: blank[k] for k in MEDIA_KEYS if k in blank}
+    if content_from == "features":
+        blank = encode_prompts(processor, [blanked(samples[0])])
+        batch["blank_media"] = {k: blank[k] for k in MEDIA_KEYS if k in blank}
+    batch["content_from"] = content_from
     batch["drop_fraction"] = torch.tensor(np.where(picked, rng.uniform(0.0, max_fraction, rows), 0.0))
     batch["drop_priority"] = torch.from_numpy(rng.random((rows, length)))
     batch["content_fraction"] = torch.zeros(rows, dtype=torch.float64)
@@ -146,6 +155,82 @@ def content_of(model, outputs: dict, blank_media: dict, rows: int):
         return content_tokens(flat_tokens(outputs).detach(), blank, rows)
 
 
+def check_content_from(name: str) -> None:
+    """Background dropout's detector must be one of :data:`CONTENT_FROM`."""
+    if name not in CONTENT_FROM:
+        raise ValueError(f"content detector must be one of {CONTENT_FROM}, got {name!r}")
+
+
+def patch_content(pixels, patch: int, tol: float = 0.02):
+    """Float (n, P) 1.0 where a patch holds a pixel off its image's background colour.
+
+    pixels (n, C, H, W), processor-normalised, one image or frame per row; P = (H / patch) x
+    (W / patch) in row-major order, as the vision tower flattens its patches. The background
+    is each row's most frequent colour (objects cover under half of any world image); ``tol``
+    absorbs resampling's rounding on the base tile of a high-resolution image.
+    """
+    import torch
+
+    n, c, h, w = pixels.shape
+    background = _mode_colour(pixels)  # (n, C)
+    off = (pixels - background[:, :, None, None]).abs().amax(1) > tol  # (n, H, W)
+    cells = off.view(n, h // patch, patch, w // patch, patch).any(4).any(2)
+    return cells.flatten(1).float()
+
+
+def _mode_colour(pixels):
+    """(n, C) the most frequent colour of each image (n, C, H, W), counted on 8-bit codes of
+    its channels (one integer per pixel, so ``torch.mode`` sorts scalars, not rows)."""
+    import torch
+
+    lo, hi = pixels.amin(), pixels.amax()
+    levels = ((pixels - lo) / (hi - lo).clamp_min(1e-6) * 255).round().long()  # (n, C, H, W)
+    code = torch.zeros_like(levels[:, 0])
+    for ch in range(pixels.shape[1]):
+        code = code * 256 + levels[:, ch]
+    where = (code.flatten(1) == code.flatten(1).mode(dim=1).values[:, None]).float().argmax(1)
+    return pixels.flatten(2)[torch.arange(len(pixels)), :, where]
+
+
+def pixel_content(model, media: dict):
+    """Bool (N,) content flags of the visual tokens of ``media`` (the processor's pixel keys),
+    from pixels alone, in the order the model scatters its tokens (:func:`flat_tokens`).
+
+    The patch flags go through the model's own layout code (anyres packing and unpadding for
+    images, 2 x 2 pooling for video) in place of features, with a 0 newline; a pooled token is
+    content when any of its patches is.
+    """
+    import torch
+
+    inner, vision = model.model, model.config.vision_config
+    if "pixel_values_videos" in media:
+        video = media["pixel_values_videos"]
+        flags = patch_content(video.flatten(0, 1).float(), vision.patch_size)
+        pooled = inner.apply_pooling(flags[..., None]).reshape(video.shape[0], -1)
+        newline = pooled.new_zeros(video.shape[0], 1)
+        return torch.cat([pooled, newline], dim=1).flatten() > 0
+    crops = _image_crops(model, media)
+    flags = [patch_content(c.float(), vision.patch_size)[..., None] for c in crops]
+    packed, _ = inner.pack_image_features(flags, media["image_sizes"], image_newline=flags[0].new_zeros(1),
+                                          vision_aspect_ratio=model.config.vision_aspect_ratio)
+    return torch.cat(packed).flatten() > 0
+
+
+def _image_crops(model, media: dict) -> list:
+    """Per image, its (crops, C, H, W) pixels as the model's ``get_image_features`` splits them."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    sizes, counts = media["image_sizes"], media.get("batch_num_images")
+    patching = [True] * len(sizes) if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
+    num = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
+                                     patch_size=model.config.vision_config.image_size) if p else 1
+           for s, p in zip(sizes, patching)]
+    pixels = media["pixel_values"]
+    if pixels.dim() == 5:
+        return [p[:k] for p, k in zip(pixels, num)]
+    return list(pixels.split(num))
+
+
 def media_token_ids(model) -> list[int]:
     """The image and video placeholder ids of ``model``."""
     return [model.config.image_token_id, model.config.video_token_id]
@@ -185,12 +270,15 @@ def _hide(mask_row, candidates, fraction: float, priority_row, keep: int = 0) ->
 def forward_with_background_dropout(model, batch):
     """Model output on ``batch`` (planned by :func:`plan_background_dropout`, labels
     removed) with the planned share of each row's empty visual tokens hidden."""
-    plan = {k: batch.pop(k) for k in PLAN_KEYS}
+    plan = {k: batch.pop(k, None) for k in PLAN_KEYS}
     batch = batch.to(model.device)
     media = {k: batch.pop(k) for k in MEDIA_KEYS if k in batch}
-    blank_media = {k: v.to(model.device) for k, v in plan["blank_media"].items()}
     outputs = encoder_outputs(model, media)  # gradients reach the projector through these
-    content = content_of(model, outputs, blank_media, rows=batch["input_ids"].shape[0])
+    if plan["content_from"] == "pixels":
+        content = pixel_content(model, media)
+    else:
+        blank_media = {k: v.to(model.device) for k, v in plan["blank_media"].items()}
+        content = content_of(model, outputs, blank_media, rows=batch["input_ids"].shape[0])
     mask = background_mask(batch["input_ids"], batch["attention_mask"], media_token_ids(model),
                            content, plan["drop_fraction"], plan["drop_priority"].to(model.device),
                            plan["content_fraction"])

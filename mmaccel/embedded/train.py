@@ -42,7 +42,7 @@ import numpy as np
 from ..world.samples import SPLIT_KEY, make_sample, shuffled_turns
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
-from .dropout import (check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout,
+from .dropout import (CONTENT_FROM, check_content_from, check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout,
                       plan_stop_rows)
 from .pretrain import pretrain_vision, rescale_projector
 
@@ -210,6 +210,7 @@ class TrainConfig:
     family_weights: dict = field(default_factory=dict)
     visual_dropout: float = 0.0
     background_dropout: float = 0.0
+    content_from: str = "features"
     stop_rows: float = 0.0
     stop_rows_from: float = 0.0
     stop_rows_media: str = "all"
@@ -232,6 +233,7 @@ class TrainConfig:
         check_extra_kinds(self.extra_followups)
         check_dropout(self.visual_dropout)
         check_dropout(self.background_dropout)
+        check_content_from(self.content_from)
         if not 0.0 <= self.stop_rows <= 1.0 or (self.stop_rows and not self.background_dropout):
             raise ValueError(f"stop_rows must be in [0, 1] and needs background dropout, got {self.stop_rows}")
         if not 0.0 <= self.stop_rows_from < 1.0:
@@ -480,7 +482,8 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float
                                               cfg.visual_dropout, rng)
     if cfg.background_dropout:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
-        plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng)
+        plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng,
+                                content_from=cfg.content_from)
     if stop_rows_apply(cfg, batch, prog):
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 5]))
         plan_stop_rows(batch, processor.tokenizer.eos_token_id, cfg.stop_rows, rng)
@@ -624,6 +627,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="average the loss over answered turns or over answer tokens")
     p.add_argument("--background-dropout", type=float, default=0.0,
                    help="half the rows hide a random share in [0, P) of their empty-canvas visual tokens")
+    p.add_argument("--content-from", choices=CONTENT_FROM, default=TrainConfig.content_from,
+                   help="background dropout's empty-token test: features (distance to a blank canvas's "
+                        "projected token) or pixels (the token's patches show only the background colour)")
     p.add_argument("--shuffle-turns", action="store_true",
                    help="put each sample's main question and follow-ups in a random order (no turn "
                         "position gives an answer away)")
@@ -670,7 +676,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,
                       family_weights=parse_weights(a.family_weights), visual_dropout=a.visual_dropout,
-                      background_dropout=a.background_dropout, stop_rows=a.stop_rows,
+                      background_dropout=a.background_dropout, content_from=a.content_from,
+                      stop_rows=a.stop_rows,
                       stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
                       shuffle_turns=a.shuffle_turns,
                       flash_stretch=parse_stretch(a.flash_stretch),
