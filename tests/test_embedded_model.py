@@ -221,11 +221,86 @@ def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(proces
 
 def _content_of(model, batch):
     """Content flags (N,) of a planned batch's visual tokens, as the training forward finds them."""
-    from mmaccel.embedded.dropout import MEDIA_KEYS, content_of, encoder_outputs
+    from mmaccel.embedded.dropout import MEDIA_KEYS, content_of, encoder_outputs, pixel_content
 
+    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    if batch.get("content_from") == "pixels":
+        return pixel_content(model, media)
     with torch.no_grad():
-        outputs = encoder_outputs(model, {k: batch[k] for k in MEDIA_KEYS if k in batch})
+        outputs = encoder_outputs(model, media)
     return content_of(model, outputs, batch["blank_media"], rows=batch["input_ids"].shape[0])
+
+
+def test_patch_content_flags_cells_off_each_images_background_colour():
+    """Two hand-made 8 x 8 images of 4 x 4 patches: the background is each image's most frequent
+    colour, light or dark (not its corner pixel); one stray pixel makes its cell content, and so
+    does a whole cell of another colour."""
+    from mmaccel.embedded.dropout import patch_content
+
+    img = torch.full((2, 3, 8, 8), 0.8)
+    img[1] = -0.2
+    img[0, :, 1, 6] = torch.tensor([0.9, -0.8, -0.8])
+    img[1, :, 4:, :4] = 0.5
+    img[1, :, 0, 0] = 0.3
+    assert patch_content(img, 4).tolist() == [[0, 1, 0, 0], [1, 0, 1, 0]]
+    img[1, :, :4, :] = 0.5  # 0.5 now covers 48 of the 64 pixels: it is the background
+    assert patch_content(img, 4)[1].tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("hires", [False, True])
+def test_pixel_content_flags_exactly_the_cells_an_object_touches(shipped, hires):
+    """The pixel detector's flags, taken apart along the model's token layout (6 x 6 base tile,
+    then the 12 x 12 crop grid with a newline per row for a 288 px image), are the cells that
+    an object's box overlaps (centre cell always; box cells at most, 1 px slack)."""
+    from mmaccel.embedded.dropout import MEDIA_KEYS, pixel_content
+
+    model, processor = shipped
+    samples = [make_sample("caption", sample_rng(HELD_OUT_SEED, i, "test"), hires=hires) for i in range(4)]
+    batch = encode_for_training(processor, samples)
+    per_row = pixel_content(model, {k: batch[k] for k in MEDIA_KEYS if k in batch}).view(len(samples), -1)
+    side, cells = (288, 12) if hires else (144, 6)
+    for row, sample in zip(per_row, samples):
+        grid = row[36:].view(cells, cells + 1) if hires else row[:36].view(6, 6)
+        if hires:
+            assert not grid[:, -1].any()  # newlines
+        _assert_object_cells(grid[:, :cells], sample, side / cells)
+
+
+def _assert_object_cells(grid, sample, cell: float) -> None:
+    """``grid`` (n, n) bool equals the cells overlapped by some object's box or the text box,
+    up to the cells its boxes only graze (within 1 px)."""
+    n = grid.shape[0]
+    must = torch.zeros(n, n, dtype=torch.bool)
+    may = torch.zeros(n, n, dtype=torch.bool)
+    for o in sample.meta["objects"]:
+        must[int(o["cy"] // cell), int(o["cx"] // cell)] = True
+        r = o["size"] / 2
+        _mark(may, o["cx"] - r, o["cy"] - r, o["cx"] + r, o["cy"] + r, cell)
+    if sample.meta.get("text_box"):
+        _mark(may, *sample.meta["text_box"], cell)
+    assert (grid | ~must).all() and not (grid & ~may).any()
+
+
+def _mark(cells, x0, y0, x1, y1, cell: float, slack: float = 1.0) -> None:
+    n = cells.shape[0]
+    lo = lambda v: int(max(0, min(n - 1, (v - slack) // cell)))
+    cells[lo(y0):lo(y1 + 2 * slack) + 1, lo(x0):lo(x1 + 2 * slack) + 1] = True
+
+
+def test_pixel_content_of_a_video_pools_each_frames_patches(shipped):
+    """Video tokens: per frame a 3 x 3 grid pooled from the 6 x 6 patches (content when any of
+    its 2 x 2 patches is), then one newline per video that is never content."""
+    from mmaccel.embedded.dropout import MEDIA_KEYS, patch_content, pixel_content
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    model, processor = shipped
+    _, batch = step_batch(processor, TrainConfig(seed=4, batch_size=4), 1, {"video8": GROUPS["video8"]})
+    video = batch["pixel_values_videos"]
+    got = pixel_content(model, {k: batch[k] for k in MEDIA_KEYS if k in batch}).view(video.shape[0], -1)
+    patches = patch_content(video.flatten(0, 1), 24).view(*video.shape[:2], 3, 2, 3, 2).bool()
+    want = patches.any(5).any(3).flatten(1)
+    assert torch.equal(got[:, :-1], want) and not got[:, -1].any()
+    assert 0 < want.float().mean() < 0.7
 
 
 def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
@@ -249,18 +324,22 @@ def test_background_dropout_flags_the_object_cells_of_the_base_grid(shipped):
         assert not (base & ~near).any()
 
 
+@pytest.mark.parametrize("content_from", ["features", "pixels"])
 @pytest.mark.parametrize("group", ["image", "multi", "video8"])
-def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
+def test_background_dropout_hides_only_empty_visual_tokens(shipped, group, content_from):
     """The planned share of each row's empty tokens is hidden and nothing else; the forward
-    equals the plain model with that mask (and with no holes, the plain model)."""
+    equals the plain model with that mask (and with no holes, the plain model). The pixel
+    detector flags under 60% of the tokens on any model (the feature detector does on models
+    without a scene-summary tower, see results/recipe-cpu/summary_tower)."""
     from mmaccel.embedded.dropout import (PLAN_KEYS, background_mask, forward_with_background_dropout,
                                           media_token_ids)
     from mmaccel.embedded.train import GROUPS, step_batch
 
     model, processor = shipped
-    cfg = TrainConfig(seed=4, batch_size=4, background_dropout=0.9)
+    cfg = TrainConfig(seed=4, batch_size=4, background_dropout=0.9, content_from=content_from)
     _, batch = step_batch(processor, cfg, 1, {group: GROUPS[group]})
     batch.pop("labels")
+    assert ("blank_media" in batch) == (content_from == "features")
     content = _content_of(model, batch)
     ids, attn, frac = batch["input_ids"], batch["attention_mask"], batch["drop_fraction"]
     mask = background_mask(ids, attn, media_token_ids(model), content, frac, batch["drop_priority"])
@@ -268,8 +347,8 @@ def test_background_dropout_hides_only_empty_visual_tokens(shipped, group):
     empty = torch.zeros_like(visual)
     empty[visual] = ~content  # computed here, not by the helper under test
     hidden = (attn == 1) & (mask == 0)
-    assert 0 < content.float().mean() < 0.6 and hidden.any()
-    assert not (hidden & ~empty).any()
+    assert 0 < content.float().mean() < (0.6 if content_from == "pixels" else 1)
+    assert hidden.any() and not (hidden & ~empty).any()
     assert hidden.sum(1).tolist() == [round(float(f) * int(n)) for f, n in zip(frac, empty.sum(1))]
     plain = {k: v for k, v in batch.items() if k not in PLAN_KEYS}
     with torch.no_grad():
