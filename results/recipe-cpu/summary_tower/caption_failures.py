@@ -1,13 +1,16 @@
 """Caption failures of models: exact, fewer objects, more objects, or the same count wrong (order,
-colour, shape), on the first 200 captions of seed 15's caption-only test samples.
-Usage: python results/recipe-cpu/summary_tower/caption_failures.py MODEL_DIR [...]"""
-import sys, collections
+colour, shape), on the first N (default 200) of seed 15's caption-only test samples.
+Usage: [N=600] python results/recipe-cpu/summary_tower/caption_failures.py MODEL_DIR [...]"""
+import collections
+import os
+import sys
 from mmaccel.embedded import load_model
 from mmaccel.embedded.evaluate import evaluate_samples
 from mmaccel.world import generate_samples
+N = int(os.environ.get("N", 200))
 for path in sys.argv[1:]:
     model, processor = load_model(path); model.eval()
-    samples = generate_samples(1600, seed=15, split="test", families=["caption"])[:200]
+    samples = generate_samples(N, seed=15, split="test", families=["caption"])
     res = evaluate_samples(model, processor, samples, return_answers=True)
     kinds = collections.Counter()
     for a in res["answers"]:
