@@ -227,14 +227,9 @@ def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(proces
 
 def _content_of(model, batch):
     """Content flags (N,) of a planned batch's visual tokens, as the training forward finds them."""
-    from mmaccel.embedded.dropout import MEDIA_KEYS, content_of, encoder_outputs, pixel_content
+    from mmaccel.embedded.dropout import MEDIA_KEYS, planned_content
 
-    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
-    if batch.get("content_from") == "pixels":
-        return pixel_content(model, media)
-    with torch.no_grad():
-        outputs = encoder_outputs(model, media)
-    return content_of(model, outputs, batch["blank_media"], rows=batch["input_ids"].shape[0])
+    return planned_content(model, {k: batch[k] for k in MEDIA_KEYS if k in batch}, batch)
 
 
 def test_patch_content_flags_cells_off_each_images_background_colour():

@@ -231,6 +231,21 @@ def _image_crops(model, media: dict) -> list:
     return list(pixels.split(num))
 
 
+def planned_content(model, media: dict, plan: dict, outputs: dict | None = None):
+    """Bool (N,) content flags of ``media``'s visual tokens by the detector a batch was planned
+    with (``plan["content_from"]``, :func:`plan_background_dropout`; features when absent).
+    ``outputs``: the encoder's output on ``media`` if already computed (features only)."""
+    if plan.get("content_from") == "pixels":
+        return pixel_content(model, media)
+    if outputs is None:
+        import torch
+
+        with torch.no_grad():
+            outputs = encoder_outputs(model, media)
+    blank_media = {k: v.to(model.device) for k, v in plan["blank_media"].items()}
+    return content_of(model, outputs, blank_media, rows=len(plan["drop_fraction"]))
+
+
 def media_token_ids(model) -> list[int]:
     """The image and video placeholder ids of ``model``."""
     return [model.config.image_token_id, model.config.video_token_id]
@@ -274,11 +289,7 @@ def forward_with_background_dropout(model, batch):
     batch = batch.to(model.device)
     media = {k: batch.pop(k) for k in MEDIA_KEYS if k in batch}
     outputs = encoder_outputs(model, media)  # gradients reach the projector through these
-    if plan["content_from"] == "pixels":
-        content = pixel_content(model, media)
-    else:
-        blank_media = {k: v.to(model.device) for k, v in plan["blank_media"].items()}
-        content = content_of(model, outputs, blank_media, rows=batch["input_ids"].shape[0])
+    content = planned_content(model, media, plan, outputs)
     mask = background_mask(batch["input_ids"], batch["attention_mask"], media_token_ids(model),
                            content, plan["drop_fraction"], plan["drop_priority"].to(model.device),
                            plan["content_fraction"])
