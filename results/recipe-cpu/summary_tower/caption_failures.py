@@ -1,7 +1,9 @@
 """Caption failures of models: exact, fewer objects, more objects, or the same count wrong (order,
 colour, shape), on the first N (default 200) of seed 15's caption-only test samples.
-Usage: [N=600] python results/recipe-cpu/summary_tower/caption_failures.py MODEL_DIR [...]"""
+Usage: [N=600] [OUT=captions.json] python results/recipe-cpu/summary_tower/caption_failures.py MODEL_DIR [...]
+OUT (one model only) writes {"n", "right", "accuracy", "kinds"}: gates.py's caption set (run 26 on)."""
 import collections
+import json
 import os
 import sys
 from mmaccel.embedded import load_model
@@ -19,5 +21,9 @@ for path in sys.argv[1:]:
         ng, np_ = g.count(",") + g.count(" and ") + 1, p.count(",") + p.count(" and ") + 1
         kinds["fewer objects" if np_ < ng else "more objects" if np_ > ng else "same count, wrong"] += 1
     print(path, len(samples), dict(kinds))
+    if os.environ.get("OUT"):
+        summary = {"model": path, "n": len(samples), "right": kinds["right"],
+                   "accuracy": kinds["right"] / len(samples), "kinds": dict(kinds)}
+        open(os.environ["OUT"], "w").write(json.dumps(summary, indent=1) + "\n")
     bad = [a for a in res["answers"] if a["gold"] != a["pred"]][:5]
     for a in bad: print("  gold:", a["gold"], "| pred:", a["pred"])

@@ -1,8 +1,11 @@
 """Apply the ship rules of this folder's README to a candidate run (twelfth session).
 
-Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON
+Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON [CANDIDATE_CAPTIONS_JSON]
 Compares against run 13 (the shipped model): its seed-15 n=1800 evaluation in this folder and
 its n=900 sweep in results/fidelity/fidelity.json. Prints each gate's figures and verdict.
+From run 26 on (seventeenth session) captions are judged on the caption set, 600 caption-only
+samples of seed 15 (`N=600 OUT=... caption_failures.py`), against run 13's captions600_run13.json;
+the eval's 200 captions are printed but no longer gated (their standard error is about 0.035).
 """
 from __future__ import annotations
 
@@ -37,8 +40,15 @@ def seed_mean(k: dict) -> float:
     return sum(k[(m, r)] for m in SEED_METHODS for r in (0.25, 0.11)) / (2 * len(SEED_METHODS))
 
 
-def main(cand_eval: str, cand_fid: str) -> None:
+def caption_set(path: str) -> float:
+    return json.loads(Path(path).read_text())["accuracy"]
+
+
+def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None) -> None:
     ref, cand = full_token(HERE / "eval_seed15_n1800_run13.json"), full_token(cand_eval)
+    if cand_captions:
+        print("captions of the eval (not gated):", round(ref["caption"], 3), round(cand["caption"], 3))
+        ref["caption"], cand["caption"] = caption_set(HERE / "captions600_run13.json"), caption_set(cand_captions)
     g1 = gate1(cand, ref)
     kr, kc = kept("results/fidelity/fidelity.json"), kept(cand_fid)
     drop = {m: round(kc[(m, 0.25)] - kr[(m, 0.25)], 3) for m in SEED_METHODS}
@@ -53,4 +63,4 @@ def main(cand_eval: str, cand_fid: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
