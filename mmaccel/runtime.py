@@ -551,11 +551,14 @@ class Runtime:
         base = req.visual_orig if self.method.budget_base == "original" else req.visual_in
         budgets = [round(n * self.schedule[idx]) for n in base]
         keep = self.method.select(probs, rows, row_valid, stage.valid, stage.visual, stage.protected, budgets)
-        index, valid = pack_kept(keep)
+        # one host read for the new length and this stage's counts (each read drains a GPU queue)
+        *per_sample, n_visual = torch.cat([keep.sum(1), (keep & stage.visual).sum()[None]]).tolist()
+        index, valid = pack_kept(keep, max(per_sample))
         new_hidden = gather_tokens(hidden, index)
         positions = self._new_positions(stage.positions, index, valid)
         new = Stage(idx, valid, gather_tokens(stage.visual, index) & valid, positions,
-                    torch.gather(stage.orig, 1, index), gather_tokens(stage.protected, index) & valid)
+                    torch.gather(stage.orig, 1, index), gather_tokens(stage.protected, index) & valid,
+                    counts=(per_sample, n_visual))
         rotary = self.adapter.language_model.rotary_emb
         text_pos = positions if positions.dim() == 2 else compact_positions(valid)
         new.layer_kwargs = {
@@ -630,33 +633,49 @@ def allocate(sizes: list[int], total: int) -> list[int]:
 
 def text_query_rows(valid: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the valid text tokens after the first visual token (the question and the
-    generation prompt), padded by repeating the last one. Returns rows (B, Q), row_valid (B, Q)."""
+    generation prompt), padded by repeating the last one. Returns rows (B, Q), row_valid (B, Q).
+    One host sync (Q), no loop over rows."""
     pos = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
     first_visual = torch.where(visual, pos, valid.shape[1]).amin(1, keepdim=True)
     text = valid & ~visual & (pos > first_visual)
     text[:, -1] |= valid[:, -1]  # the last real token always scores
-    picked = [row.nonzero().flatten() for row in text]
-    q = max(p.numel() for p in picked)
-    rows = torch.stack([torch.cat([p, p[-1:].expand(q - p.numel())]) for p in picked])
-    row_valid = torch.arange(q, device=valid.device)[None] < torch.tensor([p.numel() for p in picked],
-                                                                             device=valid.device)[:, None]
-    return rows, row_valid
+    counts = text.sum(1, keepdim=True)
+    q = int(counts.max())
+    # stable descending sort: each row's text positions first, in order
+    picked = torch.sort(text.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    slot = torch.arange(q, device=valid.device)[None]
+    rows = torch.gather(picked, 1, torch.minimum(slot, (counts - 1).clamp(min=0)).expand(valid.shape[0], -1))
+    return rows, slot < counts
 
 
 def select_visual(scores, valid, visual, budgets: list[int]) -> torch.Tensor:
     """Keep every valid text token and the top ``budgets[b]`` visual tokens of row b.
 
     scores: (B, L) importance; valid, visual: (B, L) bool. Returns keep (B, L) bool.
+    One sort over the batch with the non-candidates at -inf, no host sync: the rank limit drops
+    what exceeds a row's budget, the candidate mask what a short row filled up with. The sort is
+    stable, so equal scores (protected tokens are +inf) go to the earlier position, the same on
+    every device (top-k leaves ties to the backend).
     """
     keep = valid & ~visual
     candidates = valid & visual
-    for row in range(scores.shape[0]):
-        idx = candidates[row].nonzero().flatten()
-        k = min(int(budgets[row]), idx.numel())
-        if k > 0:
-            top = scores[row, idx].float().topk(k).indices
-            keep[row, idx[top]] = True
-    return keep
+    k = min(max(budgets, default=0), scores.shape[1])
+    if k <= 0:
+        return keep
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    top = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]
+    within = torch.arange(k, device=scores.device)[None] < device_list(budgets, scores.device)[:, None]
+    chosen = within & torch.gather(candidates, 1, top)
+    return keep | torch.zeros_like(keep).scatter(1, top, chosen)
+
+
+def device_list(values: list[int], device) -> torch.Tensor:
+    """A small host list as a long tensor on ``device``, copied without a host sync on CUDA
+    (pinned memory, non-blocking: a pageable copy would drain the stream first)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _group_media(segments: list[Segment]) -> list[list[Segment]]:

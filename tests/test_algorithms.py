@@ -33,6 +33,32 @@ def test_select_visual_keeps_text_and_top_visual():
     assert keep.tolist() == [[False, True, True, True, False, True]]
 
 
+def test_select_visual_per_row_budgets_short_rows_and_ties():
+    # row 0: budget 1 of three candidates; row 1: budget 3 but only two candidates (padding and
+    # text are never filled in); row 2: four tied protected (+inf) tokens, budget 2 -> the
+    # earliest two, on every device
+    inf = float("inf")
+    scores = torch.tensor([[0.0, 0.2, 0.9, 0.4, 0.0, 0.0],
+                           [0.0, 0.0, 0.7, 0.8, 0.5, 0.0],
+                           [0.0, inf, 0.1, inf, inf, inf]])
+    valid = torch.tensor([[True] * 6, [False, False, True, True, True, True], [True] * 6])
+    visual = torch.tensor([[False, True, True, True, False, False],
+                           [True, False, True, False, True, False],
+                           [False, True, True, True, True, True]])
+    keep = select_visual(scores, valid, visual, [1, 3, 2])
+    assert keep.int().tolist() == [[1, 0, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 0, 0]]
+
+
+def test_pack_kept_with_a_given_length_matches():
+    keep = torch.rand(4, 30, generator=torch.Generator().manual_seed(0)) > 0.6
+    index, valid = pack_kept(keep)
+    again = pack_kept(keep, int(keep.sum(1).max()))
+    assert torch.equal(index, again[0]) and torch.equal(valid, again[1])
+    for row in range(4):  # each row: its kept positions in order, right-aligned
+        assert index[row][valid[row]].tolist() == keep[row].nonzero().flatten().tolist()
+        assert valid[row].tolist() == sorted(valid[row].tolist())
+
+
 def test_pool_averages_windows_and_places_them_at_window_starts():
     feats = torch.arange(16, dtype=torch.float32).reshape(16, 1)
     seg = Segment(0, torch.arange(100, 116), Part(16, (4, 4)))

@@ -54,19 +54,33 @@ def bipartite_merge(x: torch.Tensor, r: int, owner: torch.Tensor | None = None):
     if r == 0:
         return torch.arange(n), x, owner
     metric = F.normalize(x.float(), dim=-1)
-    best, dest = (metric[a_idx] @ metric[b_idx].T).max(-1)
-    best, dest = best.cpu(), dest.cpu()  # index bookkeeping on the CPU, features stay on their device
+    best, dest = (metric[0::2] @ metric[1::2].T).max(-1)
+    # index bookkeeping on the CPU (the same ties broken the same way on every device), read in
+    # one transfer; the features stay on their device and get their indices in one copy back
+    best, dest = torch.stack([best, dest.float()]).cpu()
+    dest = dest.long()
     merged_a = best.argsort(descending=True)[:r]
-    out = x[b_idx].float().scatter_reduce(0, dest[merged_a, None].expand(-1, x.shape[1]).to(x.device),
-                                          x[a_idx[merged_a]].float(), reduce="mean", include_self=True)
     kept_a = torch.ones(a_idx.numel(), dtype=torch.bool)
     kept_a[merged_a] = False
     slots = torch.cat([a_idx[kept_a], b_idx]).sort()
-    feats = torch.cat([x[a_idx[kept_a]].float(), out])[slots.indices]
+    to_dest, merged, kept, order = to_device_split([dest[merged_a], merged_a, kept_a.nonzero().flatten(),
+                                                    slots.indices], x.device)
+    xf, xa = x.float(), x[0::2].float()
+    out = xf[1::2].scatter_reduce(0, to_dest[:, None].expand(-1, x.shape[1]), xa[merged], reduce="mean",
+                                  include_self=True)
+    feats = torch.cat([xa[kept], out])[order]
     new_slot = torch.empty(n, dtype=torch.long)  # where each slot of x goes in the output
     new_slot[slots.values] = torch.arange(slots.values.numel())
     new_slot[a_idx[merged_a]] = new_slot[b_idx[dest[merged_a]]]
     return slots.values, feats.to(x.dtype), new_slot[owner]
+
+
+def to_device_split(parts: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Host index tensors on ``device`` in one pinned, non-blocking copy (no stream sync)."""
+    if torch.device(device).type != "cuda":
+        return parts
+    flat = torch.cat(parts).pin_memory().to(device, non_blocking=True)
+    return list(flat.split([p.numel() for p in parts]))
 
 
 def merge_to_budget(x: torch.Tensor, k: int):

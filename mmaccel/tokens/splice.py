@@ -7,21 +7,20 @@ from __future__ import annotations
 import torch
 
 
-def pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_kept(keep: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded indices of the kept tokens of every row, in their original order.
 
     keep: (B, T) bool. Returns ``index`` (B, L) long (0 in padding slots) and ``valid`` (B, L) bool,
-    with L the largest kept count. Sorted indices keep causal order and KV rollback sane.
+    with L the largest kept count (``length`` when the caller already read it, saving a host
+    sync on a GPU). Sorted indices keep causal order and KV rollback sane.
     """
-    counts = keep.sum(1)
-    length = int(counts.max()) if keep.numel() else 0
-    index = torch.zeros(keep.shape[0], length, dtype=torch.long, device=keep.device)
-    valid = torch.zeros(keep.shape[0], length, dtype=torch.bool, device=keep.device)
-    for row in range(keep.shape[0]):
-        kept = keep[row].nonzero().flatten()
-        index[row, length - kept.numel():] = kept
-        valid[row, length - kept.numel():] = True
-    return index, valid
+    if length is None:
+        length = int(keep.sum(1).max()) if keep.numel() else 0
+    # a stable sort puts every row's dropped tokens first and its kept ones last, each in order,
+    # so the last ``length`` slots are the row's kept tokens, left-padded: no loop over rows
+    order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices[:, keep.shape[1] - length:]
+    valid = torch.gather(keep, 1, order)
+    return order.masked_fill(~valid, 0), valid
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

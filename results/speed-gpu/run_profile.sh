@@ -22,3 +22,10 @@ for b in 1 8; do
   timeout ${PROF_S:-90} python3 results/speed-gpu/profile_methods.py $R/7b_b$b --llm 7b --batch $b \
     --methods fastv,random,aim,mustdrop,visionzip 2>&1 | grep -v USDT | tail -n 8
 done
+# then the speed benchmark (SPEED=1), as in run.sh, 7B only
+M=fastv,pool,random,aim,visionzip,mustdrop
+for b in ${SPEED:+1 8}; do
+  timeout ${SPEED_S:-100} python3 -m mmaccel.cli bench speed --device cuda --dtype bfloat16 --llm 7b --batch $b \
+    --methods $M --retentions 0.25,0.11 --repeats ${REPEATS:-5} --warmup 3 --out $R/speed_7b_b$b > $R/speed_7b_b$b.log 2>&1
+  echo "== 7b batch $b (rc $?)"; tail -n 14 $R/speed_7b_b$b.log
+done
