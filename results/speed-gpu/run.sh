@@ -5,18 +5,9 @@
 # timeout so one failure leaves the others; everything lands in OUT/results.tar.gz.
 # Usage: run.sh OUT [REPEATS]
 OUT=${1:?outdir}; REPEATS=${2:-10}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 R=/tmp/speed-gpu; rm -rf $R; mkdir -p $R
 trap 'tar -czf "$OUT/results.tar.gz" -C $R .' EXIT
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
-fi
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, transformers, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee $R/versions.txt
+source results/speed-gpu/device_env.sh
 # TRITON_INTERPRET=0: compile the kernel for the GPU (conftest only defaults it to 1)
 TRITON_INTERPRET=0 timeout ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu.py \
   tests/test_kernels.py 2>&1 | tee $R/gpu_tests.log | tail -n 25

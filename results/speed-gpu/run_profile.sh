@@ -3,19 +3,9 @@
 # fifteenth session's call), then profile_methods.py on the 7B decoder at batch 1 and 8.
 # Usage: run_profile.sh OUT   (everything lands in OUT/profile.tar.gz)
 OUT=${1:?outdir}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 R=/tmp/profile-gpu; rm -rf $R; mkdir -p $R
 trap 'tar -czf "$OUT/profile.tar.gz" -C $R .' EXIT
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
-fi
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, transformers, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-  git log -1 --format=%H 2>/dev/null
-} 2>&1 | tee $R/versions.txt
+source results/speed-gpu/device_env.sh
 TRITON_INTERPRET=0 timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu.py \
   tests/test_kernels.py 2>&1 | tee $R/gpu_tests.log | tail -n 6
 for b in 1 8; do
