@@ -23,7 +23,7 @@ from .methods.base import InLLMPruner, Method, PreLLMReducer
 from .models.base import Segment, VLMAdapter
 from .scoring import TapRequest, register_wrapper
 from .stats import Stats, clock, prefill_flops
-from .tokens.splice import compact_positions, gather_positions, gather_tokens, pack_kept
+from .tokens.splice import compact_positions, gather_positions, gather_tokens, pack_kept, to_device_async
 
 
 @dataclass
@@ -644,7 +644,7 @@ def text_query_rows(valid: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Te
     # stable descending sort: each row's text positions first, in order
     picked = torch.sort(text.to(torch.uint8), dim=1, descending=True, stable=True).indices
     slot = torch.arange(q, device=valid.device)[None]
-    rows = torch.gather(picked, 1, torch.minimum(slot, (counts - 1).clamp(min=0)).expand(valid.shape[0], -1))
+    rows = torch.gather(picked, 1, torch.minimum(slot, (counts - 1).clamp(min=0)))
     return rows, slot < counts
 
 
@@ -664,18 +664,10 @@ def select_visual(scores, valid, visual, budgets: list[int]) -> torch.Tensor:
         return keep
     ranked = scores.float().masked_fill(~candidates, float("-inf"))
     top = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]
-    within = torch.arange(k, device=scores.device)[None] < device_list(budgets, scores.device)[:, None]
+    limit = to_device_async(torch.tensor(budgets, dtype=torch.long), scores.device)
+    within = torch.arange(k, device=scores.device)[None] < limit[:, None]
     chosen = within & torch.gather(candidates, 1, top)
     return keep | torch.zeros_like(keep).scatter(1, top, chosen)
-
-
-def device_list(values: list[int], device) -> torch.Tensor:
-    """A small host list as a long tensor on ``device``, copied without a host sync on CUDA
-    (pinned memory, non-blocking: a pageable copy would drain the stream first)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _group_media(segments: list[Segment]) -> list[list[Segment]]:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import Segment
+from ..tokens.splice import to_device_async
 from .base import InLLMPruner, PreLLMReducer, Reduction, members_by_slot
 
 
@@ -65,8 +66,8 @@ def bipartite_merge(x: torch.Tensor, r: int, owner: torch.Tensor | None = None):
     slots = torch.cat([a_idx[kept_a], b_idx]).sort()
     to_dest, merged, kept, order = to_device_split([dest[merged_a], merged_a, kept_a.nonzero().flatten(),
                                                     slots.indices], x.device)
-    xf, xa = x.float(), x[0::2].float()
-    out = xf[1::2].scatter_reduce(0, to_dest[:, None].expand(-1, x.shape[1]), xa[merged], reduce="mean",
+    xa = x[0::2].float()
+    out = x[1::2].float().scatter_reduce(0, to_dest[:, None].expand(-1, x.shape[1]), xa[merged], reduce="mean",
                                   include_self=True)
     feats = torch.cat([xa[kept], out])[order]
     new_slot = torch.empty(n, dtype=torch.long)  # where each slot of x goes in the output
@@ -76,11 +77,10 @@ def bipartite_merge(x: torch.Tensor, r: int, owner: torch.Tensor | None = None):
 
 
 def to_device_split(parts: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """Host index tensors on ``device`` in one pinned, non-blocking copy (no stream sync)."""
+    """Host index tensors on ``device`` in one copy without a stream sync."""
     if torch.device(device).type != "cuda":
         return parts
-    flat = torch.cat(parts).pin_memory().to(device, non_blocking=True)
-    return list(flat.split([p.numel() for p in parts]))
+    return list(to_device_async(torch.cat(parts), device).split([p.numel() for p in parts]))
 
 
 def merge_to_budget(x: torch.Tensor, k: int):

@@ -23,6 +23,14 @@ def pack_kept(keep: torch.Tensor, length: int | None = None) -> tuple[torch.Tens
     return order.masked_fill(~valid, 0), valid
 
 
+def to_device_async(host: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor (indices, budgets) on ``device``, copied without a host sync on CUDA:
+    pinned memory and non-blocking, since a pageable copy drains the stream first."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (B, T, ...) -> (B, L, ...) rows picked by ``index`` (B, L)."""
     shape = index.shape + x.shape[2:]
