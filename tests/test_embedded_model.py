@@ -820,3 +820,16 @@ def test_scene_summary_channel_group_reads_and_trains_only_its_channels():
         summary_loss(feats, present, counts, "token", torch.nn.Linear(8, SUMMARY_OUT), channels=3)
     full, _ = summary_loss(feats.detach(), present, counts, "token", torch.nn.Linear(8, SUMMARY_OUT))
     assert torch.isfinite(full)
+
+
+def test_order_vocabulary_joins_only_when_asked(shipped):
+    """Models trained without the ``order`` follow-ups keep the shipped vocabulary exactly; with
+    them, every word of their questions is a known token (no [UNK])."""
+    from mmaccel.embedded.build import build_tokenizer
+    from mmaccel.world.followups import EXTRA_VOCABULARY
+
+    _, processor = shipped
+    assert build_tokenizer("question-both").get_vocab() == processor.tokenizer.get_vocab()
+    tok = build_tokenizer("question-both", ("caption", "order"))
+    for line in EXTRA_VOCABULARY["order"]:
+        assert tok.unk_token_id not in tok(line)["input_ids"], line

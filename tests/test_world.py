@@ -328,3 +328,28 @@ def test_video_max_objects_caps_videos_and_keeps_the_default_stream():
     assert hidden == [int(s.answer) for s in flash]
     with pytest.raises(ValueError, match="max_objects"):
         make_sample("flash", sample_rng(3, 0), max_objects=0)
+
+
+def test_order_followups_name_the_objects_left_to_right():
+    """The opt-in ``order`` turns: the object count and "Which object is {ordinal} from the
+    left?" answered by the scene's objects sorted by centre x, on caption-sized scenes only,
+    and only when asked for; the answers agree with the scene's own caption."""
+    from mmaccel.world.followups import ORDER_ORDINALS, TOTAL_COUNT_QUESTION
+    from mmaccel.world.spec import CAPTION_MAX_OBJECTS
+
+    asked = 0
+    for i in range(80):
+        fam = ("color", "count", "exists", "where", "caption")[i % 5]
+        s = make_sample(fam, sample_rng(5, i, "test"), followups=20, extra_followups=("caption", "order"))
+        objects = sorted(s.meta["objects"], key=lambda o: o["cx"])
+        caption_items = [f"a {o['color']} {o['shape']}" for o in objects]
+        for q, a in s.followups:
+            if q == TOTAL_COUNT_QUESTION:
+                assert a == str(len(objects)) and len(objects) <= CAPTION_MAX_OBJECTS
+            elif q.startswith("Which object is "):
+                position = ORDER_ORDINALS.index(q.split()[3])
+                assert a == caption_items[position]
+                asked += 1
+        plain = make_sample(fam, sample_rng(5, i, "test"), followups=20, extra_followups=("caption",))
+        assert not [q for q, _ in plain.followups if q == TOTAL_COUNT_QUESTION or q.startswith("Which object")]
+    assert asked >= 40

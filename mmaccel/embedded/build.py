@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from ..world.followups import EXTRA_VOCABULARY
 from ..world.spec import (COLORS, DIRECTIONS_2D, HIRES_SIDE, IMAGE_SIDE, MOTIONS, ORDINALS, SHAPES,
                           TEMPLATES)
 
@@ -68,18 +69,20 @@ VISION_DEFAULTS = dict(hidden_size=128, intermediate_size=512, num_hidden_layers
                        num_attention_heads=4)
 
 
-def vocabulary_corpus() -> list[str]:
-    """Every word the world can produce (questions, answers, roles)."""
+def vocabulary_corpus(extra: tuple[str, ...] = ()) -> list[str]:
+    """Every word the world can produce (questions, answers, roles), plus the words of the
+    opt-in follow-up kinds ``extra`` (so models trained without them keep their vocabulary)."""
     lines = ["user", "assistant", "a , and", " ".join(str(d) for d in range(10))]
     lines += [" ".join(x) for x in (list(COLORS), SHAPES, DIRECTIONS_2D, MOTIONS, ORDINALS, ("yes", "no"))]
     for t in TEMPLATES.values():
         for s in SHAPES:
             lines.append(t.format(shape=s, color="red"))
-    return lines
+    return lines + [line for kind in extra for line in EXTRA_VOCABULARY.get(kind, ())]
 
 
-def build_tokenizer_object() -> Tokenizer:
-    """A word-level ``tokenizers.Tokenizer``: Metaspace words, split punctuation and digits."""
+def build_tokenizer_object(extra: tuple[str, ...] = ()) -> Tokenizer:
+    """A word-level ``tokenizers.Tokenizer``: Metaspace words, split punctuation and digits;
+    ``extra``: opt-in follow-up kinds whose words join the vocabulary."""
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Strip()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -87,16 +90,17 @@ def build_tokenizer_object() -> Tokenizer:
         pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator(vocabulary_corpus(), trainer)
+    tok.train_from_iterator(vocabulary_corpus(extra), trainer)
     return tok
 
 
-def build_tokenizer(order: str = "image-first"):
-    """``PreTrainedTokenizerFast`` with pad/eos/unk and <image>/<video> special tokens."""
+def build_tokenizer(order: str = "image-first", extra: tuple[str, ...] = ()):
+    """``PreTrainedTokenizerFast`` with pad/eos/unk and <image>/<video> special tokens;
+    ``extra``: opt-in follow-up kinds whose words join the vocabulary (default none)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer_object(), pad_token="<pad>", eos_token="<|im_end|>",
+        tokenizer_object=build_tokenizer_object(extra), pad_token="<pad>", eos_token="<|im_end|>",
         unk_token="[UNK]", extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
         chat_template=chat_template(order), padding_side="left", model_max_length=4096)
     return tok

@@ -409,7 +409,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
 
     log = log or Logger()
     torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer(cfg.order)
+    tokenizer = build_tokenizer(cfg.order, cfg.extra_followups)
     processor = build_processor(tokenizer, cfg.order)
     model = build_model(tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision).to(cfg.device)
     model.train()
@@ -509,7 +509,7 @@ def _worker_batch(args):
 
     torch.set_num_threads(1)
     if "processor" not in _WORKER:
-        _WORKER["processor"] = build_processor(build_tokenizer(cfg.order), cfg.order)
+        _WORKER["processor"] = build_processor(build_tokenizer(cfg.order, cfg.extra_followups), cfg.order)
     return step_batch(_WORKER["processor"], cfg, step, groups, prog)
 
 
@@ -618,7 +618,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="extra questions about each sample's media, as further chat turns")
     p.add_argument("--extra-followups", default="",
                    help="opt-in follow-up kinds, comma list of: flash (other objects' flash "
-                        "counts, 0), caption (a caption turn on every still scene of <= 4 objects)")
+                        "counts, 0), caption (a caption turn on every still scene of <= 4 objects), "
+                        "order (the same scenes' object count and the object at up to 2 positions "
+                        "from the left)")
     p.add_argument("--family-weights", default="",
                    help="override sampling weights of question families, e.g. flash=2.4,caption=3")
     p.add_argument("--visual-dropout", type=float, default=0.0,

@@ -13,13 +13,20 @@ scene metadata alone, keeping only the ones whose answer is unambiguous:
 - ``multi`` for a kind found in exactly one of two images;
 - ``motion`` for a moving object whose kind is unique in the video.
 
-Two more kinds are opt-in (``extra``), so older recipes keep their data stream:
+Three more kinds are opt-in (``extra``), so older recipes keep their data stream:
 
 - ``flash``: in a flash video, "How many times does the {color} {shape} flash?" for every
   other object of a unique kind; they never vanish, so the answer is ``0`` (the main
   question's answers are 1-3, so these turns teach *which* object's frames to count);
 - ``caption``: "Describe the image." for a still scene of at most ``CAPTION_MAX_OBJECTS``
-  objects (the caption family's own scenes), so captions are trained beside every image.
+  objects (the caption family's own scenes), so captions are trained beside every image;
+- ``order``: the caption's two sub-skills as short turns, for the same scenes: "How many
+  objects are there?" and, for up to two random positions, "Which object is {ordinal} from
+  the left?" -> "a {color} {shape}", added after the ``k`` picks (so the other turns, the
+  caption's included, keep their share). Captions fail mostly by swapping two close objects or
+  saying a repeated object once; these turns train exactly that, one short answer each.
+  Training only: they are not evaluation families (their words join the tokenizer only when
+  asked for, see :data:`EXTRA_VOCABULARY`).
 
 Training packs them as extra chat turns after the main answer, so one image costs one
 vision pass for several supervised answers (see ``mmaccel.embedded.data``).
@@ -133,7 +140,27 @@ def caption_followups(objects: list[dict]) -> list[tuple[str, str]]:
     return [(TEMPLATES["caption"], caption([Obj(**o) for o in objects]))]
 
 
-EXTRA_KINDS = ("flash", "caption")
+ORDER_ORDINALS = ("first", "second", "third", "fourth")
+ORDER_TEMPLATE = "Which object is {ordinal} from the left?"
+TOTAL_COUNT_QUESTION = "How many objects are there?"
+ORDER_PICKS = 2  # ordinal turns per scene at most, so captions keep their share of the pool
+# words of the opt-in kinds that no evaluation question uses (the tokenizer adds them on request)
+EXTRA_VOCABULARY = {"order": [TOTAL_COUNT_QUESTION] + [ORDER_TEMPLATE.format(ordinal=o) for o in ORDER_ORDINALS]}
+
+
+def order_followups(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """The object count and up to :data:`ORDER_PICKS` "Which object is {ordinal} from the left?"
+    turns for a scene of 1..CAPTION_MAX_OBJECTS objects (the caption's scenes), else nothing."""
+    if not 1 <= len(objects) <= CAPTION_MAX_OBJECTS:
+        return []
+    ordered = sorted(objects, key=lambda o: o["cx"])
+    picks = sorted(rng.permutation(len(ordered))[:ORDER_PICKS].tolist())
+    out = [(TOTAL_COUNT_QUESTION, str(len(ordered)))]
+    return out + [(ORDER_TEMPLATE.format(ordinal=ORDER_ORDINALS[i]), f"a {ordered[i]['color']} {ordered[i]['shape']}")
+                  for i in picks]
+
+
+EXTRA_KINDS = ("flash", "caption", "order")
 IMAGE_QUESTION_FAMILIES = ("color", "count", "exists", "where", "caption")
 
 
@@ -147,7 +174,8 @@ def check_extra_kinds(extra) -> None:
 def followups_for(family: str, meta: dict, question: str, rng: np.random.Generator,
                   k: int, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """Up to ``k`` follow-ups for a sample of ``family``, never repeating its question;
-    ``extra`` adds the opt-in kinds of :data:`EXTRA_KINDS`."""
+    ``extra`` adds the opt-in kinds of :data:`EXTRA_KINDS` (``order``'s turns come on top of
+    the ``k``)."""
     check_extra_kinds(extra)
     if family == "multi":
         pool = multi_followups(meta["scenes"])
@@ -163,4 +191,8 @@ def followups_for(family: str, meta: dict, question: str, rng: np.random.Generat
         return []
     pool = [qa for qa in dict.fromkeys(pool) if qa[0] != question]
     order = rng.permutation(len(pool))[:k]
-    return [pool[int(i)] for i in order]
+    picked = [pool[int(i)] for i in order]
+    if "order" in extra and family in IMAGE_QUESTION_FAMILIES:
+        # beyond the k picks, drawn after them: every other turn stays what it was without them
+        picked += order_followups(meta["objects"], rng)
+    return picked
