@@ -829,7 +829,33 @@ def test_order_vocabulary_joins_only_when_asked(shipped):
     from mmaccel.world.followups import EXTRA_VOCABULARY
 
     _, processor = shipped
-    assert build_tokenizer("question-both").get_vocab() == processor.tokenizer.get_vocab()
+    base = build_tokenizer("question-both").get_vocab()
+    assert base == processor.tokenizer.get_vocab()
     tok = build_tokenizer("question-both", ("caption", "order"))
     for line in EXTRA_VOCABULARY["order"]:
         assert tok.unk_token_id not in tok(line)["input_ids"], line
+    extended = tok.get_vocab()
+    assert len(extended) > len(base) and all(extended[w] == i for w, i in base.items())
+
+
+def test_extra_words_leave_the_seeded_init_unchanged():
+    """A model built with the ``order`` words has the same seeded weights as one without them
+    (the new embedding rows come from a side generator) and leaves torch's random stream where
+    the plain build leaves it, so a recipe that adds the kind changes its data, not its draw."""
+    import torch
+
+    from mmaccel.embedded.build import build_model, build_tokenizer
+
+    plain_tok, extra_tok = build_tokenizer("question-both"), build_tokenizer("question-both", ("order",))
+    plain = build_model(plain_tok, seed=3, text={"initializer_range": 0.06})
+    after_plain = torch.rand(4)
+    extra = build_model(extra_tok, seed=3, text={"initializer_range": 0.06})
+    after_extra = torch.rand(4)
+    assert torch.equal(after_plain, after_extra)
+    a, b = plain.state_dict(), extra.state_dict()
+    n = len(plain_tok)
+    for name, w in a.items():
+        assert torch.equal(w, b[name][:n] if b[name].shape != w.shape else b[name]), name
+    rows = extra.get_input_embeddings().weight[n:]
+    assert rows.shape[0] == len(extra_tok) - n and 0.03 < rows.std().item() < 0.09
+    assert extra.get_output_embeddings().weight.data_ptr() == extra.get_input_embeddings().weight.data_ptr()

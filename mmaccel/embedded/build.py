@@ -90,7 +90,13 @@ def build_tokenizer_object(extra: tuple[str, ...] = ()) -> Tokenizer:
         pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator(vocabulary_corpus(extra), trainer)
+    tok.train_from_iterator(vocabulary_corpus(), trainer)
+    words = [w for line in vocabulary_corpus(extra)[len(vocabulary_corpus()):]
+             for w, _ in tok.pre_tokenizer.pre_tokenize_str(line)]
+    new = [w for w in dict.fromkeys(words) if tok.token_to_id(w) is None]
+    if new:  # appended after the world's words, whose ids stay what they are without ``extra``
+        vocab = tok.get_vocab()
+        tok.model = models.WordLevel({**vocab, **{w: len(vocab) + i for i, w in enumerate(new)}}, unk_token="[UNK]")
     return tok
 
 
@@ -121,13 +127,19 @@ def build_processor(tokenizer=None, order: str = "image-first"):
         chat_template=chat_template(order), vision_aspect_ratio=VISION_ASPECT_RATIO)
 
 
-def build_config(tokenizer, text: dict | None = None, vision: dict | None = None):
-    """A tiny ``LlavaOnevisionConfig``; ``text``/``vision`` override the default sizes."""
+def base_vocab_size() -> int:
+    """Tokens of the world's own vocabulary (no opt-in follow-up words)."""
+    return build_tokenizer_object().get_vocab_size()
+
+
+def build_config(tokenizer, text: dict | None = None, vision: dict | None = None, vocab_size: int | None = None):
+    """A tiny ``LlavaOnevisionConfig``; ``text``/``vision`` override the default sizes;
+    ``vocab_size`` defaults to the tokenizer's length."""
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vcfg = SiglipVisionConfig(image_size=IMAGE_SIDE, patch_size=PATCH, vision_use_head=False,
                               **{**VISION_DEFAULTS, **(vision or {})})
-    tcfg = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=2048,
+    tcfg = Qwen2Config(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=2048,
                        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id, **{**TEXT_DEFAULTS, **(text or {})})
     return LlavaOnevisionConfig(
@@ -138,12 +150,21 @@ def build_config(tokenizer, text: dict | None = None, vision: dict | None = None
 
 
 def build_model(tokenizer, seed: int = 0, text: dict | None = None, vision: dict | None = None):
-    """A freshly initialised model (fp32) with generation defaults for greedy answers."""
+    """A freshly initialised model (fp32) with generation defaults for greedy answers.
+
+    Words of opt-in follow-up kinds (ids after the world's own) get their embedding rows from
+    a side generator after the model is built, so the rest of the model, and torch's random
+    stream afterwards, are those of the same seed without them."""
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(build_config(tokenizer, text, vision))
+    base = min(len(tokenizer), base_vocab_size())
+    model = LlavaOnevisionForConditionalGeneration(build_config(tokenizer, text, vision, vocab_size=base))
+    if len(tokenizer) > base:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
     gc.max_new_tokens, gc.do_sample = 32, False

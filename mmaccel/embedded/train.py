@@ -619,7 +619,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--extra-followups", default="",
                    help="opt-in follow-up kinds, comma list of: flash (other objects' flash "
                         "counts, 0), caption (a caption turn on every still scene of <= 4 objects), "
-                        "order (the same scenes' object count and the object at up to 2 positions "
+                        "order (the same scenes' object count and the object at one random position "
                         "from the left)")
     p.add_argument("--family-weights", default="",
                    help="override sampling weights of question families, e.g. flash=2.4,caption=3")

@@ -21,8 +21,8 @@ Three more kinds are opt-in (``extra``), so older recipes keep their data stream
 - ``caption``: "Describe the image." for a still scene of at most ``CAPTION_MAX_OBJECTS``
   objects (the caption family's own scenes), so captions are trained beside every image;
 - ``order``: the caption's two sub-skills as short turns, for the same scenes: "How many
-  objects are there?" and, for up to two random positions, "Which object is {ordinal} from
-  the left?" -> "a {color} {shape}", added after the ``k`` picks (so the other turns, the
+  objects are there?" and, for one random position, "Which object is {ordinal} from the
+  left?" -> "a {color} {shape}", added after the ``k`` picks (so the other turns, the
   caption's included, keep their share). Captions fail mostly by swapping two close objects or
   saying a repeated object once; these turns train exactly that, one short answer each.
   Training only: they are not evaluation families (their words join the tokenizer only when
@@ -143,7 +143,7 @@ def caption_followups(objects: list[dict]) -> list[tuple[str, str]]:
 ORDER_ORDINALS = ("first", "second", "third", "fourth")
 ORDER_TEMPLATE = "Which object is {ordinal} from the left?"
 TOTAL_COUNT_QUESTION = "How many objects are there?"
-ORDER_PICKS = 2  # ordinal turns per scene at most, so captions keep their share of the pool
+ORDER_PICKS = 1  # ordinal turns per scene: each turn lengthens the row (steps cost more)
 # words of the opt-in kinds that no evaluation question uses (the tokenizer adds them on request)
 EXTRA_VOCABULARY = {"order": [TOTAL_COUNT_QUESTION] + [ORDER_TEMPLATE.format(ordinal=o) for o in ORDER_ORDINALS]}
 
