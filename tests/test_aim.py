@@ -74,3 +74,24 @@ def test_aim_retention_one_disables_every_stage():
     assert AIM(retention=1.0).schedule(28) == [] and AIM().schedule(28)
     with pytest.raises(ValueError, match="prune_start"):
         AIM(prune_start=0.9, prune_end=0.5)
+
+
+def test_gentle_passes_leave_a_lone_distinct_token_unmerged():
+    """Eight tokens, one distinct (slot 0, an A slot) among seven identical ones, merged to 4.
+    The official first pass (r = n/2) must merge every A token, the distinct one too; passes of
+    at most a quarter merge identical pairs first, so the distinct token survives unaveraged."""
+    x = torch.zeros(8, 2)
+    x[:, 1] = 1.0
+    x[0] = torch.tensor([1.0, 0.0])
+    _, official, groups = merge_to_budget(x, 4)
+    assert not any(torch.equal(f, x[0]) for f in official) and not any(g.tolist() == [0] for g in groups)
+    slots, gentle, groups = merge_to_budget(x, 4, pass_fraction=0.25)
+    assert gentle.shape == (4, 2) and slots[0] == 0 and torch.equal(gentle[0], x[0])
+    assert groups[0].tolist() == [0] and torch.equal(torch.cat(groups).sort().values, torch.arange(8))
+
+
+def test_pass_fraction_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="pass_fraction"):
+        AIM(pass_fraction=0.6)
+    with pytest.raises(ValueError, match="pass_fraction"):
+        AIM(pass_fraction=0.0)

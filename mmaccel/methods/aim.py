@@ -22,6 +22,12 @@ Deliberate differences from the official code, each for a reason:
   every layer;
 - pruned tokens leave the hidden states and the KV cache (the official code masks them), and
   the official single-sample ``protected_num[0]`` becomes a per-sample budget;
+- ``pass_fraction`` (not in the official code, default 0.5 = official) caps the tokens one pass
+  may merge. The official first pass (r = n/2) merges *every* A token, however unlike its best
+  B token, so a small object whose tokens sit in A slots is averaged into the background.
+  With passes of at most a quarter (0.25) only the most similar pairs merge each time. On the
+  embedded world (run 29 of ``results/recipe-cpu/summary_tower/``, n=450, merge only, retention
+  0.25) the kept share of full accuracy rises from 84.7% to 93.6% at the same token count;
 - ``retention`` sets the merge budget (the LLM's input); the in-LLM schedule then applies its
   official relative rates (``prune=False`` turns it off). ``retention=1.0`` means no reduction
   at any stage, like every other method.
@@ -83,13 +89,14 @@ def to_device_split(parts: list[torch.Tensor], device) -> list[torch.Tensor]:
     return list(to_device_async(torch.cat(parts), device).split([p.numel() for p in parts]))
 
 
-def merge_to_budget(x: torch.Tensor, k: int):
-    """Repeated AIM passes (r = min(cur - k, cur // 2)) until ``k`` tokens remain.
+def merge_to_budget(x: torch.Tensor, k: int, pass_fraction: float = 0.5):
+    """Repeated AIM passes (r = min(cur - k, cur * pass_fraction), at least 1) until ``k``
+    tokens remain; 0.5 is the official schedule (r = n/2, then n/4 reaches a quarter).
     Returns (kept slot indices into x, features (k, D), groups of original indices)."""
     slots = torch.arange(x.shape[0])
     feats, owner = x, None
     while feats.shape[0] > max(k, 1):
-        r = min(feats.shape[0] - k, feats.shape[0] // 2)
+        r = min(feats.shape[0] - k, max(1, int(feats.shape[0] * pass_fraction)))
         keep, feats, owner = bipartite_merge(feats, r, owner)
         slots = slots[keep]
         if r == 0:
@@ -134,17 +141,21 @@ class AIM(PreLLMReducer, InLLMPruner):
     prune_end: float = 0.75
     tau: float = 0.1
     iters: int = 5
+    pass_fraction: float = 0.5  # the official r = n/2 first pass; see the module docstring
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 < self.prune_start <= self.prune_end <= 1.0:
             raise ValueError(f"aim needs 0 < prune_start <= prune_end <= 1, got {self.prune_start}, {self.prune_end}")
+        if not 0.0 < self.pass_fraction <= 0.5:
+            raise ValueError(f"aim's pass_fraction is the share of tokens one merge pass may merge, in (0, 0.5] "
+                             f"(a pass can merge at most the A half), got {self.pass_fraction}")
 
     def reduce(self, features, segment: Segment, budget: int) -> Reduction:
         structural = segment.token_kinds()
         grid_idx, struct_idx = (~structural).nonzero().flatten(), structural.nonzero().flatten()
         k = max(0, budget - struct_idx.numel())
-        slots, feats, groups = merge_to_budget(features[grid_idx], k)
+        slots, feats, groups = merge_to_budget(features[grid_idx], k, self.pass_fraction)
         keep = torch.cat([grid_idx[slots], struct_idx])
         order = keep.argsort()
         feats = torch.cat([feats, features[structural]])[order]
