@@ -1,6 +1,6 @@
 """Exact captions by the smallest x gap between horizontally adjacent objects (px, 144 px images),
-on seed 15's 600 caption samples: are order errors a position-precision limit?"""
-Usage: python results/recipe-cpu/summary_tower/caption_gap.py MODEL_DIR [...] (eighteenth session)
+on seed 15's 600 caption samples: are order errors a position-precision limit?
+Usage: python results/recipe-cpu/summary_tower/caption_gap.py MODEL_DIR [...] (eighteenth session)"""
 import collections, sys
 import torch
 from mmaccel.embedded import load_model
