@@ -196,7 +196,8 @@ def _floats(text: str, name: str) -> list[float]:
 
 @bench_app.command("fidelity")
 def bench_fidelity(
-    method: Optional[str] = typer.Option(None, "--method", help="one method (or use --sweep)"),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="one method (or use --sweep); knobs as aim:pass_fraction=0.25"),
     retention: Optional[float] = typer.Option(None, "--retention"),
     n: int = typer.Option(200, "--n", help="held-out samples"),
     seed: int = typer.Option(0, "--seed"),
@@ -204,7 +205,8 @@ def bench_fidelity(
     batch_size: int = typer.Option(16, "--batch-size"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
     sweep: bool = typer.Option(False, "--sweep", help="all --methods x --retentions; table + plot in --out"),
-    methods: str = typer.Option("random,pool,fastv,aim,hired,visionzip,stc,mustdrop,tome", "--methods"),
+    methods: str = typer.Option("random,pool,fastv,aim,hired,visionzip,stc,mustdrop,tome", "--methods",
+                                help="comma list; a method may carry knobs: aim:pass_fraction=0.25:prune=false"),
     retentions: str = typer.Option("1.0,0.5,0.25,0.11", "--retentions"),
     out: Path = typer.Option(Path("results/fidelity"), "--out"),
     from_json: Optional[Path] = typer.Option(None, "--from-json",
@@ -244,12 +246,15 @@ def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, meth
 
     if not sweep and method is None:
         raise UserError("give --method (and --retention), or --sweep")
+    from .bench.fidelity import parse_method_spec
+
     names = methods.split(",") if sweep else [method]
-    for name in names:
-        AccelConfig.load(None, method=name)  # unknown names fail before any work
+    for name in names:  # unknown names and knobs fail before any work
+        method_name, params = parse_method_spec(name)
+        AccelConfig.load(None, method=method_name, params=params)
     rets = _floats(retentions, "--retentions") if sweep else [retention]
     for r in rets:
-        AccelConfig.load(None, method=names[0], retention=r)
+        AccelConfig.load(None, method=parse_method_spec(names[0])[0], retention=r)
     from .bench.fidelity import sweep as run_sweep, write_sweep
     from .pipeline import load_model
     from .world.samples import generate_samples

@@ -103,3 +103,36 @@ def test_cli_single_point_json(world_model_dir, tmp_path):
 def test_cli_bad_method_fails_fast(world_model_dir):
     res = CliRunner().invoke(app, ["bench", "fidelity", "--method", "nope", "--model", str(world_model_dir)])
     assert res.exit_code == 1 and "unknown method 'nope'" in res.output
+
+
+def test_method_spec_carries_native_knobs():
+    from mmaccel.bench.fidelity import parse_method_spec
+
+    assert parse_method_spec("aim") == ("aim", {})
+    assert parse_method_spec(" aim:pass_fraction=0.25:prune=false ") == ("aim", {"pass_fraction": 0.25, "prune": False})
+    assert parse_method_spec("fastv:k=2") == ("fastv", {"k": 2})
+    for bad in ("aim:pass_fraction", "aim:=0.25", "aim:pass_fraction=[0.25"):
+        with pytest.raises(ValueError, match="method spec"):
+            parse_method_spec(bad)
+
+
+def test_cli_sweep_sets_method_variants_side_by_side(world_model_dir, tmp_path):
+    """One sweep with aim at its official merge passes and at passes of a quarter: two labelled
+    points, the knob really reaching the method (a cheaper-merge variant keeps the same budget)."""
+    out = tmp_path / "variants"
+    res = CliRunner().invoke(app, ["bench", "fidelity", "--model", str(world_model_dir), "--n", "6", "--sweep",
+                                   "--methods", "aim,aim:pass_fraction=0.25:prune=false", "--retentions", "0.25",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    points = {p["method"]: p for p in json.loads((out / "fidelity.json").read_text())["points"]}
+    assert set(points) == {"aim", "aim:pass_fraction=0.25:prune=false"}
+    pruned, merged = points["aim"], points["aim:pass_fraction=0.25:prune=false"]
+    assert pruned["visual_tokens_per_layer_per_sample"][-1] == 0  # the official prune empties the last layer
+    assert merged["visual_tokens_per_layer_per_sample"][-1] == merged["visual_tokens_per_layer_per_sample"][0] > 0
+    assert "| aim:pass_fraction=0.25:prune=false | 0.25 |" in (out / "fidelity.md").read_text()
+
+
+def test_cli_unknown_knob_fails_fast(world_model_dir):
+    res = CliRunner().invoke(app, ["bench", "fidelity", "--method", "aim:pass_fracton=0.25",
+                                   "--model", str(world_model_dir)])
+    assert res.exit_code == 1 and "pass_fracton" in res.output

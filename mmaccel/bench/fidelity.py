@@ -103,12 +103,33 @@ def compare(samples, base: RunResult, run: RunResult) -> dict:
     }
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``"aim"`` -> ("aim", {}); ``"aim:pass_fraction=0.25:prune=false"`` -> ("aim",
+    {"pass_fraction": 0.25, "prune": False}): a method and native knobs, so one sweep can set
+    variants of a method side by side (the spec is the point's label). Values are YAML scalars."""
+    import yaml
+
+    name, *knobs = spec.strip().split(":")
+    params = {}
+    for knob in knobs:
+        key, sep, value = knob.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method spec {spec!r}: expected name:knob=value[:knob=value], got {knob!r}")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"method spec {spec!r}: cannot read the value of {key.strip()!r}: {value!r}") from None
+    return name.strip(), params
+
+
 def evaluate(model, processor, samples, method: str, retention: float | None, base: RunResult,
              batch_size: int = 16) -> dict:
-    """One (method, retention) point against a precomputed baseline."""
+    """One (method, retention) point against a precomputed baseline; ``method`` is a
+    :func:`parse_method_spec` spec."""
     from ..api import accelerate_vlm
 
-    with accelerate_vlm(model, method=method, retention=retention) as handle:
+    name, params = parse_method_spec(method)
+    with accelerate_vlm(model, method=name, retention=retention, **params) as handle:
         run = run_samples(model, processor, samples, batch_size, handle=handle)
     return {"method": method, "retention": retention, **compare(samples, base, run)}
 
