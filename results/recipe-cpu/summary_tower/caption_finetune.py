@@ -1,0 +1,51 @@
+"""Is the close-objects caption failure a matter of training signal or of the language model's
+capacity? Fine-tunes a trained model on captions alone (tower frozen, projector + LM train,
+bf16, 144 px and 288 px still scenes of 1-4 objects, the caption as the only turn) for a few
+minutes, then saves it for `caption_gap.py` (eighteenth session; a probe, not a recipe: the
+other families are not trained and will drift).
+
+Usage: python results/recipe-cpu/summary_tower/caption_finetune.py OUT_DIR [--model DIR]
+       [--minutes 10] [--lr 1e-4]
+"""
+import argparse
+import time
+
+import torch
+
+from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
+from mmaccel.embedded.data import assistant_id
+from mmaccel.embedded.train import TrainConfig, make_optimizer, step_batch, train_step
+
+CAPTIONS_ONLY = {"image": (0.85, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0}),
+                 "hires": (0.15, 0.5, {"hires": True, "max_objects": 4}, {"caption": 1.0})}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=8)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    model, processor = load_model(a.model)
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    cfg = TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=True, lr=a.lr)
+    opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
+    while time.time() - t0 < a.minutes * 60:
+        _, batch = step_batch(processor, cfg, step, CAPTIONS_ONLY)
+        losses, _ = train_step(model, opt, batch, marker, cfg.lr, cfg.clip, cfg.loss_mean, cfg.bf16)
+        window.append(float(losses.mean()))
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step} caption loss {sum(window) / len(window):.4f} t {time.time() - t0:.0f}s", flush=True)
+            window = []
+    model.eval()
+    model.save_pretrained(a.out)
+    processor.save_pretrained(a.out)
+
+
+if __name__ == "__main__":
+    main()
