@@ -4,8 +4,12 @@ bf16, 144 px and 288 px still scenes of 1-4 objects, the caption as the only tur
 minutes, then saves it for `caption_gap.py` (eighteenth session; a probe, not a recipe: the
 other families are not trained and will drift).
 
+``--replay W``: instead of captions alone, the full world's final-phase groups with captions
+weighted W in the still-image mixes (1.5 in the recipe) and the recipe's follow-ups (8, with
+flash and caption turns), so the other families keep training.
+
 Usage: python results/recipe-cpu/summary_tower/caption_finetune.py OUT_DIR [--model DIR]
-       [--minutes 10] [--lr 1e-4]
+       [--minutes 10] [--lr 1e-4] [--replay 5.4]
 """
 import argparse
 import time
@@ -14,7 +18,7 @@ import torch
 
 from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
 from mmaccel.embedded.data import assistant_id
-from mmaccel.embedded.train import TrainConfig, make_optimizer, step_batch, train_step
+from mmaccel.embedded.train import GROUPS, Phase, TrainConfig, make_optimizer, reweighted, step_batch, train_step
 
 CAPTIONS_ONLY = {"image": (0.85, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0}),
                  "hires": (0.15, 0.5, {"hires": True, "max_objects": 4}, {"caption": 1.0})}
@@ -27,20 +31,26 @@ def main():
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=8)
+    p.add_argument("--replay", type=float, default=None, help="caption weight in the full world's mixes")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
     model.train()
     model.model.vision_tower.requires_grad_(False)
-    cfg = TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=True, lr=a.lr)
+    if a.replay is None:
+        groups, cfg = CAPTIONS_ONLY, TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=True, lr=a.lr)
+    else:
+        groups = reweighted((Phase(1.0, GROUPS),), {"caption": a.replay})[0].groups
+        cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
+                          bf16=True, lr=a.lr)
     opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
     while time.time() - t0 < a.minutes * 60:
-        _, batch = step_batch(processor, cfg, step, CAPTIONS_ONLY)
+        _, batch = step_batch(processor, cfg, step, groups)
         losses, _ = train_step(model, opt, batch, marker, cfg.lr, cfg.clip, cfg.loss_mean, cfg.bf16)
         window.append(float(losses.mean()))
         step += 1
         if step % 100 == 0:
-            print(f"step {step} caption loss {sum(window) / len(window):.4f} t {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step} first-turn loss {sum(window) / len(window):.4f} t {time.time() - t0:.0f}s", flush=True)
             window = []
     model.eval()
     model.save_pretrained(a.out)
