@@ -249,12 +249,12 @@ def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, meth
     from .bench.fidelity import parse_method_spec
 
     names = methods.split(",") if sweep else [method]
-    for name in names:  # unknown names and knobs fail before any work
-        method_name, params = parse_method_spec(name)
+    specs = [parse_method_spec(name) for name in names]
+    for method_name, params in specs:  # unknown names and knobs fail before any work
         AccelConfig.load(None, method=method_name, params=params)
     rets = _floats(retentions, "--retentions") if sweep else [retention]
     for r in rets:
-        AccelConfig.load(None, method=parse_method_spec(names[0])[0], retention=r)
+        AccelConfig.load(None, method=specs[0][0], retention=r)
     from .bench.fidelity import sweep as run_sweep, write_sweep
     from .pipeline import load_model
     from .world.samples import generate_samples

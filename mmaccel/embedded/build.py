@@ -69,15 +69,14 @@ VISION_DEFAULTS = dict(hidden_size=128, intermediate_size=512, num_hidden_layers
                        num_attention_heads=4)
 
 
-def vocabulary_corpus(extra: tuple[str, ...] = ()) -> list[str]:
-    """Every word the world can produce (questions, answers, roles), plus the words of the
-    opt-in follow-up kinds ``extra`` (so models trained without them keep their vocabulary)."""
+def vocabulary_corpus() -> list[str]:
+    """Every word the world can produce (questions, answers, roles)."""
     lines = ["user", "assistant", "a , and", " ".join(str(d) for d in range(10))]
     lines += [" ".join(x) for x in (list(COLORS), SHAPES, DIRECTIONS_2D, MOTIONS, ORDINALS, ("yes", "no"))]
     for t in TEMPLATES.values():
         for s in SHAPES:
             lines.append(t.format(shape=s, color="red"))
-    return lines + [line for kind in extra for line in EXTRA_VOCABULARY.get(kind, ())]
+    return lines
 
 
 def build_tokenizer_object(extra: tuple[str, ...] = ()) -> Tokenizer:
@@ -91,7 +90,7 @@ def build_tokenizer_object(extra: tuple[str, ...] = ()) -> Tokenizer:
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
     tok.train_from_iterator(vocabulary_corpus(), trainer)
-    words = [w for line in vocabulary_corpus(extra)[len(vocabulary_corpus()):]
+    words = [w for kind in extra for line in EXTRA_VOCABULARY.get(kind, ())
              for w, _ in tok.pre_tokenizer.pre_tokenize_str(line)]
     new = [w for w in dict.fromkeys(words) if tok.token_to_id(w) is None]
     if new:  # appended after the world's words, whose ids stay what they are without ``extra``

@@ -97,10 +97,8 @@ def merge_to_budget(x: torch.Tensor, k: int, pass_fraction: float = 0.5):
     feats, owner = x, None
     while feats.shape[0] > max(k, 1):
         r = min(feats.shape[0] - k, max(1, int(feats.shape[0] * pass_fraction)))
-        keep, feats, owner = bipartite_merge(feats, r, owner)
+        keep, feats, owner = bipartite_merge(feats, r, owner)  # r >= 1: every pass shrinks
         slots = slots[keep]
-        if r == 0:
-            break
     owner = owner if owner is not None else torch.arange(x.shape[0])
     return slots, feats, members_by_slot(owner, slots.numel())
 

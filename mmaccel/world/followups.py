@@ -37,7 +37,7 @@ from collections import Counter
 
 import numpy as np
 
-from .images import caption
+from .images import caption, object_phrase
 from .scene import Obj
 from .spec import CAPTION_MAX_OBJECTS, COLORS, MAX_COUNT, MOTIONS, ORDINALS, SHAPES, TEMPLATES
 
@@ -144,7 +144,8 @@ ORDER_ORDINALS = ("first", "second", "third", "fourth")
 ORDER_TEMPLATE = "Which object is {ordinal} from the left?"
 TOTAL_COUNT_QUESTION = "How many objects are there?"
 ORDER_PICKS = 1  # ordinal turns per scene: each turn lengthens the row (steps cost more)
-# words of the opt-in kinds that no evaluation question uses (the tokenizer adds them on request)
+# lines holding the words of the opt-in kinds that no evaluation question uses (the tokenizer
+# adds them on request)
 EXTRA_VOCABULARY = {"order": [TOTAL_COUNT_QUESTION] + [ORDER_TEMPLATE.format(ordinal=o) for o in ORDER_ORDINALS]}
 
 
@@ -153,11 +154,10 @@ def order_followups(objects: list[dict], rng: np.random.Generator) -> list[tuple
     turns for a scene of 1..CAPTION_MAX_OBJECTS objects (the caption's scenes), else nothing."""
     if not 1 <= len(objects) <= CAPTION_MAX_OBJECTS:
         return []
-    ordered = sorted(objects, key=lambda o: o["cx"])
+    ordered = sorted((Obj(**o) for o in objects), key=lambda o: o.cx)
     picks = sorted(rng.permutation(len(ordered))[:ORDER_PICKS].tolist())
     out = [(TOTAL_COUNT_QUESTION, str(len(ordered)))]
-    return out + [(ORDER_TEMPLATE.format(ordinal=ORDER_ORDINALS[i]), f"a {ordered[i]['color']} {ordered[i]['shape']}")
-                  for i in picks]
+    return out + [(ORDER_TEMPLATE.format(ordinal=ORDER_ORDINALS[i]), object_phrase(ordered[i])) for i in picks]
 
 
 EXTRA_KINDS = ("flash", "caption", "order")

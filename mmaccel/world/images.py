@@ -57,9 +57,14 @@ def random_number(rng: np.random.Generator) -> str:
     return str(int(rng.integers(lo, 10 ** n_digits)))
 
 
+def object_phrase(o: Obj) -> str:
+    """'a red circle': how a caption (and an ``order`` follow-up) names one object."""
+    return f"a {o.color} {o.shape}"
+
+
 def caption(objects: list[Obj]) -> str:
     """'a red circle, a blue square and a yellow triangle' (objects left to right)."""
-    words = [f"a {o.color} {o.shape}" for o in sorted(objects, key=lambda o: o.cx)]
+    words = [object_phrase(o) for o in sorted(objects, key=lambda o: o.cx)]
     if len(words) == 1:
         return words[0]
     return ", ".join(words[:-1]) + " and " + words[-1]
