@@ -762,6 +762,38 @@ def test_flash_stretch_takes_its_share_inside_and_changes_nothing_outside():
     assert training_phases(TrainConfig()) == CURRICULUM
 
 
+def test_caption_stretch_draws_captions_alone_inside_and_scales_an_overlapping_flash_stretch():
+    from mmaccel.embedded.train import CURRICULUM, parse_stretch, phase_groups, training_phases
+
+    cfg = TrainConfig(flash_stretch=parse_stretch("0.25:0.55:0.4"), caption_stretch=parse_stretch("0.5:0.9:0.75"))
+    phases = training_phases(cfg)
+    for prog in (0.1, 0.95):  # outside both stretches: the curriculum
+        assert phase_groups(phases, prog) == phase_groups(CURRICULUM, prog)
+    groups = phase_groups(phases, 0.7)  # captions alone at 0.75, the world's groups share the rest
+    assert groups["caption144"] == (0.75, 1.0, {"hires": False, "followups": 0}, {"caption": 1.0})
+    for name, g in phase_groups(CURRICULUM, 0.7).items():
+        assert groups[name][0] == pytest.approx(0.25 * g[0])
+    overlap = phase_groups(phases, 0.52)  # both: flash's 0.4 is scaled by the captions' 0.25 too
+    assert overlap["caption144"][0] == 0.75 and overlap["flash8"][0] == pytest.approx(0.25 * 0.4)
+    assert sum(g[0] for g in overlap.values()) == pytest.approx(1.0)
+    assert [p.end for p in phases] == [0.15, 0.25, 0.35, 0.5, 0.55, 0.9, 1.0]
+
+
+def test_caption_stretch_batches_are_still_caption_scenes_without_followups():
+    from mmaccel.embedded.train import draw_batch, phase_groups, step_rng, training_phases
+
+    groups = phase_groups(training_phases(TrainConfig(caption_stretch=(0.0, 1.0, 1.0, 2))), 0.5)
+    name, batch = draw_batch(step_rng(0, 3), 6, groups, followups=8, extra_followups=("caption",))
+    assert name == "caption144" and len(batch) == 6 and not any(s.followups for s in batch)
+    assert all(s.family == "caption" and s.frames is None and [i.size for i in s.images] == [(144, 144)] for s in batch)
+    assert all(s.answer.count(" and ") <= 1 and s.answer.count(",") == 0 for s in batch)  # <= 2 objects
+
+
+def test_bad_caption_stretch_in_a_config_fails_at_start_up():
+    with pytest.raises(ValueError, match="stretch"):
+        TrainConfig(caption_stretch=(0.9, 1.0, 0.0))
+
+
 @pytest.mark.parametrize("text", ["0.5:0.4:0.3", "0.1:0.2", "0.1:0.2:0", "0.1:1.2:0.5", "a:b:c"])
 def test_bad_flash_stretch_is_refused(text):
     from mmaccel.embedded.train import parse_stretch

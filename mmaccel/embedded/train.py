@@ -137,16 +137,27 @@ def check_stretch(start: float, end: float, share: float) -> None:
         raise ValueError(f"stretch needs 0 <= start < end <= 1 and 0 < share <= 1, got {start}, {end}, {share}")
 
 
-def flash_stretch(spec: tuple) -> tuple[float, float, tuple]:
-    """(start, end, group) of a ``--flash-stretch`` spec (start, end, share[, objects]): a group
-    of probability ``share``, 8-frame flash videos alone, with at most ``objects`` objects
-    (default: the world's)."""
+# kind -> (group name, make_sample keywords, family mix) of a stretch's group. Caption rows
+# carry no follow-ups: in 10-minute probes from run 13 (summary_tower/README.md), captions
+# alone took the caption set to 0.807, while a 0.8 share with follow-ups on every row ran 40%
+# fewer steps, diluted the caption's gradient, and reached 0.718 after the same recovery.
+STRETCH_GROUPS = {
+    "flash": ("flash8", {"num_frames": 8}, {"flash": 1.0}),
+    "caption": ("caption144", {"hires": False, "followups": 0}, {"caption": 1.0}),
+}
+
+
+def stretch_group(kind: str, spec: tuple) -> tuple[float, float, str, tuple]:
+    """(start, end, name, group) of a stretch ``spec`` (start, end, share[, objects]) of ``kind``
+    (``STRETCH_GROUPS``): a group of probability ``share`` drawing that kind's samples alone, with
+    at most ``objects`` objects (default: the world's)."""
     if len(spec) not in (3, 4):
         raise ValueError(f"bad stretch {spec!r}: use (start, end, share[, max_objects])")
     start, end, share, *rest = spec
     check_stretch(float(start), float(end), float(share))
-    kw = {"num_frames": 8, **({"max_objects": int(rest[0])} if rest else {})}
-    return float(start), float(end), (float(share), 1.0, kw, {"flash": 1.0})
+    name, kw, mix = STRETCH_GROUPS[kind]
+    kw = {**kw, **({"max_objects": int(rest[0])} if rest else {})}
+    return float(start), float(end), name, (float(share), 1.0, kw, mix)
 
 
 def parse_stretch(text: str) -> tuple:
@@ -155,18 +166,20 @@ def parse_stretch(text: str) -> tuple:
         return ()
     parts = text.split(":")
     out = tuple(float(x) for x in parts[:3]) + tuple(int(x) for x in parts[3:])
-    flash_stretch(out)  # raises on a bad length, range or share
+    stretch_group("flash", out)  # raises on a bad length, range or share
     return out
 
 
 def training_phases(cfg: "TrainConfig", groups: dict | None = None) -> tuple[Phase, ...]:
     """The stage-2 phases of ``cfg``: the curriculum (or ``groups``), reweighted by
-    ``cfg.family_weights``, with ``cfg.flash_stretch`` inserted when set."""
+    ``cfg.family_weights``, with ``cfg.flash_stretch`` then ``cfg.caption_stretch`` inserted
+    when set (a second stretch overlapping the first scales its share too)."""
     phases = reweighted(curriculum(groups), cfg.family_weights)
-    if not cfg.flash_stretch:
-        return phases
-    start, end, group = flash_stretch(cfg.flash_stretch)
-    return with_stretch(phases, start, end, "flash8", group)
+    for kind, spec in (("flash", cfg.flash_stretch), ("caption", cfg.caption_stretch)):
+        if spec:
+            start, end, name, group = stretch_group(kind, spec)
+            phases = with_stretch(phases, start, end, name, group)
+    return phases
 
 
 def phase_groups(phases: tuple[Phase, ...], progress: float) -> dict:
@@ -216,6 +229,7 @@ class TrainConfig:
     stop_rows_media: str = "all"
     shuffle_turns: bool = False
     flash_stretch: tuple = ()
+    caption_stretch: tuple = ()
     bf16: bool = False
     compile: bool = False
     order: str = "image-first"
@@ -242,7 +256,9 @@ class TrainConfig:
             raise ValueError(f"stop_rows_media must be one of {STOP_ROWS_MEDIA}, got {self.stop_rows_media!r}")
         objective_kind(self.loss_mean)
         if self.flash_stretch:
-            flash_stretch(self.flash_stretch)
+            stretch_group("flash", self.flash_stretch)
+        if self.caption_stretch:
+            stretch_group("caption", self.caption_stretch)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -266,16 +282,17 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
 def draw_batch(rng: np.random.Generator, batch_size: int, groups=None, followups: int = 0,
                extra_followups: tuple = ()):
     """Pick a group, then ``batch_size * mult`` samples with families by weight, each with
-    up to ``followups`` extra questions about its media (``extra_followups``: opt-in kinds)."""
+    up to ``followups`` extra questions about its media (``extra_followups``: opt-in kinds;
+    a group's own ``followups`` keyword overrides the count)."""
     groups = groups or GROUPS
     names = list(groups)
     probs = np.array([groups[n][0] for n in names], float)
     name = names[int(rng.choice(len(names), p=probs / probs.sum()))]
     _, mult, kw, mix = groups[name]
+    kw = {"followups": followups, **kw}
     fams, w = list(mix), np.array(list(mix.values()), float)
     picks = rng.choice(len(fams), size=max(1, int(round(batch_size * mult))), p=w / w.sum())
-    return name, [make_sample(fams[int(i)], rng, followups=followups,
-                                   extra_followups=tuple(extra_followups), **kw) for i in picks]
+    return name, [make_sample(fams[int(i)], rng, extra_followups=tuple(extra_followups), **kw) for i in picks]
 
 
 def per_turn_loss(logits, labels, turn_of, with_counts: bool = False):
@@ -639,6 +656,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
                         "SHARE of the batches are 8-frame flash videos alone (of at most MAX_OBJECTS "
                         "objects), e.g. 0.35:0.55:0.5:1")
+    p.add_argument("--caption-stretch", default="",
+                   help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
+                        "SHARE of the batches are 144 px still scenes with captions alone, without "
+                        "follow-ups, e.g. 0.68:0.86:1 (the caption skill needs many caption steps)")
     p.add_argument("--bf16", action="store_true",
                    help="stage-2 forward under bfloat16 autocast (float32 weights; faster on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--compile", action="store_true",
@@ -683,6 +704,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
                       shuffle_turns=a.shuffle_turns,
                       flash_stretch=parse_stretch(a.flash_stretch),
+                      caption_stretch=parse_stretch(a.caption_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
                       summary_channels=a.summary_channels, lr_late=a.lr_late, lr_late_from=a.lr_late_from,

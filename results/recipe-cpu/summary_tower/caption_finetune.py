@@ -8,8 +8,13 @@ other families are not trained and will drift).
 weighted W in the still-image mixes (1.5 in the recipe) and the recipe's follow-ups (8, with
 flash and caption turns), so the other families keep training.
 
+``--caption-share S`` (nineteenth session): the full world's final-phase groups (caption weight
+1.5) with a still-image group of captions alone (1-4 objects, 144 px) drawn for a share S of the
+batches, and the recipe's follow-ups on every sample (the caption samples too), the way a caption
+stretch would sit inside a recipe.
+
 Usage: python results/recipe-cpu/summary_tower/caption_finetune.py OUT_DIR [--model DIR]
-       [--minutes 10] [--lr 1e-4] [--replay 5.4]
+       [--minutes 10] [--lr 1e-4] [--replay 5.4 | --caption-share 0.8]
 """
 import argparse
 import time
@@ -18,7 +23,8 @@ import torch
 
 from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
 from mmaccel.embedded.data import assistant_id
-from mmaccel.embedded.train import GROUPS, Phase, TrainConfig, make_optimizer, reweighted, step_batch, train_step
+from mmaccel.embedded.train import (GROUPS, Phase, TrainConfig, make_optimizer, reweighted, step_batch, train_step,
+                                    with_stretch)
 
 CAPTIONS_ONLY = {"image": (0.85, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0}),
                  "hires": (0.15, 0.5, {"hires": True, "max_objects": 4}, {"caption": 1.0})}
@@ -32,12 +38,18 @@ def main():
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=8)
     p.add_argument("--replay", type=float, default=None, help="caption weight in the full world's mixes")
+    p.add_argument("--caption-share", type=float, default=None, help="share of caption-only batches")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
     model.train()
     model.model.vision_tower.requires_grad_(False)
-    if a.replay is None:
+    if a.caption_share is not None:
+        caption_group = (a.caption_share, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0})
+        groups = with_stretch((Phase(1.0, GROUPS),), 0.0, 1.0, "captions", caption_group)[0].groups
+        cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
+                          bf16=True, lr=a.lr)
+    elif a.replay is None:
         groups, cfg = CAPTIONS_ONLY, TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=True, lr=a.lr)
     else:
         groups = reweighted((Phase(1.0, GROUPS),), {"caption": a.replay})[0].groups
