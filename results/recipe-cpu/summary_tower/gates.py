@@ -2,7 +2,7 @@
 
 Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON [CANDIDATE_CAPTIONS_JSON]
 Compares against run 13 (the shipped model): its seed-15 n=1800 evaluation in this folder and
-its n=900 sweep in results/fidelity/fidelity.json. Prints each gate's figures and verdict.
+its n=900 sweep in results/fidelity/run13_fidelity.json. Prints each gate's figures and verdict.
 From run 26 on (seventeenth session) captions are judged on the caption set, 600 caption-only
 samples of seed 15 (`N=600 OUT=... caption_failures.py`), against run 13's captions600_run13.json;
 the eval's 200 captions are printed but no longer gated (their standard error is about 0.035).
@@ -50,7 +50,7 @@ def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None) -> Non
         print("captions of the eval (not gated):", round(ref["caption"], 3), round(cand["caption"], 3))
         ref["caption"], cand["caption"] = caption_set(HERE / "captions600_run13.json"), caption_set(cand_captions)
     g1 = gate1(cand, ref)
-    kr, kc = kept("results/fidelity/fidelity.json"), kept(cand_fid)
+    kr, kc = kept("results/fidelity/run13_fidelity.json"), kept(cand_fid)
     drop = {m: round(kc[(m, 0.25)] - kr[(m, 0.25)], 3) for m in SEED_METHODS}
     mr, mc = seed_mean(kr), seed_mean(kc)
     print(f"seed-method mean kept: run 13 {mr:.3f}, candidate {mc:.3f}; change at 0.25: {drop}")
