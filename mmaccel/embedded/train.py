@@ -151,13 +151,20 @@ def stretch_group(kind: str, spec: tuple) -> tuple[float, float, str, tuple]:
     """(start, end, name, group) of a stretch ``spec`` (start, end, share[, objects]) of ``kind``
     (``STRETCH_GROUPS``): a group of probability ``share`` drawing that kind's samples alone, with
     at most ``objects`` objects (default: the world's)."""
+    start, end, share, rest = stretch_bounds(spec)
+    name, kw, mix = STRETCH_GROUPS[kind]
+    kw = {**kw, **({"max_objects": int(rest[0])} if rest else {})}
+    return start, end, name, (share, 1.0, kw, mix)
+
+
+def stretch_bounds(spec: tuple) -> tuple[float, float, float, list]:
+    """(start, end, share, [max_objects] or []) of a stretch spec of any kind; ``ValueError`` on
+    a bad length, range or share."""
     if len(spec) not in (3, 4):
         raise ValueError(f"bad stretch {spec!r}: use (start, end, share[, max_objects])")
     start, end, share, *rest = spec
     check_stretch(float(start), float(end), float(share))
-    name, kw, mix = STRETCH_GROUPS[kind]
-    kw = {**kw, **({"max_objects": int(rest[0])} if rest else {})}
-    return float(start), float(end), name, (float(share), 1.0, kw, mix)
+    return float(start), float(end), float(share), rest
 
 
 def parse_stretch(text: str) -> tuple:
@@ -166,7 +173,7 @@ def parse_stretch(text: str) -> tuple:
         return ()
     parts = text.split(":")
     out = tuple(float(x) for x in parts[:3]) + tuple(int(x) for x in parts[3:])
-    stretch_group("flash", out)  # raises on a bad length, range or share
+    stretch_bounds(out)  # raises on a bad length, range or share
     return out
 
 
@@ -175,10 +182,9 @@ def training_phases(cfg: "TrainConfig", groups: dict | None = None) -> tuple[Pha
     ``cfg.family_weights``, with ``cfg.flash_stretch`` then ``cfg.caption_stretch`` inserted
     when set (a second stretch overlapping the first scales its share too)."""
     phases = reweighted(curriculum(groups), cfg.family_weights)
-    for kind, spec in (("flash", cfg.flash_stretch), ("caption", cfg.caption_stretch)):
-        if spec:
-            start, end, name, group = stretch_group(kind, spec)
-            phases = with_stretch(phases, start, end, name, group)
+    for kind, spec in cfg.stretches():
+        start, end, name, group = stretch_group(kind, spec)
+        phases = with_stretch(phases, start, end, name, group)
     return phases
 
 
@@ -255,10 +261,12 @@ class TrainConfig:
         if self.stop_rows_media not in STOP_ROWS_MEDIA:
             raise ValueError(f"stop_rows_media must be one of {STOP_ROWS_MEDIA}, got {self.stop_rows_media!r}")
         objective_kind(self.loss_mean)
-        if self.flash_stretch:
-            stretch_group("flash", self.flash_stretch)
-        if self.caption_stretch:
-            stretch_group("caption", self.caption_stretch)
+        for kind, spec in self.stretches():
+            stretch_group(kind, spec)
+
+    def stretches(self) -> tuple[tuple[str, tuple], ...]:
+        """(kind, spec) of each stretch set, flash first (a later stretch scales an earlier one)."""
+        return tuple((k, s) for k, s in (("flash", self.flash_stretch), ("caption", self.caption_stretch)) if s)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
