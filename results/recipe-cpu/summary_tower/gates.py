@@ -1,8 +1,10 @@
 """Apply the ship rules of this folder's README to a candidate run (twelfth session).
 
 Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON [CANDIDATE_CAPTIONS_JSON]
-Compares against run 13 (the shipped model): its seed-15 n=1800 evaluation in this folder and
-its n=900 sweep in results/fidelity/run13_fidelity.json. Prints each gate's figures and verdict.
+Compares against run 13: its seed-15 n=1800 evaluation in this folder and its n=900 sweep in
+results/fidelity/run13_fidelity.json. Prints each gate's figures and verdict. From run 32 on
+(twentieth session), with run 31 shipped, a candidate must also be nearer issue 3's bars than
+run 31 (summed shortfall) and keep its seed-method mean within 2 points of run 31's.
 From run 26 on (seventeenth session) captions are judged on the caption set, 600 caption-only
 samples of seed 15 (`N=600 OUT=... caption_failures.py`), against run 13's captions600_run13.json;
 the eval's 200 captions are printed but no longer gated (their standard error is about 0.035).
@@ -59,7 +61,26 @@ def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None) -> Non
     gate_b = (bars(cand) > bars(ref) and cand["all"] >= ref["all"] + 0.02 and mc >= mr - 0.03
               and min(drop.values()) >= -0.10)
     print(f"issue-3 bars met: run 13 {bars(ref)}, candidate {bars(cand)}")
-    print(f"A: {gate_a}  B: {gate_b}  -> ships: {g1 and (gate_a or gate_b)}")
+    print(f"A: {gate_a}  B: {gate_b}  -> passes the run-13 gates: {g1 and (gate_a or gate_b)}")
+    if cand_captions:
+        nearer = beats_shipped(cand, mc)
+        print(f"-> ships: {g1 and (gate_a or gate_b) and nearer}")
+
+
+def shortfall(acc: dict) -> float:
+    """Summed distance below issue 3's bars (0 when all are met)."""
+    return sum(max(0.0, bar - acc[k]) for k, bar in BARS.items())
+
+
+def beats_shipped(cand: dict, cand_mean: float) -> bool:
+    """Run 32's rule: nearer the bars than run 31 (shipped), mean kept at most 2 points under."""
+    ship = full_token(HERE / "eval_seed15_n1800_run31.json")
+    ship["caption"] = caption_set(HERE / "captions600_run31.json")
+    ship_mean = seed_mean(kept(HERE / "fidelity_run31" / "fidelity.json"))
+    ok = shortfall(cand) < shortfall(ship) and cand_mean >= ship_mean - 0.02
+    print(f"vs run 31: shortfall {shortfall(ship):.3f} -> {shortfall(cand):.3f}; "
+          f"mean kept {ship_mean:.3f} -> {cand_mean:.3f} -> {ok}")
+    return ok
 
 
 if __name__ == "__main__":
