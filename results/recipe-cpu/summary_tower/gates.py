@@ -1,6 +1,6 @@
 """Apply the ship rules of this folder's README to a candidate run (twelfth session).
 
-Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON [CANDIDATE_CAPTIONS_JSON]
+Usage: python results/recipe-cpu/summary_tower/gates.py CANDIDATE_EVAL_JSON CANDIDATE_FIDELITY_JSON [CANDIDATE_CAPTIONS_JSON [CANDIDATE_BLANK_JSON]]
 Compares against run 13: its seed-15 n=1800 evaluation in this folder and its n=900 sweep in
 results/fidelity/run13_fidelity.json. Prints each gate's figures and verdict. From run 32 on
 (twentieth session), with run 31 shipped, a candidate must also be nearer issue 3's bars than
@@ -8,6 +8,9 @@ run 31 (summed shortfall) and keep its seed-method mean within 2 points of run 3
 From run 26 on (seventeenth session) captions are judged on the caption set, 600 caption-only
 samples of seed 15 (`N=600 OUT=... caption_failures.py`), against run 13's captions600_run13.json;
 the eval's 200 captions are printed but no longer gated (their standard error is about 0.035).
+From run 34 on (twenty-first session) the comparison with run 31 is the summed distance D to
+issue 3's and issue 4's bars (`distance`), with a 5-point floor per seed method at 0.25 and
+issue 3's blank bar (seed 0's 450 blanked, the fourth argument).
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def caption_set(path: str) -> float:
     return json.loads(Path(path).read_text())["accuracy"]
 
 
-def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None) -> None:
+def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None,
+         cand_blank: str | None = None) -> None:
     ref, cand = full_token(HERE / "eval_seed15_n1800_run13.json"), full_token(cand_eval)
     if cand_captions:
         print("captions of the eval (not gated):", round(ref["caption"], 3), round(cand["caption"], 3))
@@ -64,7 +68,9 @@ def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None) -> Non
     print(f"A: {gate_a}  B: {gate_b}  -> passes the run-13 gates: {g1 and (gate_a or gate_b)}")
     if cand_captions:
         nearer = beats_shipped(cand, mc)
-        print(f"-> ships: {g1 and (gate_a or gate_b) and nearer}")
+        print(f"-> ships by the rule of runs 32-33: {g1 and (gate_a or gate_b) and nearer}")
+    if cand_blank:
+        print(f"-> ships by the rule of run 34: {g1 and (gate_a or gate_b) and run34_rule(cand, kc, cand_blank)}")
 
 
 def shortfall(acc: dict) -> float:
@@ -72,16 +78,55 @@ def shortfall(acc: dict) -> float:
     return sum(max(0.0, bar - acc[k]) for k, bar in BARS.items())
 
 
-def beats_shipped(cand: dict, cand_mean: float) -> bool:
-    """Run 32's rule: nearer the bars than run 31 (shipped), mean kept at most 2 points under."""
+def shipped() -> tuple[dict, dict]:
+    """Run 31's (shipped) full-token scores, caption set substituted, and its sweep's kept shares."""
     ship = full_token(HERE / "eval_seed15_n1800_run31.json")
     ship["caption"] = caption_set(HERE / "captions600_run31.json")
-    ship_mean = seed_mean(kept(HERE / "fidelity_run31" / "fidelity.json"))
+    return ship, kept(HERE / "fidelity_run31" / "fidelity.json")
+
+
+def beats_shipped(cand: dict, cand_mean: float) -> bool:
+    """Run 32's rule: nearer the bars than run 31 (shipped), mean kept at most 2 points under."""
+    ship, ship_kept = shipped()
+    ship_mean = seed_mean(ship_kept)
     ok = shortfall(cand) < shortfall(ship) and cand_mean >= ship_mean - 0.02
     print(f"vs run 31: shortfall {shortfall(ship):.3f} -> {shortfall(cand):.3f}; "
           f"mean kept {ship_mean:.3f} -> {cand_mean:.3f} -> {ok}")
     return ok
 
 
+def fidelity_shortfall(k: dict) -> float:
+    """Issue 4's distance: the seed methods' mean shortfall below 97% kept at 0.25, plus the best
+    method's shortfall below 95% kept at 0.11 (``random`` is not a method here)."""
+    at25 = sum(max(0.0, 0.97 - k[(m, 0.25)]) for m in SEED_METHODS) / len(SEED_METHODS)
+    best11 = max(v for (m, r), v in k.items() if r == 0.11 and m != "random")
+    return at25 + max(0.0, 0.95 - best11)
+
+
+def distance(acc: dict, k: dict) -> float:
+    """D of run 34's rule: summed distance to issue 3's and issue 4's bars."""
+    return shortfall(acc) + fidelity_shortfall(k)
+
+
+def blank_ok(path: str) -> bool:
+    """Issue 3's blank bar: accuracy with the media blanked at most chance + 10 points."""
+    agg = json.loads(Path(path).read_text())["aggregates"]["all"]
+    ok = agg["accuracy"] <= agg["chance"] + 0.10
+    print(f"blanked: {agg['accuracy']:.3f} (chance {agg['chance']:.3f}) -> {ok}")
+    return ok
+
+
+def run34_rule(cand: dict, cand_kept: dict, cand_blank: str) -> bool:
+    """Run 34's rule: D under run 31's, no seed method 5+ points under run 31's kept at 0.25, blank bar."""
+    ship, ship_kept = shipped()
+    d_ship, d_cand = distance(ship, ship_kept), distance(cand, cand_kept)
+    drops = {m: round(cand_kept[(m, 0.25)] - ship_kept[(m, 0.25)], 3) for m in SEED_METHODS}
+    floor = min(drops.values()) > -0.05
+    print(f"vs run 31: D {d_ship:.3f} (issue 3 {shortfall(ship):.3f} + issue 4 {fidelity_shortfall(ship_kept):.3f})"
+          f" -> {d_cand:.3f} (issue 3 {shortfall(cand):.3f} + issue 4 {fidelity_shortfall(cand_kept):.3f});"
+          f" change at 0.25: {drops} -> D {d_cand < d_ship}, floor {floor}")
+    return d_cand < d_ship and floor and blank_ok(cand_blank)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
