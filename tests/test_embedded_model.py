@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -505,6 +506,31 @@ def test_bf16_autocast_step_is_close_to_float32_and_keeps_float32_weights(proces
     fresh, _, _ = _tiny_step_setup(processor)
     moved = [n for n, p in model16.named_parameters() if not torch.equal(p, fresh.state_dict()[n])]
     assert any("language_model" in n for n in moved)
+
+
+@pytest.mark.parametrize("flags, device, kept", [
+    ({"avx512f", "avx512_bf16"}, "cpu", True), ({"amx_bf16"}, "cpu", True),
+    ({"avx512f", "avx2"}, "cpu", False), (set(), "cpu", False), (set(), "cuda", True)])
+def test_bf16_only_where_the_device_runs_it_natively(monkeypatch, flags, device, kept):
+    """--bf16 on a CPU without AVX512-BF16/AMX falls back to float32 (2-3x faster there), says
+    so in the log and records it in the config that is saved; float32 asked stays float32."""
+    import mmaccel.embedded.train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_flags", lambda: flags)
+    lines = []
+    cfg = train_mod.resolved_precision(TrainConfig(bf16=True, device=device), lines.append)
+    assert cfg.bf16 is kept and len(lines) == (0 if kept else 1)
+    assert kept or "float32" in lines[0]
+    assert train_mod.resolved_precision(TrainConfig(bf16=False, device=device), lines.append).bf16 is False
+
+
+def test_cpu_flags_reads_this_machine():
+    from mmaccel.embedded.train import cpu_flags
+
+    flags = cpu_flags()
+    assert isinstance(flags, set)
+    if Path("/proc/cpuinfo").exists():
+        assert flags and all(" " not in f for f in flags)
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])

@@ -34,7 +34,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -433,6 +433,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     import torch
 
     log = log or Logger()
+    cfg = resolved_precision(cfg, log)
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer(cfg.order, cfg.extra_followups)
     processor = build_processor(tokenizer, cfg.order)
@@ -460,6 +461,33 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     if out_dir:
         save(model, processor, cfg, out_dir, history)
     return model, processor, history
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bfloat16 autocast pays off on ``device``: a CUDA device, or a CPU with AVX512-BF16
+    or AMX. Elsewhere the CPU converts in software: on an AVX-512 Xeon without either, a stage-2
+    step took 2.4x as long as in float32 (``results/recipe-cpu/step_speed_no_bf16.md``)."""
+    return not device.startswith("cpu") or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolved_precision(cfg: TrainConfig, log) -> TrainConfig:
+    """``cfg`` with ``bf16`` off (and said in the log) where the device has no native bfloat16,
+    so the shipped command trains as fast as the machine allows; the saved config records it."""
+    if cfg.bf16 and not native_bf16(cfg.device):
+        log("--bf16 asked, but this CPU has neither AVX512-BF16 nor AMX (bfloat16 would run 2-3x "
+            "slower than float32 here): stage 2 runs in float32")
+        return replace(cfg, bf16=False)
+    return cfg
 
 
 @contextmanager
@@ -669,7 +697,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "SHARE of the batches are 144 px still scenes with captions alone, without "
                         "follow-ups, e.g. 0.68:0.86:1 (the caption skill needs many caption steps)")
     p.add_argument("--bf16", action="store_true",
-                   help="stage-2 forward under bfloat16 autocast (float32 weights; faster on CPUs with AVX512-BF16/AMX)")
+                   help="stage-2 forward under bfloat16 autocast (float32 weights) where the device runs it natively "
+                        "(CUDA, or a CPU with AVX512-BF16/AMX); elsewhere float32, said in the log")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the language model for stage 2 (about 80 s of compiling first)")
     p.add_argument("--device", default="cpu", help="torch device (the shipped recipe runs on cpu)")
