@@ -70,7 +70,8 @@ def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None,
         nearer = beats_shipped(cand, mc)
         print(f"-> ships by the rule of runs 32-33: {g1 and (gate_a or gate_b) and nearer}")
     if cand_blank:
-        print(f"-> ships by the rule of run 34: {g1 and (gate_a or gate_b) and run34_rule(cand, kc, cand_blank)}")
+        rule34 = run34_rule(cand, kc, cand_blank)  # printed whatever the run-13 gates say
+        print(f"-> ships by the rule of run 34: {g1 and (gate_a or gate_b) and rule34}")
 
 
 def shortfall(acc: dict) -> float:
