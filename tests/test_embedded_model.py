@@ -513,7 +513,7 @@ def test_bf16_autocast_step_is_close_to_float32_and_keeps_float32_weights(proces
     ({"avx512f", "avx2"}, "cpu", False), (set(), "cpu", False), (set(), "cuda", True)])
 def test_bf16_only_where_the_device_runs_it_natively(monkeypatch, flags, device, kept):
     """--bf16 on a CPU without AVX512-BF16/AMX falls back to float32 (2-3x faster there), says
-    so in the log and records it in the config that is saved; float32 asked stays float32."""
+    so in the log, and the returned config (the one train() saves) says bf16 false; float32 stays."""
     import mmaccel.embedded.train as train_mod
 
     monkeypatch.setattr(train_mod, "cpu_flags", lambda: flags)
