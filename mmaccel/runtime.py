@@ -538,18 +538,6 @@ class Runtime:
         rows, valid = text_query_rows(stage.valid, stage.visual)
         tap.rows, tap.extra = rows, {"row_valid": valid}
 
-    def _parts(self, stage: Stage) -> torch.Tensor:
-        """(B, L) index of the visual segment (frame, crop, image) each token of ``stage`` came
-        from, -1 for text and padding: for methods that budget per part (``wants_parts``)."""
-        req = self.request
-        batch, length = stage.valid.shape[0], int(stage.orig.max()) + 1
-        part_of = torch.full((batch, max(length, 1)), -1, dtype=torch.long)
-        for i, seg in enumerate(req.segments):
-            inside = seg.positions[seg.positions < length]
-            part_of[seg.sample, inside] = i
-        part_of = part_of.to(stage.orig.device)
-        return torch.gather(part_of, 1, stage.orig).masked_fill(~stage.valid, -1)
-
     def _prune(self, idx, args, kwargs):
         req = self.request
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -562,9 +550,7 @@ class Runtime:
             row_valid = torch.ones_like(rows, dtype=torch.bool)
         base = req.visual_orig if self.method.budget_base == "original" else req.visual_in
         budgets = [round(n * self.schedule[idx]) for n in base]
-        extra = {"parts": self._parts(stage)} if getattr(self.method, "wants_parts", False) else {}
-        keep = self.method.select(probs, rows, row_valid, stage.valid, stage.visual, stage.protected, budgets,
-                                  **extra)
+        keep = self.method.select(probs, rows, row_valid, stage.valid, stage.visual, stage.protected, budgets)
         # one host read for the new length and this stage's counts (each read drains a GPU queue)
         *per_sample, n_visual = torch.cat([keep.sum(1), (keep & stage.visual).sum()[None]]).tolist()
         index, valid = pack_kept(keep, max(per_sample))
@@ -682,31 +668,6 @@ def select_visual(scores, valid, visual, budgets: list[int]) -> torch.Tensor:
     within = torch.arange(k, device=scores.device)[None] < limit[:, None]
     chosen = within & torch.gather(candidates, 1, top)
     return keep | torch.zeros_like(keep).scatter(1, top, chosen)
-
-
-def select_visual_per_part(scores, valid, visual, parts, budgets: list[int]) -> torch.Tensor:
-    """:func:`select_visual` with every part (frame, crop) guaranteed its share of the budget.
-
-    parts: (B, L) long, the part of each token (-1 off the visual tokens). Each part of row b
-    first keeps its top ``floor(budgets[b] * n_part / n_row)`` tokens by score; what remains of
-    the budget goes to the best of the rest, over all parts. Returns keep (B, L) bool.
-    """
-    candidates = valid & visual & (parts >= 0)
-    n_parts = int(parts.max().clamp(min=0)) + 1
-    slot = parts.clamp(min=0).masked_fill(~candidates, n_parts)  # non-candidates to a spare slot
-    counts = torch.zeros(parts.shape[0], n_parts + 1, dtype=torch.long, device=parts.device)
-    counts.scatter_add_(1, slot, candidates.long())
-    limit = to_device_async(torch.tensor(budgets, dtype=torch.long), scores.device)
-    quota = limit[:, None] * counts // counts[:, :n_parts].sum(1, keepdim=True).clamp(min=1)
-    quota[:, n_parts] = 0
-    order = torch.sort(scores.float().masked_fill(~candidates, float("-inf")), dim=1, descending=True,
-                       stable=True).indices
-    sorted_slot = torch.gather(slot, 1, order)
-    onehot = torch.nn.functional.one_hot(sorted_slot, n_parts + 1)
-    rank = (onehot.cumsum(1) * onehot).sum(-1) - 1  # rank of each token within its part, by score
-    chosen = torch.zeros_like(valid).scatter(1, order, rank < torch.gather(quota, 1, sorted_slot))
-    left = (limit - chosen.sum(1)).clamp(min=0).tolist()
-    return select_visual(scores, valid, visual & ~chosen, left) | chosen
 
 
 def _group_media(segments: list[Segment]) -> list[list[Segment]]:

@@ -28,12 +28,6 @@ Deliberate differences from the official code, each for a reason:
   With passes of at most a quarter (0.25) only the most similar pairs merge each time. On the
   embedded world (run 29 of ``results/recipe-cpu/summary_tower/``, n=450, merge only, retention
   0.25) the kept share of full accuracy rises from 84.7% to 93.6% at the same token count;
-- ``per_frame`` (not in the official code, default False = official): the in-LLM prune gives
-  every frame (crop, image) its proportional share of the layer's budget before ranking the rest
-  over all of them. Official AIM ranks all visual tokens at once by text attention, and on video
-  the evidence of an absence (the asked object's empty cell in the frames it is missing from)
-  draws little of it: on a model that reads flash, the merge alone keeps flash at 0.87 and the
-  official prune takes it to chance (``results/fidelity/video_event_probe.md``);
 - ``retention`` sets the merge budget (the LLM's input); the in-LLM schedule then applies its
   official relative rates (``prune=False`` turns it off). ``retention=1.0`` means no reduction
   at any stage, like every other method.
@@ -146,7 +140,6 @@ class AIM(PreLLMReducer, InLLMPruner):
     tau: float = 0.1
     iters: int = 5
     pass_fraction: float = 0.5  # the official r = n/2 first pass; see the module docstring
-    per_frame: bool = False  # official: one importance ranking over all visual tokens; see the docstring
 
     def __post_init__(self):
         super().__post_init__()
@@ -175,19 +168,6 @@ class AIM(PreLLMReducer, InLLMPruner):
         if not self.prune or self.keep_fraction() >= 1.0:  # retention 1.0: no reduction at any stage
             return []
         return aim_schedule(num_layers, self.prune_start, self.prune_end)
-
-    @property
-    def wants_parts(self) -> bool:
-        """The runtime passes each token's frame / crop to :meth:`select` when asked."""
-        return self.per_frame
-
-    def select(self, probs, rows, row_valid, valid, visual, protected, budgets, parts=None):
-        if parts is None:
-            return super().select(probs, rows, row_valid, valid, visual, protected, budgets)
-        from ..runtime import select_visual_per_part
-
-        scores = self.importance(probs, rows, row_valid, valid & ~visual).masked_fill(protected, float("inf"))
-        return select_visual_per_part(scores, valid, visual, parts, budgets)
 
     def importance(self, probs, rows, row_valid, text_keys):
         return pagerank_importance(probs, rows, row_valid, self.tau, self.iters)

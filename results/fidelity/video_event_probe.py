@@ -10,7 +10,7 @@ from mmaccel.bench.fidelity import compare, evaluate, run_samples
 from mmaccel.embedded import load_model
 from mmaccel.world import generate_samples
 
-SPECS = ("random", "pool", "fastv", "aim", "aim:prune=false", "aim:pass_fraction=0.25:prune=false", "aim:per_frame=true",
+SPECS = ("random", "pool", "fastv", "aim", "aim:prune=false", "aim:pass_fraction=0.25:prune=false",
          "hired", "visionzip", "stc", "mustdrop")
 torch.set_num_threads(2)
 model, processor = load_model(sys.argv[1]); model.eval()
