@@ -49,12 +49,17 @@ def caption_set(path: str) -> float:
     return json.loads(Path(path).read_text())["accuracy"]
 
 
+def with_caption_set(acc: dict, path) -> dict:
+    """``acc`` with its caption score replaced by the caption set's (600 captions, run 26 on)."""
+    return {**acc, "caption": caption_set(path)}
+
+
 def main(cand_eval: str, cand_fid: str, cand_captions: str | None = None,
          cand_blank: str | None = None) -> None:
     ref, cand = full_token(HERE / "eval_seed15_n1800_run13.json"), full_token(cand_eval)
     if cand_captions:
         print("captions of the eval (not gated):", round(ref["caption"], 3), round(cand["caption"], 3))
-        ref["caption"], cand["caption"] = caption_set(HERE / "captions600_run13.json"), caption_set(cand_captions)
+        ref, cand = with_caption_set(ref, HERE / "captions600_run13.json"), with_caption_set(cand, cand_captions)
     g1 = gate1(cand, ref)
     kr, kc = kept("results/fidelity/run13_fidelity.json"), kept(cand_fid)
     drop = {m: round(kc[(m, 0.25)] - kr[(m, 0.25)], 3) for m in SEED_METHODS}
@@ -81,8 +86,7 @@ def shortfall(acc: dict) -> float:
 
 def shipped() -> tuple[dict, dict]:
     """Run 31's (shipped) full-token scores, caption set substituted, and its sweep's kept shares."""
-    ship = full_token(HERE / "eval_seed15_n1800_run31.json")
-    ship["caption"] = caption_set(HERE / "captions600_run31.json")
+    ship = with_caption_set(full_token(HERE / "eval_seed15_n1800_run31.json"), HERE / "captions600_run31.json")
     return ship, kept(HERE / "fidelity_run31" / "fidelity.json")
 
 
