@@ -805,6 +805,23 @@ def test_caption_stretch_draws_captions_alone_inside_and_scales_an_overlapping_f
     assert [p.end for p in phases] == [0.15, 0.25, 0.35, 0.5, 0.55, 0.9, 1.0]
 
 
+def test_motion_stretch_draws_motion_videos_alone_and_a_later_flash_stretch_scales_it():
+    from mmaccel.embedded.train import CURRICULUM, draw_batch, parse_args, phase_groups, step_rng, training_phases
+
+    cfg, _ = parse_args(["--out", "unused", "--motion-stretch", "0.15:0.35:0.25", "--flash-stretch", "0.3:0.56:0.25"])
+    phases = training_phases(cfg)
+    for prog in (0.1, 0.6):  # outside both stretches: the curriculum
+        assert phase_groups(phases, prog) == phase_groups(CURRICULUM, prog)
+    groups = phase_groups(phases, 0.2)
+    assert groups["motion8"] == (0.25, 1.0, {"num_frames": 8}, {"motion": 1.0}) and "flash8" not in groups
+    overlap = phase_groups(phases, 0.32)  # flash inserted after motion: motion's share is scaled by 0.75
+    assert overlap["motion8"][0] == pytest.approx(0.75 * 0.25) and overlap["flash8"][0] == 0.25
+    assert sum(g[0] for g in overlap.values()) == pytest.approx(1.0)
+    assert [p.end for p in phases] == [0.15, 0.3, 0.35, 0.56, 1.0]
+    name, batch = draw_batch(step_rng(0, 7), 4, {"motion8": groups["motion8"]}, followups=2)
+    assert name == "motion8" and all(s.family == "motion" and len(s.frames) == 8 for s in batch)
+
+
 def test_caption_stretch_batches_are_still_caption_scenes_without_followups():
     from mmaccel.embedded.train import draw_batch, phase_groups, step_rng, training_phases
 

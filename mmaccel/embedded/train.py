@@ -142,6 +142,7 @@ def check_stretch(start: float, end: float, share: float) -> None:
 # alone took the caption set to 0.807, while a 0.8 share with follow-ups on every row ran 40%
 # fewer steps, diluted the caption's gradient, and reached 0.718 after the same recovery.
 STRETCH_GROUPS = {
+    "motion": ("motion8", {"num_frames": 8}, {"motion": 1.0}),
     "flash": ("flash8", {"num_frames": 8}, {"flash": 1.0}),
     "caption": ("caption144", {"hires": False, "followups": 0}, {"caption": 1.0}),
 }
@@ -179,8 +180,9 @@ def parse_stretch(text: str) -> tuple:
 
 def training_phases(cfg: "TrainConfig", groups: dict | None = None) -> tuple[Phase, ...]:
     """The stage-2 phases of ``cfg``: the curriculum (or ``groups``), reweighted by
-    ``cfg.family_weights``, with ``cfg.flash_stretch`` then ``cfg.caption_stretch`` inserted
-    when set (a second stretch overlapping the first scales its share too)."""
+    ``cfg.family_weights``, with ``cfg.motion_stretch``, ``cfg.flash_stretch`` then
+    ``cfg.caption_stretch`` inserted when set (a later stretch overlapping an earlier one scales
+    its share too)."""
     phases = reweighted(curriculum(groups), cfg.family_weights)
     for kind, spec in cfg.stretches():
         start, end, name, group = stretch_group(kind, spec)
@@ -234,6 +236,7 @@ class TrainConfig:
     stop_rows_from: float = 0.0
     stop_rows_media: str = "all"
     shuffle_turns: bool = False
+    motion_stretch: tuple = ()
     flash_stretch: tuple = ()
     caption_stretch: tuple = ()
     bf16: bool = False
@@ -265,8 +268,9 @@ class TrainConfig:
             stretch_group(kind, spec)
 
     def stretches(self) -> tuple[tuple[str, tuple], ...]:
-        """(kind, spec) of each stretch set, flash first (a later stretch scales an earlier one)."""
-        return tuple((k, s) for k, s in (("flash", self.flash_stretch), ("caption", self.caption_stretch)) if s)
+        """(kind, spec) of each stretch set, motion, flash, caption (a later stretch scales an earlier one)."""
+        kinds = (("motion", self.motion_stretch), ("flash", self.flash_stretch), ("caption", self.caption_stretch))
+        return tuple((k, s) for k, s in kinds if s)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -688,6 +692,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--shuffle-turns", action="store_true",
                    help="put each sample's main question and follow-ups in a random order (no turn "
                         "position gives an answer away)")
+    p.add_argument("--motion-stretch", default="",
+                   help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
+                        "SHARE of the batches are 8-frame motion videos alone, like --flash-stretch "
+                        "(motion's loss plateau outlasted 5,815 steps in run 34)")
     p.add_argument("--flash-stretch", default="",
                    help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
                         "SHARE of the batches are 8-frame flash videos alone (of at most MAX_OBJECTS "
@@ -740,6 +748,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       stop_rows=a.stop_rows,
                       stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
                       shuffle_turns=a.shuffle_turns,
+                      motion_stretch=parse_stretch(a.motion_stretch),
                       flash_stretch=parse_stretch(a.flash_stretch),
                       caption_stretch=parse_stretch(a.caption_stretch),
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
