@@ -822,6 +822,40 @@ def test_motion_stretch_draws_motion_videos_alone_and_a_later_flash_stretch_scal
     assert name == "motion8" and all(s.family == "motion" and len(s.frames) == 8 for s in batch)
 
 
+def test_early_step_floor_leaves_a_fast_machine_on_wall_time_and_gives_a_slow_one_its_steps():
+    from mmaccel.embedded.train import WallClock
+
+    fast, plain = WallClock(200.0, (1000, 0.3)), WallClock(200.0)
+    for t in (0, 30, 60, 100, 150, 199):  # 20 steps/s: step 1000 comes at 25% of the budget
+        assert fast(20 * t, t) == pytest.approx(t / 200) == plain(20 * t, t)
+    slow = WallClock(200.0, (1000, 0.3))  # 10 steps/s: step 1000 only at half the budget
+    early = [slow(10 * t, t) for t in (0, 30, 60, 99)]
+    assert early == pytest.approx([0.0, 0.09, 0.18, 0.297]) and max(early) < 0.3
+    assert slow(1000, 100.0) == pytest.approx(0.3) and slow.early_end == 100.0
+    assert slow(1500, 150.0) == pytest.approx(0.65)  # the rest, 0.3 -> 1, over the remaining 100 s
+    assert slow(1990, 199.0) < 1.0 and slow(2000, 200.0) == 1.0
+    crawl = WallClock(200.0, (1000, 0.3))  # the budget is a hard limit even before the floor is met
+    assert crawl(400, 200.0) == 1.0
+
+
+@pytest.mark.parametrize("spec", [(0, 0.3), (100, 0.0), (100, 1.0), (100,)])
+def test_bad_early_steps_fail_at_start_up(spec):
+    with pytest.raises(ValueError, match="early_steps"):
+        TrainConfig(early_steps=spec)
+
+
+def test_early_steps_parse_and_need_a_wall_clock_schedule():
+    from mmaccel.embedded.train import parse_args, parse_early_steps
+
+    assert parse_early_steps("2600:0.3") == (2600, 0.3) and parse_early_steps("") == ()
+    cfg, _ = parse_args(["--out", "unused", "--early-steps", "2600:0.3"])
+    assert cfg.early_steps == (2600, 0.3)
+    with pytest.raises(ValueError, match="wall-clock"):
+        TrainConfig(steps=500, early_steps=(100, 0.3))
+    with pytest.raises(ValueError, match="early_steps"):
+        parse_early_steps("2600")
+
+
 def test_caption_stretch_batches_are_still_caption_scenes_without_followups():
     from mmaccel.embedded.train import draw_batch, phase_groups, step_rng, training_phases
 

@@ -148,6 +148,15 @@ STRETCH_GROUPS = {
 }
 
 
+STRETCH_HELP = {  # kind -> what its batches are, for --KIND-stretch
+    "motion": "8-frame motion videos alone, like --flash-stretch (run 35: 0.15:0.30:0.25 did not make "
+              "motion's transition come)",
+    "flash": "8-frame flash videos alone (of at most MAX_OBJECTS objects), e.g. 0.35:0.55:0.5:1",
+    "caption": "144 px still scenes with captions alone, without follow-ups, e.g. 0.68:0.86:1 (the "
+               "caption skill needs many caption steps)",
+}
+
+
 def stretch_group(kind: str, spec: tuple) -> tuple[float, float, str, tuple]:
     """(start, end, name, group) of a stretch ``spec`` (start, end, share[, objects]) of ``kind``
     (``STRETCH_GROUPS``): a group of probability ``share`` drawing that kind's samples alone, with
@@ -236,6 +245,7 @@ class TrainConfig:
     stop_rows_from: float = 0.0
     stop_rows_media: str = "all"
     shuffle_turns: bool = False
+    early_steps: tuple = ()
     motion_stretch: tuple = ()
     flash_stretch: tuple = ()
     caption_stretch: tuple = ()
@@ -264,6 +274,9 @@ class TrainConfig:
         if self.stop_rows_media not in STOP_ROWS_MEDIA:
             raise ValueError(f"stop_rows_media must be one of {STOP_ROWS_MEDIA}, got {self.stop_rows_media!r}")
         objective_kind(self.loss_mean)
+        check_early_steps(self.early_steps)
+        if self.early_steps and self.steps:
+            raise ValueError("early_steps floors a wall-clock (--minutes) schedule; a --steps schedule is in steps already")
         for kind, spec in self.stretches():
             stretch_group(kind, spec)
 
@@ -522,6 +535,50 @@ def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | Non
     return elapsed / budget
 
 
+class WallClock:
+    """Schedule progress of a ``--minutes`` run: the share of the stage-2 ``budget`` (seconds)
+    spent, with an optional step floor for the schedule's start, ``early_steps`` = (S, P):
+    progress P is not reached before step S, and the rest of the schedule (P -> 1) then runs from
+    that moment to the end of the budget. A machine that makes S steps within P of the budget
+    follows plain wall time; a slower one gives the early curriculum the steps it needs
+    (runs 34-35: 790 steps of the first phase instead of 1,300, and `where` never trained).
+    The budget stays a hard limit: progress is 1 when it is spent."""
+
+    def __init__(self, budget: float, early_steps: tuple = ()):
+        self.budget, self.early_steps = budget, tuple(early_steps)
+        self.early_end: float | None = None  # elapsed seconds when progress P was reached
+
+    def __call__(self, step: int, elapsed: float) -> float:
+        wall = elapsed / self.budget
+        if wall >= 1.0 or not self.early_steps:
+            return min(wall, 1.0)
+        steps, p = self.early_steps
+        if self.early_end is None:
+            early = min(wall, p * step / steps)
+            if early < p:
+                return early
+            self.early_end = elapsed
+        return p + (1.0 - p) * (elapsed - self.early_end) / (self.budget - self.early_end)
+
+
+def parse_early_steps(text: str) -> tuple:
+    """'2600:0.3' -> (2600, 0.3); '' -> ()."""
+    if not text:
+        return ()
+    steps, sep, prog = text.partition(":")
+    if not sep:
+        raise ValueError(f"early_steps needs STEPS:PROGRESS, got {text!r}")
+    out = (int(steps), float(prog))
+    check_early_steps(out)
+    return out
+
+
+def check_early_steps(spec: tuple) -> None:
+    """``ValueError`` unless ``spec`` is () or (S, P) with S >= 1 and 0 < P < 1."""
+    if spec and not (len(spec) == 2 and int(spec[0]) >= 1 and 0.0 < float(spec[1]) < 1.0):
+        raise ValueError(f"early_steps needs STEPS:PROGRESS with STEPS >= 1 and 0 < PROGRESS < 1, got {spec!r}")
+
+
 def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float = 0.0):
     """Families and encoded batch of training step ``step`` at schedule position ``prog``
     (a pure function of its inputs)."""
@@ -597,9 +654,14 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
     phases = training_phases(cfg, groups)
     source = prefetched(cfg, phases) if cfg.workers and cfg.steps else None
     marker = assistant_id(processor)
+    clock = WallClock(budget, cfg.early_steps) if budget and not cfg.steps else None
     while True:
         elapsed = time.time() - t0
-        prog = progress_of(step, elapsed, cfg, budget)
+        early = clock is not None and clock.early_end is None
+        prog = clock(step, elapsed) if clock else progress_of(step, elapsed, cfg, budget)
+        if early and clock.early_end is not None and cfg.early_steps:
+            log(f"schedule progress {cfg.early_steps[1]} reached at step {step} ({elapsed:.0f}s); the rest of "
+                f"the schedule runs over the remaining {budget - elapsed:.0f}s")
         stop = stop_message(step, elapsed, prog, cfg, budget)
         if stop:
             if window:  # the steps since the last log line, so the history ends at the last step
@@ -692,18 +754,14 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--shuffle-turns", action="store_true",
                    help="put each sample's main question and follow-ups in a random order (no turn "
                         "position gives an answer away)")
-    p.add_argument("--motion-stretch", default="",
-                   help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
-                        "SHARE of the batches are 8-frame motion videos alone, like --flash-stretch "
-                        "(motion's loss plateau outlasted 5,815 steps in run 34)")
-    p.add_argument("--flash-stretch", default="",
-                   help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
-                        "SHARE of the batches are 8-frame flash videos alone (of at most MAX_OBJECTS "
-                        "objects), e.g. 0.35:0.55:0.5:1")
-    p.add_argument("--caption-stretch", default="",
-                   help="START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, "
-                        "SHARE of the batches are 144 px still scenes with captions alone, without "
-                        "follow-ups, e.g. 0.68:0.86:1 (the caption skill needs many caption steps)")
+    p.add_argument("--early-steps", default="",
+                   help="STEPS:PROGRESS: schedule progress PROGRESS is not reached before stage-2 step STEPS "
+                        "(a slower machine gives the early curriculum the steps it needs; the rest of the "
+                        "schedule then runs over the remaining time), e.g. 2600:0.3")
+    for kind, what in STRETCH_HELP.items():
+        p.add_argument(f"--{kind}-stretch", default="",
+                       help=f"START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, SHARE of "
+                            f"the batches are {what}")
     p.add_argument("--bf16", action="store_true",
                    help="stage-2 forward under bfloat16 autocast (float32 weights) where the device runs it natively "
                         "(CUDA, or a CPU with AVX512-BF16/AMX); elsewhere float32, said in the log")
@@ -748,9 +806,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       stop_rows=a.stop_rows,
                       stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
                       shuffle_turns=a.shuffle_turns,
-                      motion_stretch=parse_stretch(a.motion_stretch),
-                      flash_stretch=parse_stretch(a.flash_stretch),
-                      caption_stretch=parse_stretch(a.caption_stretch),
+                      early_steps=parse_early_steps(a.early_steps),
+                      **{f"{k}_stretch": parse_stretch(getattr(a, f"{k}_stretch")) for k in STRETCH_HELP},
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
                       summary_channels=a.summary_channels, lr_late=a.lr_late, lr_late_from=a.lr_late_from,
