@@ -470,7 +470,7 @@ def test_prefetched_batches_equal_inline_batches(processor):
 
     cfg = TrainConfig(seed=3, steps=4, batch_size=3, warmup=1, followups=2, workers=2)
     for step, (fams, batch) in enumerate(prefetched(cfg, CURRICULUM)):
-        groups = phase_groups(CURRICULUM, progress_of(step, 0.0, cfg, None))
+        groups = phase_groups(CURRICULUM, progress_of(step, cfg))
         fams0, batch0 = step_batch(processor, cfg, step, groups)
         assert fams == fams0 and batch.keys() == batch0.keys()
         assert all(torch.equal(batch[k], batch0[k]) for k in batch)

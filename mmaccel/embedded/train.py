@@ -141,7 +141,7 @@ def check_stretch(start: float, end: float, share: float) -> None:
 # carry no follow-ups: in 10-minute probes from run 13 (summary_tower/README.md), captions
 # alone took the caption set to 0.807, while a 0.8 share with follow-ups on every row ran 40%
 # fewer steps, diluted the caption's gradient, and reached 0.718 after the same recovery.
-STRETCH_GROUPS = {
+STRETCH_GROUPS = {  # in the order stretches are inserted (a later one scales an earlier one)
     "motion": ("motion8", {"num_frames": 8}, {"motion": 1.0}),
     "flash": ("flash8", {"num_frames": 8}, {"flash": 1.0}),
     "caption": ("caption144", {"hires": False, "followups": 0}, {"caption": 1.0}),
@@ -282,8 +282,8 @@ class TrainConfig:
 
     def stretches(self) -> tuple[tuple[str, tuple], ...]:
         """(kind, spec) of each stretch set, motion, flash, caption (a later stretch scales an earlier one)."""
-        kinds = (("motion", self.motion_stretch), ("flash", self.flash_stretch), ("caption", self.caption_stretch))
-        return tuple((k, s) for k, s in kinds if s)
+        specs = ((kind, getattr(self, f"{kind}_stretch")) for kind in STRETCH_GROUPS)
+        return tuple((kind, spec) for kind, spec in specs if spec)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -528,11 +528,10 @@ def compiled_language_model(model, enabled: bool = True, backend: str = "inducto
         inner.language_model = eager
 
 
-def progress_of(step: int, elapsed: float, cfg: TrainConfig, budget: float | None) -> float:
-    """Schedule position in [0, 1]: by steps when ``cfg.steps`` is set, else by wall time."""
-    if cfg.steps:
-        return (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return elapsed / budget
+def progress_of(step: int, cfg: TrainConfig) -> float:
+    """Schedule position in [0, 1] of a ``cfg.steps`` schedule (a ``--minutes`` one follows
+    :class:`WallClock`)."""
+    return (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
 
 
 class WallClock:
@@ -544,8 +543,8 @@ class WallClock:
     (runs 34-35: 790 steps of the first phase instead of 1,300, and `where` never trained).
     The budget stays a hard limit: progress is 1 when it is spent."""
 
-    def __init__(self, budget: float, early_steps: tuple = ()):
-        self.budget, self.early_steps = budget, tuple(early_steps)
+    def __init__(self, budget: float, early_steps: tuple = (), on_early_end=None):
+        self.budget, self.early_steps, self.on_early_end = budget, tuple(early_steps), on_early_end
         self.early_end: float | None = None  # elapsed seconds when progress P was reached
 
     def __call__(self, step: int, elapsed: float) -> float:
@@ -558,6 +557,8 @@ class WallClock:
             if early < p:
                 return early
             self.early_end = elapsed
+            if self.on_early_end:
+                self.on_early_end(step, elapsed)
         return p + (1.0 - p) * (elapsed - self.early_end) / (self.budget - self.early_end)
 
 
@@ -635,7 +636,7 @@ def prefetched(cfg: TrainConfig, phases, ahead: int = 4):
     from collections import deque
 
     def job(i):
-        prog = progress_of(i, 0.0, cfg, None)
+        prog = progress_of(i, cfg)
         return cfg, i, phase_groups(phases, prog), prog
 
     with mp.get_context("fork").Pool(cfg.workers) as pool:
@@ -654,14 +655,12 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
     phases = training_phases(cfg, groups)
     source = prefetched(cfg, phases) if cfg.workers and cfg.steps else None
     marker = assistant_id(processor)
-    clock = WallClock(budget, cfg.early_steps) if budget and not cfg.steps else None
+    clock = None if cfg.steps else WallClock(budget, cfg.early_steps, lambda s, t: log(
+        f"schedule progress {cfg.early_steps[1]} reached at step {s} ({t:.0f}s); the rest of the schedule "
+        f"runs over the remaining {budget - t:.0f}s"))
     while True:
         elapsed = time.time() - t0
-        early = clock is not None and clock.early_end is None
-        prog = clock(step, elapsed) if clock else progress_of(step, elapsed, cfg, budget)
-        if early and clock.early_end is not None and cfg.early_steps:
-            log(f"schedule progress {cfg.early_steps[1]} reached at step {step} ({elapsed:.0f}s); the rest of "
-                f"the schedule runs over the remaining {budget - elapsed:.0f}s")
+        prog = progress_of(step, cfg) if cfg.steps else clock(step, elapsed)
         stop = stop_message(step, elapsed, prog, cfg, budget)
         if stop:
             if window:  # the steps since the last log line, so the history ends at the last step
@@ -758,10 +757,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="STEPS:PROGRESS: schedule progress PROGRESS is not reached before stage-2 step STEPS "
                         "(a slower machine gives the early curriculum the steps it needs; the rest of the "
                         "schedule then runs over the remaining time), e.g. 2600:0.3")
-    for kind, what in STRETCH_HELP.items():
+    for kind in STRETCH_GROUPS:
         p.add_argument(f"--{kind}-stretch", default="",
                        help=f"START:END:SHARE[:MAX_OBJECTS]: between schedule progress START and END, SHARE of "
-                            f"the batches are {what}")
+                            f"the batches are {STRETCH_HELP[kind]}")
     p.add_argument("--bf16", action="store_true",
                    help="stage-2 forward under bfloat16 autocast (float32 weights) where the device runs it natively "
                         "(CUDA, or a CPU with AVX512-BF16/AMX); elsewhere float32, said in the log")
@@ -807,7 +806,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
                       shuffle_turns=a.shuffle_turns,
                       early_steps=parse_early_steps(a.early_steps),
-                      **{f"{k}_stretch": parse_stretch(getattr(a, f"{k}_stretch")) for k in STRETCH_HELP},
+                      **{f"{k}_stretch": parse_stretch(getattr(a, f"{k}_stretch")) for k in STRETCH_GROUPS},
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
                       summary_channels=a.summary_channels, lr_late=a.lr_late, lr_late_from=a.lr_late_from,
