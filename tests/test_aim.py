@@ -46,9 +46,17 @@ def test_official_two_passes_keep_a_quarter_and_cover_everything():
 
 
 def test_schedule_matches_the_official_28_layer_rates():
+    """Official: rate[l] = 1 - (l - 13) * 0.125 from l = 14, applied after layer l (so from l + 1)."""
     rates = dict(aim_schedule(28))
-    assert min(rates) == 14 and rates[14] == pytest.approx(0.875) and rates[17] == pytest.approx(0.5)
-    assert rates[21] == 0.0 and rates[27] == 0.0
+    assert min(rates) == 15 and rates[15] == pytest.approx(0.875) and rates[18] == pytest.approx(0.5)
+    assert rates[21] == pytest.approx(0.125) and rates[22] == 0.0 and rates[27] == 0.0
+    assert AIM().tap_layer(15) == 14  # the cut after layer 14 is ranked by layer 14's own attention
+
+
+def test_four_layer_schedule_halves_the_last_layer_and_empties_none():
+    assert aim_schedule(4) == [(3, 0.5)]
+    assert aim_schedule(8) == [(5, pytest.approx(2 / 3)), (6, pytest.approx(1 / 3)), (7, 0.0)]
+    assert aim_schedule(4, 0.5, 1.0) == [(3, pytest.approx(2 / 3))] and aim_schedule(1) == []
 
 
 def test_pagerank_prefers_the_token_the_text_attends_to():

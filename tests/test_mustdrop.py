@@ -12,7 +12,16 @@ from conftest import make_inputs
 def test_layers_scale_with_depth():
     assert scaled_layers(32) == [2, 6, 10, 14]
     assert scaled_layers(4) == [1, 2]
-    assert all(1 <= layer < 28 for layer in scaled_layers(28))
+    assert all(1 <= layer < 27 for layer in scaled_layers(28))
+    # official: the filter reads layer 2's own attention and layer 3 is the first to see the cut
+    assert [layer for layer, _ in MustDrop(retention=0.25).schedule(32)] == [3, 7, 11, 15]
+    assert MustDrop().tap_layer(3) == 2
+
+
+def test_a_decoder_too_shallow_for_a_cut_is_refused():
+    model, _ = build("llava", text_layers=2)
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        accelerate_vlm(model, method="mustdrop", retention=0.25)
 
 
 def test_dual_filter_drops_only_tokens_under_both_thresholds():
@@ -37,10 +46,11 @@ def test_budget_mode_protects_the_key_set_and_shrinks_the_cache():
         kept = handle.kept_visual_positions()
     assert torch.all(final.protected <= final.valid)
     assert int(stage0.protected.sum()) == int(final.protected.sum()) > 0  # every key token survived
-    first = method_layers[0][0]
+    scoring = method_layers[0][0] - 1  # the first layer whose attention decides a cut
     lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
-    assert all(n == stage0.valid.shape[1] for n in lengths[:first])
-    assert all(n == final.valid.shape[1] for n in lengths[first:])  # output-aware policy
+    assert scoring >= 1 and final.valid.shape[1] < stage0.valid.shape[1]
+    assert all(n == stage0.valid.shape[1] for n in lengths[:scoring])
+    assert all(n == final.valid.shape[1] for n in lengths[scoring:])  # output-aware policy, official layers
     assert sum(k.numel() for k in kept) == handle.stats.visual_tokens_per_layer[-1]
 
 
@@ -51,10 +61,11 @@ def test_generation_runs_on_the_shrunken_cache():
         gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
         final_len = handle._runtime.request.stages[-1].valid.shape[1]
-        first = MustDrop(retention=0.25).schedule(8)[0][0]
+        scoring = MustDrop(retention=0.25).schedule(8)[0][0] - 1
         assert handle.stats.visual_tokens_kept < handle.stats.visual_tokens_in
     lengths = [layer.keys.shape[-2] for layer in gen.cache.layers]
-    assert all(n == final_len + 2 for n in lengths[first:])  # two decoded tokens appended to each
+    assert all(n == final_len + 2 for n in lengths[scoring:])  # two decoded tokens appended to each
+    assert all(n > final_len + 2 for n in lengths[:scoring])
     assert all(torch.isfinite(l).all() for l in gen.logits)
 
 

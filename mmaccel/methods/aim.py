@@ -9,8 +9,12 @@ official passes are r = n/2 then r = n/4 (keep 25%); here passes repeat with r =
 cur // 2) until the ``retention`` budget k is met, so 0.25 reproduces the official setting.
 
 Prune (inside the LLM, official schedule scaled to depth): from the middle layer on, the
-visual tokens kept fall linearly and reach 0 at 3/4 depth (28 layers: 14 -> 21, -12.5%/layer),
-ranked by a PageRank-style importance: attention at temperature tau=0.1, 5 power iterations.
+visual tokens kept fall linearly and reach 0 at 3/4 depth (28 layers: rates 0.875 ... 0 at
+layers 14 -> 21, -12.5%/layer), ranked by a PageRank-style importance: attention at
+temperature tau=0.1, 5 power iterations. As in the official code, the rate of layer l is
+applied after layer l, from its own attention: layer 15 is the first to see fewer tokens and
+layer 22 the first to see none. On a 4-layer model that is one cut, half the visual tokens
+from layer 3 on, and no layer runs without them.
 
 Deliberate differences from the official code, each for a reason:
 - merged tokens stay in spatial order at the slot of their B token (the official code
@@ -104,10 +108,16 @@ def merge_to_budget(x: torch.Tensor, k: int, pass_fraction: float = 0.5):
 
 
 def aim_schedule(num_layers: int, start: float = 0.5, end: float = 0.75) -> list[tuple[int, float]]:
-    """Official rates scaled to depth: rate 1 before ``start``*L, falling linearly to 0 at ``end``*L."""
+    """Official rates scaled to depth, as this runtime's (first layer that sees the cut, rate).
+
+    The official code ranks the tokens after layer l has run, by that layer's attention, with
+    rate[l] (1 before ``start``*L, falling linearly to 0 at ``end``*L) and masks them from layer
+    l+1 on; so the pair is (l+1, rate[l]) and the scores come from layer l (``tap_layer``).
+    28 layers: 15 is the first layer with fewer visual tokens (87.5%), 22 the first with none.
+    """
     first, last = round(num_layers * start), round(num_layers * end)
     span = max(1, last - first + 1)
-    return [(layer, max(0.0, 1.0 - (layer - first + 1) / span)) for layer in range(first, num_layers)]
+    return [(layer + 1, max(0.0, 1.0 - (layer - first + 1) / span)) for layer in range(first, num_layers - 1)]
 
 
 def pagerank_importance(probs, rows, row_valid, tau: float = 0.1, iters: int = 5) -> torch.Tensor:

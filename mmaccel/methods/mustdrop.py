@@ -4,11 +4,13 @@ output-aware KV-cache policy for decoding.
 
 - Key set: the top 8% of each image's tokens by CLS attention at the tower's last layer (mean
   received attention for towers without CLS) are never dropped.
-- Prefill, at layers 2/6/10/14 of 32 (scaled to the decoder's depth): with A the head-mean
-  attention of the text after the media over the visual tokens, visual token j is dropped iff
+- Prefill, at layers 2/6/10/14 of 32 (scaled to the decoder's depth; each filter reads its
+  layer's own attention and the cut holds from the next layer on, as in the official code): with
+  A the head-mean attention of the text after the media over the visual tokens, visual token j is
+  dropped iff
   ``sum_t A[t, j] < global_thr * sum_tj A`` and ``max_t A[t, j] < individual_thr`` (official
   defaults 0.001 / 0.001, the ~192-token setting; presets hold the 128 and 64 settings).
-- Decode: the caches of the pruned layers keep only the tokens the last stage kept.
+- Decode: the caches from the first scoring layer on keep only the tokens the last stage kept.
 
 With ``retention`` the thresholds give way to a budget: the tokens with the lowest summed
 attention go first, the kept share falling geometrically over the pruning layers to
@@ -42,9 +44,10 @@ OFFICIAL_LAYERS = (2, 6, 10, 14)
 
 
 def scaled_layers(num_layers: int) -> list[int]:
-    """The official 32-layer choices scaled to ``num_layers`` (distinct, >= 1, < num_layers)."""
-    layers = sorted({min(num_layers - 1, max(1, round(l * num_layers / 32))) for l in OFFICIAL_LAYERS})
-    return layers
+    """The official 32-layer scoring layers scaled to ``num_layers``: distinct, >= 1 (layer 0
+    keeps the full sequence and cache, as layers 0-1 do in the official code) and at most
+    ``num_layers - 2`` (a cut needs a layer after it)."""
+    return sorted({min(num_layers - 2, max(1, round(l * num_layers / 32))) for l in OFFICIAL_LAYERS})
 
 
 def dual_attention_keep(attn, valid, visual, global_thr: float, individual_thr: float) -> torch.Tensor:
@@ -133,14 +136,21 @@ class MustDrop(PreLLMReducer, InLLMPruner):
     def keep_fraction(self) -> float:
         return 1.0  # nothing is dropped before the LLM
 
+    def check_model(self, adapter) -> None:
+        if len(adapter.layers) < 3:
+            raise ValueError(f"mustdrop needs a decoder of at least 3 layers (one with the full sequence, one that "
+                             f"scores, one that sees the cut); this one has {len(adapter.layers)}")
+
     def schedule(self, num_layers: int):
+        """As in the official code, the filter runs on a scoring layer's own attention and the cut
+        holds from the next layer on: (scoring layer + 1, share kept)."""
         layers = scaled_layers(num_layers)
         if self.retention is None:
-            return [(layer, 1.0) for layer in layers]
+            return [(layer + 1, 1.0) for layer in layers]
         r = float(self.retention)
         if r >= 1.0:
             return []
-        return [(layer, r ** ((i + 1) / len(layers))) for i, layer in enumerate(layers)]
+        return [(layer + 1, r ** ((i + 1) / len(layers))) for i, layer in enumerate(layers)]
 
     def select(self, probs, rows, row_valid, valid, visual, protected, budgets):
         attn = probs.mean(1) * row_valid[..., None].float()  # (B, Q, L)
@@ -153,4 +163,5 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         return (probs.mean(1) * row_valid[..., None].float()).sum(1)
 
     def after_prefill(self, runtime, cache) -> None:
-        runtime.shrink_caches_to_final(cache)
+        # the official policy cuts the cache from the first scoring layer on, which ran on the full sequence
+        runtime.shrink_caches_to_final(cache, from_layer=scaled_layers(len(runtime.adapter.layers))[0])
