@@ -69,6 +69,24 @@ def test_generation_runs_on_the_shrunken_cache():
     assert all(torch.isfinite(l).all() for l in gen.logits)
 
 
+def test_padded_batch_decodes_on_caches_cut_from_the_scoring_layer(tiny_models, family):
+    """Every family, two padded samples: layer 0 keeps the prefill sequence, every layer from
+    the first scoring layer on only the final set, and decoding appends to both."""
+    model, proc = tiny_models(family)
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method="mustdrop", retention=0.25) as handle, torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        stages = handle._runtime.request.stages
+        first_len, final_len = stages[0].valid.shape[1], stages[-1].valid.shape[1]
+    scoring = MustDrop(retention=0.25).schedule(len(gen.cache.layers))[0][0] - 1
+    lengths = [layer.keys.shape[-2] for layer in gen.cache.layers]
+    assert final_len < first_len and stages[1].first_layer == scoring
+    assert lengths[:scoring] == [first_len + 2] * scoring
+    assert lengths[scoring:] == [final_len + 2] * (len(lengths) - scoring)
+    assert all(torch.isfinite(l).all() for l in gen.logits)
+
+
 def test_window_similarity_and_groups_by_hand():
     from mmaccel.vision.window_merge import merge_rows, window_groups, window_similarity
 
