@@ -15,6 +15,7 @@ issue 3's blank bar (seed 0's 450 blanked, the fourth argument).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,9 +86,12 @@ def shortfall(acc: dict) -> float:
 
 
 def shipped() -> tuple[dict, dict]:
-    """Run 31's (shipped) full-token scores, caption set substituted, and its sweep's kept shares."""
+    """Run 31's (shipped) full-token scores, caption set substituted, and its sweep's kept shares:
+    the sweep made with aim's and mustdrop's official cut layers (twenty-third session), which is
+    how every candidate from then on is swept; `fidelity_run31/` is the sweep before that fix,
+    the reference of runs 34-37 (`RUN31_SWEEP=fidelity_run31` reproduces their gates)."""
     ship = with_caption_set(full_token(HERE / "eval_seed15_n1800_run31.json"), HERE / "captions600_run31.json")
-    return ship, kept(HERE / "fidelity_run31" / "fidelity.json")
+    return ship, kept(HERE / os.environ.get("RUN31_SWEEP", "fidelity_run31_official_layers") / "fidelity.json")
 
 
 def beats_shipped(cand: dict, cand_mean: float) -> bool:
