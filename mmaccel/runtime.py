@@ -15,7 +15,7 @@ Installed on one model instance and always removed by :meth:`Runtime.remove`:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -463,19 +463,22 @@ class Runtime:
     def shrink_caches_to_final(self, cache, from_layer: int | None = None) -> None:
         """Output-aware cache policy: after prefill, every pruned stage's KV cache keeps only the
         tokens the last stage kept; layers before the first pruning layer keep everything, or,
-        with ``from_layer`` (>= 1), only the layers before it (they become a stage of their own)."""
+        with ``from_layer`` (>= 1), only the layers before it (stage 0 is split there first)."""
         req = self.request
+        if from_layer is not None and len(req.stages) > 1 and from_layer < req.stages[1].first_layer:
+            if from_layer < 1:
+                raise ValueError("layer 0's cache sets the decode length; from_layer must be >= 1")
+            req.stages.insert(1, replace(req.stages[0], first_layer=from_layer))
         final = req.stages[-1]
         for s in range(1, len(req.stages) - 1):
             stage = req.stages[s]
-            _gather_cache(cache, range(stage.first_layer, req.stages[s + 1].first_layer), subset_index(stage, final))
-            req.stages[s] = final_stage(stage.first_layer, final)
-        if from_layer is None or len(req.stages) < 2 or from_layer >= req.stages[1].first_layer:
-            return
-        if from_layer < 1:
-            raise ValueError("layer 0's cache sets the decode length; from_layer must be >= 1")
-        _gather_cache(cache, range(from_layer, req.stages[1].first_layer), subset_index(req.stages[0], final))
-        req.stages.insert(1, final_stage(from_layer, final))
+            index = subset_index(stage, final)
+            for layer in range(stage.first_layer, req.stages[s + 1].first_layer):
+                cl = cache.layers[layer]
+                gather = index[:, None, :, None].expand(-1, cl.keys.shape[1], -1, cl.keys.shape[-1])
+                cl.keys, cl.values = torch.gather(cl.keys, 2, gather), torch.gather(cl.values, 2, gather)
+            req.stages[s] = Stage(stage.first_layer, final.valid, final.visual, final.positions, final.orig,
+                                  final.protected)
 
     def _layer_hook(self, idx: int):
         def hook(module, args, kwargs):
@@ -574,19 +577,6 @@ class Runtime:
         if not args:
             kwargs["hidden_states"] = new_hidden
         return args, kwargs
-
-
-def final_stage(first_layer: int, final: Stage) -> Stage:
-    """``final``'s token set for the layers from ``first_layer`` on (their caches cut to it)."""
-    return Stage(first_layer, final.valid, final.visual, final.positions, final.orig, final.protected)
-
-
-def _gather_cache(cache, layers, index: torch.Tensor) -> None:
-    """Keep, in each of ``layers``' KV caches, the tokens at ``index`` (B, L_kept)."""
-    for layer in layers:
-        cl = cache.layers[layer]
-        gather = index[:, None, :, None].expand(-1, cl.keys.shape[1], -1, cl.keys.shape[-1])
-        cl.keys, cl.values = torch.gather(cl.keys, 2, gather), torch.gather(cl.values, 2, gather)
 
 
 def subset_index(stage: Stage, final: Stage) -> torch.Tensor:
