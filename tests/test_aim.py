@@ -53,6 +53,18 @@ def test_schedule_matches_the_official_28_layer_rates():
     assert AIM().tap_layer(15) == 14  # the cut after layer 14 is ranked by layer 14's own attention
 
 
+def test_schedule_matches_the_official_32_layer_rates():
+    """Official LLaVA-1.5 variant (LLaVA-PruMerge/modeling_llama.py): rate[l] = 1 - (l - 12) * 0.125
+    from l = 13, applied after layer l; not the 28-layer schedule scaled (first cut at 17)."""
+    official = [max(0.0, 1.0 - (l - 12) * 0.125) if l >= 13 else 1.0 for l in range(32)]
+    expected = [(l + 1, official[l]) for l in range(32 - 1) if l >= 13]
+    assert aim_schedule(32) == [(layer, pytest.approx(rate)) for layer, rate in expected]
+    rates = dict(aim_schedule(32))
+    assert min(rates) == 14 and rates[21] == 0.0 and rates[20] == pytest.approx(0.125)
+    # other knobs or depths: the 28-layer shape scaled
+    assert min(dict(aim_schedule(32, 0.5, 0.76))) == 17 and min(dict(aim_schedule(30))) == 16
+
+
 def test_four_layer_schedule_halves_the_last_layer_and_empties_none():
     assert aim_schedule(4) == [(3, 0.5)]
     assert aim_schedule(8) == [(5, pytest.approx(2 / 3)), (6, pytest.approx(1 / 3)), (7, 0.0)]

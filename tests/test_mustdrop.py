@@ -273,3 +273,14 @@ def test_window_grids_follow_the_towers_tiling():
     assert window_grids(torch.tensor([[1, 6, 10]]), 2, 2) == [(2, 2), (2, 2), (2, 1), (1, 2), (1, 2), (1, 1)]
     # a 2-slice video of 8 x 8 patches with windows of 4: one whole window per slice
     assert window_grids(torch.tensor([[2, 8, 8]]), 2, 4) == [(4, 4), (4, 4)]
+
+
+def test_key_set_is_a_share_of_the_tokens_left_after_the_window_merge():
+    """Official clip_encoder: ``ceil(0.08 * (N - 1))`` with N the sequence after the layer-0 merge.
+    Every window merges here (36 patches -> 4 tokens): one key token per sample, not ceil(0.08 * 36) = 3."""
+    model, proc = _six_by_six_llava()
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=-1.0) as handle, torch.no_grad():
+        model(**inputs, use_cache=True)
+        protected = handle._runtime.request.stages[0].protected
+    assert protected.sum(1).tolist() == [1, 1]

@@ -8,7 +8,7 @@ unweighted mean that includes the destination (the official ``scatter_reduce(mea
 official passes are r = n/2 then r = n/4 (keep 25%); here passes repeat with r = min(cur - k,
 cur // 2) until the ``retention`` budget k is met, so 0.25 reproduces the official setting.
 
-Prune (inside the LLM, official schedule scaled to depth): from the middle layer on, the
+Prune (inside the LLM, official schedule; scaled to depths it has none for): from the middle layer on, the
 visual tokens kept fall linearly and reach 0 at 3/4 depth (28 layers: rates 0.875 ... 0 at
 layers 14 -> 21, -12.5%/layer), ranked by a PageRank-style importance: attention at
 temperature tau=0.1, 5 power iterations. As in the official code, the rate of layer l is
@@ -17,6 +17,10 @@ layer 22 the first to see none. On a 4-layer model that is one cut, half the vis
 from layer 3 on, and no layer runs without them.
 
 Deliberate differences from the official code, each for a reason:
+- images and their crops are merged too, as video frames are: the official LLaVA-OneVision
+  and Qwen2-VL paths merge video frames only (images reach the LLM whole), and its LLaVA-1.5
+  variant merges CLIP tokens by their layer-23 keys (576 -> 288 -> 252); one rule for every
+  medium lets ``retention`` mean the same thing for images and video;
 - merged tokens stay in spatial order at the slot of their B token (the official code
   concatenates unmerged A then B); a second pass therefore alternates over that order;
 - importance uses text-to-visual attention only (the text tokens after the media: the
@@ -107,16 +111,29 @@ def merge_to_budget(x: torch.Tensor, k: int, pass_fraction: float = 0.5):
     return slots, feats, members_by_slot(owner, slots.numel())
 
 
+# The depths the official code has a schedule for: the first layer whose rate is under 1, and
+# the number of layers the rate takes to fall to 0 (1/8 a layer). 28: the vendored Qwen2
+# (LLaVA-OneVision, LLaVA-Video); 32: the LLaVA-1.5 variant in
+# ``other_packages/LLaVA-PruMerge/modeling_llama.py`` (rate[l] = 1 - (l - 12) * 0.125 from l = 13),
+# which starts a layer before the middle where a scaled 28-layer schedule would start at 16.
+OFFICIAL_SCHEDULES = {28: (14, 8), 32: (13, 8)}
+
+
 def aim_schedule(num_layers: int, start: float = 0.5, end: float = 0.75) -> list[tuple[int, float]]:
-    """Official rates scaled to depth, as this runtime's (first layer that sees the cut, rate).
+    """Official rates, as this runtime's (first layer that sees the cut, rate).
 
     The official code ranks the tokens after layer l has run, by that layer's attention, with
     rate[l] (1 before ``start``*L, falling linearly to 0 at ``end``*L) and masks them from layer
     l+1 on; so the pair is (l+1, rate[l]) and the scores come from layer l (``tap_layer``).
     28 layers: 15 is the first layer with fewer visual tokens (87.5%), 22 the first with none.
+    At the default ``start``/``end`` a depth with an official schedule (:data:`OFFICIAL_SCHEDULES`)
+    gets it verbatim (32 layers: 14 is the first cut, 21 the first layer with none); any other
+    depth gets the 28-layer schedule scaled.
     """
     first, last = round(num_layers * start), round(num_layers * end)
     span = max(1, last - first + 1)
+    if (start, end) == (0.5, 0.75) and num_layers in OFFICIAL_SCHEDULES:
+        first, span = OFFICIAL_SCHEDULES[num_layers]
     return [(layer + 1, max(0.0, 1.0 - (layer - first + 1) / span)) for layer in range(first, num_layers - 1)]
 
 

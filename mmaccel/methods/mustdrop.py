@@ -2,8 +2,9 @@
 life cycle: a key set from the vision tower, dual-attention filtering during prefill, and an
 output-aware KV-cache policy for decoding.
 
-- Key set: the top 8% of each image's tokens by CLS attention at the tower's last layer (mean
-  received attention for towers without CLS) are never dropped.
+- Key set: the top 8% of each image's tokens left after the window merge (``ceil(0.08 * n)``,
+  as the official code counts them), by CLS attention at the tower's last layer (mean received
+  attention for towers without CLS), are never dropped.
 - Prefill, at layers 2/6/10/14 of 32 (scaled to the decoder's depth; each filter reads its
   layer's own attention and the cut holds from the next layer on, as in the official code): with
   A the head-mean attention of the text after the media over the visual tokens, visual token j is
@@ -86,7 +87,9 @@ class MustDrop(PreLLMReducer, InLLMPruner):
             red = one_per_group(seg)
             tap = [v for k, v in seg.scores.items() if not str(k).startswith("merge_")]
             scores = head_scores(tap[0]).cpu()[red.keep]  # red.keep is on the CPU
-            k = min(math.ceil(self.key_ratio * seg.n), int(torch.isfinite(scores).sum()))
+            # official: ceil(0.08 * (N - 1)) of the tokens left *after* the window merge
+            scorable = int(torch.isfinite(scores).sum())
+            k = min(math.ceil(self.key_ratio * scorable), scorable)
             red.protected = red.keep[scores.topk(k).indices]
             out.append(red)
         return out
