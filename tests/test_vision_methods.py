@@ -90,3 +90,26 @@ def test_vision_methods_restore_the_tower(tiny_models, family, method):
     assert vision_cfg._attn_implementation == "sdpa" and "pack_image_features" not in vars(model.model)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits[:, -1], before)
+
+
+def test_hired_crops_stay_whole_when_onevision_resizes_the_raster():
+    """anyres_max_1 makes LLaVA-OneVision shrink the crop raster bilinearly: each crop must still
+    be one block of the packed raster (averaged tile indices used to put crop 2 between 1 and 3)."""
+    import mmaccel.methods.hired as hired
+    from mmaccel.testing.tiny import build
+
+    model, proc = build("llava_onevision")
+    model.config.vision_aspect_ratio = proc.vision_aspect_ratio = "anyres_max_1"
+    inputs = make_inputs(proc)
+    seen = []
+    spy = lambda tile, grid: seen.append(crop_boxes(tile, grid)) or seen[-1]  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hired, "crop_boxes", spy)
+        with accelerate_vlm(model, method="hired", retention=0.25), torch.no_grad():
+            model(**inputs)
+    boxes = list(seen[0].values())
+    assert len(boxes) == 4  # a 2x2 crop grid
+    for i, (t, b, l, r) in enumerate(boxes):
+        for t2, b2, l2, r2 in boxes[i + 1:]:
+            assert min(b, b2) <= max(t, t2) or min(r, r2) <= max(l, l2)  # no two crops overlap
+    assert sum((b - t) * (r - l) for t, b, l, r in boxes) == pytest.approx(1.0)

@@ -13,6 +13,13 @@ budgets are split with largest remainders instead of ``int()`` truncation, so th
 without a CLS token rank by mean received attention; images without crops (LLaVA-1.5, video
 frames) keep the feature-layer top tokens of each part. Newline tokens are dropped, as in the
 official code.
+The budget is ``retention`` of the tokens the model gives the image (base, unpadded crops and
+newlines), the convention every method here shares; the official code counts every view as a
+padded 576-token one (``int(P * 576 * rate)``), so on a non-square image it budgets more (a
+16:9 image on a 2 x 2 grid: 576 tokens against 390 here). Crops pick among their real tokens:
+the official top-k runs over padded views and loses the picks that land in the padding. On
+LLaVA-OneVision, whose ``anyres_max`` packing can shrink the crop raster, each packed token
+belongs to the crop of largest weight (:func:`mmaccel.models.scores.anyres_crop_ids`).
 """
 from __future__ import annotations
 

@@ -44,12 +44,26 @@ def anyres_scores(adapter, entries, media_parts, pack_call: dict) -> list[list[t
 
 def anyres_crop_ids(adapter, media_parts, pack_call: dict) -> list[list[torch.Tensor]]:
     """Which tile (0 = base image, 1.. = crops, row-major) each token comes from, (n, 1), NaN
-    on newlines: the model's own packing applied to tile-index maps."""
-    ids = [torch.arange(int(f.shape[0]), dtype=torch.float32)[:, None, None].expand(-1, f.shape[1], 1)
-           for f in pack_call["image_features"]]
+    on newlines: the model's own packing applied to one-hot tile maps, each token taking the
+    tile of largest weight. One-hot, not the tile index itself: LLaVA-OneVision's
+    ``anyres_max`` packing resizes the raster bilinearly, and averaged indices would round to a
+    third tile (the mean of crops 1 and 3 of a 2 x 2 grid is crop 2's index)."""
+    ids = []
+    for f in pack_call["image_features"]:
+        tiles = int(f.shape[0])
+        ids.append(torch.eye(tiles)[:, None, :].expand(-1, f.shape[1], -1))  # (tiles, P, tiles)
     kwargs = {k: v for k, v in pack_call.items() if k not in ("image_features", "image_newline")}
-    packed, _ = adapter.original_pack(image_features=ids, image_newline=torch.full((1,), float("nan")), **kwargs)
-    return [split_parts(p.round(), parts) for p, parts in zip(packed, media_parts)]
+    width = max(int(f.shape[0]) for f in pack_call["image_features"])
+    ids = [torch.nn.functional.pad(i, (0, width - i.shape[-1])) for i in ids]  # one newline width for all
+    packed, _ = adapter.original_pack(image_features=ids, image_newline=torch.full((width,), float("nan")), **kwargs)
+    return [split_parts(_dominant_tile(p), parts) for p, parts in zip(packed, media_parts)]
+
+
+def _dominant_tile(weights: torch.Tensor) -> torch.Tensor:
+    """(n, tiles) packed one-hot weights -> (n, 1) index of the heaviest tile, NaN on newlines."""
+    tile = weights.nan_to_num(-1.0).argmax(-1).float()
+    tile[weights.isnan().any(-1)] = float("nan")
+    return tile[:, None]
 
 
 def onevision_video_scores(adapter, entries, media_parts) -> list[list[torch.Tensor]]:
