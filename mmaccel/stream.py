@@ -38,7 +38,7 @@ class StreamSession:
         """Forget every frame (a new video)."""
         self.kept: list[torch.Tensor] = []  # per frame: (k, D) kept features, spatial order
         self.kept_index: list[torch.Tensor] = []  # per frame: kept token indices
-        self.memory: list[torch.Tensor] = []  # STC temporal anchor: frame anchors seen so far
+        self.memory: list[torch.Tensor] = []  # STC temporal memory: raw frame means seen so far
         self.tokens_seen = 0
         self.vision_seconds = self.append_seconds = 0.0
         self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens

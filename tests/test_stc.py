@@ -42,3 +42,24 @@ def test_stc_on_a_video_model(tiny_models):
         kept = sum(len(p) for p in handle.provenance())
     assert stats.visual_tokens_kept < stats.visual_tokens_in
     assert stats.visual_tokens_kept == kept
+
+
+def test_temporal_anchor_is_the_normalised_mean_of_raw_frame_means():
+    """Official prune.py: memory holds each frame's raw channel-selected mean; the anchor is their
+    mean, L2-normalised (a unit vector however many frames have passed)."""
+    import torch.nn.functional as F
+
+    from mmaccel.methods.stc import gaussian_similarity, stc_scores
+
+    torch.manual_seed(0)
+    frames = [torch.randn(12, 8) * (1 + i) + i for i in range(5)]
+    memory, raw_means = [], []
+    for f in frames:
+        scores, _ = stc_scores(f, memory)
+        low = f.var(0).argsort()[:4]
+        raw_means.append(f[:, low].mean(0))
+        x = F.normalize(f[:, low], dim=-1)
+        temporal = F.normalize(torch.stack(raw_means).mean(0), dim=-1)
+        expected = gaussian_similarity(x, x.mean(0)) + gaussian_similarity(x, temporal)
+        assert torch.allclose(scores, expected, atol=1e-6)
+    assert len(memory) == len(frames)

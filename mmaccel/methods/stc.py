@@ -4,13 +4,14 @@ that are *least* like the frame's spatial anchor and the running temporal anchor
 Per frame: keep the 50% of channels with the lowest variance over the frame's tokens, L2-normalise,
 and score every token with a multi-bandwidth Gaussian kernel
 ``g(x, c) = sum_a exp(-||x - c||^2 / (2a))``, a in {1/8, 1/4, 1/2, 1, 2}, against the frame mean
-(spatial anchor) and the mean of the frame means seen so far (temporal anchor). The
+(spatial anchor) and the L2-normalised mean of the raw frame means seen so far, this one
+included (temporal anchor, as the official code builds it). The
 ``token_per_frame`` lowest scores survive, in spatial order. Official default: 60 of 196 tokens
 per frame (``retention = 60/196``).
 
-Differences: the temporal anchor includes the current frame (the official running list is
-appended before use and is never reset between videos; here it is reset per video, and a
-streaming session will own it); images are treated as one-frame videos; structural newline
+Differences: the temporal memory is reset per video (the official running list is never
+reset between videos; its reset in the benchmark scripts rebinds an alias), and a streaming
+session owns it; images are treated as one-frame videos; structural newline
 tokens are always kept. STC-Cacher (ViT reuse across frames, ``mmaccel/vision/stc_cacher.py``)
 and the streaming session (``mmaccel/stream.py``, frames appended to a per-session KV cache)
 are separate pieces.
@@ -35,13 +36,17 @@ def gaussian_similarity(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
 
 def stc_scores(frame: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """frame: (n, D) features. Returns (scores (n,), frame anchor); lower score = more novel.
-    ``memory`` holds the anchors of earlier frames and gets this frame's anchor appended."""
+    ``memory`` holds the raw (channel-selected, not normalised) means of the frames so far and
+    gets this frame's appended first; the temporal anchor is their mean, L2-normalised, as the
+    official ``_update_memory`` / ``compute_scores`` make it (a mean of unit vectors would
+    shrink as frames accumulate and fade the temporal term)."""
     f = frame.float()
     low_var = f.var(0).argsort()[: max(1, f.shape[1] // 2)]
-    f = F.normalize(f[:, low_var], dim=-1)
+    raw = f[:, low_var]
+    memory.append(raw.mean(0))
+    f = F.normalize(raw, dim=-1)
     anchor = f.mean(0)
-    memory.append(anchor)
-    temporal = torch.stack(memory).mean(0)
+    temporal = F.normalize(torch.stack(memory).mean(0), dim=-1)
     return gaussian_similarity(f, anchor) + gaussian_similarity(f, temporal), anchor
 
 
