@@ -48,13 +48,10 @@ def anyres_crop_ids(adapter, media_parts, pack_call: dict) -> list[list[torch.Te
     tile of largest weight. One-hot, not the tile index itself: LLaVA-OneVision's
     ``anyres_max`` packing resizes the raster bilinearly, and averaged indices would round to a
     third tile (the mean of crops 1 and 3 of a 2 x 2 grid is crop 2's index)."""
-    ids = []
-    for f in pack_call["image_features"]:
-        tiles = int(f.shape[0])
-        ids.append(torch.eye(tiles)[:, None, :].expand(-1, f.shape[1], -1))  # (tiles, P, tiles)
+    width = max(int(f.shape[0]) for f in pack_call["image_features"])  # one channel width for all images
+    onehot = torch.eye(width)
+    ids = [onehot[: int(f.shape[0]), None, :].expand(-1, f.shape[1], -1) for f in pack_call["image_features"]]
     kwargs = {k: v for k, v in pack_call.items() if k not in ("image_features", "image_newline")}
-    width = max(int(f.shape[0]) for f in pack_call["image_features"])
-    ids = [torch.nn.functional.pad(i, (0, width - i.shape[-1])) for i in ids]  # one newline width for all
     packed, _ = adapter.original_pack(image_features=ids, image_newline=torch.full((width,), float("nan")), **kwargs)
     return [split_parts(_dominant_tile(p), parts) for p, parts in zip(packed, media_parts)]
 
