@@ -52,12 +52,13 @@ def tome_merge(x, size, assign, src, dst):
     """Size-weighted merge of ``src`` into ``dst`` (B, r); drops the src slots.
 
     x: (B, N, D); size: (B, N); assign: (B, N0) current slot of every original token.
-    Returns (x, size, assign) for the shorter sequence, spatial order kept."""
+    Returns (x, size, assign) for the shorter sequence, spatial order kept; x keeps its dtype
+    (the mean is taken in float32)."""
     bsz, n, d = x.shape
-    w = size[..., None]
-    total = (x * w).scatter_add(1, dst[..., None].expand(-1, -1, d), torch.gather(x * w, 1, src[..., None].expand(-1, -1, d)))
+    dtype, weighted = x.dtype, x.float() * size[..., None]  # sums in float32: bf16 sizes lose counts
+    total = weighted.scatter_add(1, dst[..., None].expand(-1, -1, d), torch.gather(weighted, 1, src[..., None].expand(-1, -1, d)))
     size = size.scatter_add(1, dst, torch.gather(size, 1, src))
-    x = total / size[..., None]
+    x = (total / size[..., None]).to(dtype)
     keep = torch.ones(bsz, n, dtype=torch.bool, device=x.device)
     keep.scatter_(1, src, False)
     redirect = torch.arange(n, device=x.device).expand(bsz, -1).clone()

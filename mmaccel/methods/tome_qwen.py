@@ -48,13 +48,12 @@ def merge_windows(x, cos, sin, st: dict, into: torch.Tensor, unit: int):
     n_units, d = x.shape[0] // unit, x.shape[1]
     keep = into == torch.arange(n_units, device=x.device)
     slot = (keep.long().cumsum(0) - 1)[into]
-    w = st["size"][:, None]
-    windows = x.reshape(n_units, unit * d) * w
+    windows = x.reshape(n_units, unit * d).float() * st["size"][:, None]  # sums in float32, whatever x's dtype
     size = torch.zeros(int(keep.sum()), device=x.device).index_add_(0, slot, st["size"])
-    merged = torch.zeros(size.shape[0], unit * d, dtype=x.dtype, device=x.device).index_add_(0, slot, windows)
+    merged = torch.zeros(size.shape[0], unit * d, device=x.device).index_add_(0, slot, windows)
     st["size"], st["assign"] = size, slot[st["assign"]]
     rows = (keep.nonzero().flatten()[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
-    return (merged / size[:, None]).reshape(-1, d), cos[rows], sin[rows]
+    return (merged / size[:, None]).reshape(-1, d).to(x.dtype), cos[rows], sin[rows]
 
 
 def tome_into(metric: torch.Tensor, r: int) -> torch.Tensor:

@@ -75,12 +75,12 @@ def _finish(model, seed):
     return model
 
 
-def tiny_llava(seed: int = 0, text_layers: int = 4):
+def tiny_llava(seed: int = 0, text_layers: int = 4, vision_layers: int = 2):
     """LLaVA-1.5 shaped: CLIP tower (56 px, patch 14 -> 16 tokens) + Llama decoder."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = make_tokenizer()
-    cfg = LlavaConfig(vision_config=_clip_vision(), text_config=_text_config("llama", len(tok), layers=text_layers),
+    cfg = LlavaConfig(vision_config=_clip_vision(layers=vision_layers), text_config=_text_config("llama", len(tok), layers=text_layers),
                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                       vision_feature_select_strategy="default", image_seq_length=16)
     torch.manual_seed(seed)
@@ -94,13 +94,13 @@ def tiny_llava(seed: int = 0, text_layers: int = 4):
 _PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 
 
-def tiny_llava_next(seed: int = 0, text_layers: int = 4):
+def tiny_llava_next(seed: int = 0, text_layers: int = 4, vision_layers: int = 2):
     """LLaVA-NeXT shaped: any-resolution crops of a 56 px CLIP tower, newline tokens."""
     from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
                               LlavaNextProcessor)
 
     tok = make_tokenizer()
-    cfg = LlavaNextConfig(vision_config=_clip_vision(), text_config=_text_config("llama", len(tok), layers=text_layers),
+    cfg = LlavaNextConfig(vision_config=_clip_vision(layers=vision_layers), text_config=_text_config("llama", len(tok), layers=text_layers),
                           image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=_PINPOINTS,
                           vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
     torch.manual_seed(seed)
@@ -112,13 +112,13 @@ def tiny_llava_next(seed: int = 0, text_layers: int = 4):
     return _finish(model, seed), proc
 
 
-def tiny_llava_onevision(seed: int = 0, text_layers: int = 4):
+def tiny_llava_onevision(seed: int = 0, text_layers: int = 4, vision_layers: int = 2):
     """LLaVA-OneVision shaped: SigLIP tower, anyres images, pooled video frames, Qwen2 decoder."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)
 
     tok = make_tokenizer()
-    cfg = LlavaOnevisionConfig(vision_config=_siglip_vision(), text_config=_text_config("qwen2", len(tok), layers=text_layers),
+    cfg = LlavaOnevisionConfig(vision_config=_siglip_vision(layers=vision_layers), text_config=_text_config("qwen2", len(tok), layers=text_layers),
                                image_token_id=tok.convert_tokens_to_ids("<image>"),
                                video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=_PINPOINTS,
                                vision_feature_layer=-1, vision_feature_select_strategy="full")
@@ -175,13 +175,15 @@ def tiny_qwen2_5_vl(seed: int = 0, text_layers: int = 4, vision_depth: int = 2, 
     return tiny_qwen2_vl(seed, text_layers, version="2.5", vision_depth=vision_depth, window_size=window_size)
 
 
-def build(family: str, seed: int = 0, text_layers: int = 4):
-    """Build ``(model, processor)`` for one of :data:`FAMILIES`."""
+def build(family: str, seed: int = 0, text_layers: int = 4, vision_layers: int = 2):
+    """Build ``(model, processor)`` for one of :data:`FAMILIES` (``vision_layers``: tower depth;
+    in-tower merging needs more than 2 blocks to act)."""
     builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
                 "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
-    return builders[family](seed=seed, text_layers=text_layers)
+    depth = {"vision_depth" if family.startswith("qwen") else "vision_layers": vision_layers}
+    return builders[family](seed=seed, text_layers=text_layers, **depth)
 
 
 def save_tiny(family: str, path, seed: int = 0):
