@@ -308,6 +308,7 @@ class Runtime:
             per_record = [self.adapter.media_parts(kind, fs, c) for fs, c in records]
             parts = [p for media in per_record for p in media]
             scores = [s for (fs, c), media in zip(records, per_record) for s in self._media_scores(kind, c, media)]
+            parts, scores = _expand_for_copies(parts, scores, (ids == token_id).sum(1).tolist())
             segments += _place(flat, parts, kind, feats, scores)
         return segments
 
@@ -697,6 +698,31 @@ def _place(flat: torch.Tensor, parts: list[list], kind: str, feats: list, scores
             segments.append(Segment(sample, rows[:, 1].clone(), part, media_idx, part_idx, part_scores))
             offset += part.length
     return _renumber_media(segments)
+
+
+def _expand_for_copies(parts: list[list], scores: list, per_row: list[int]) -> tuple[list[list], list]:
+    """Media parts (and their scores) for a batch that generate() expanded after encoding.
+
+    Beam search and ``num_return_sequences`` encode the media once, then repeat every prompt
+    row k times (``repeat_interleave``) and each prompt's group of media with it. per_row: the
+    placeholder count of every row of the expanded batch. Unexpanded input is returned as is."""
+    encoded = sum(p.length for media in parts for p in media)
+    if not parts or encoded == 0 or sum(per_row) == encoded or sum(per_row) % encoded:
+        return parts, scores
+    copies = sum(per_row) // encoded
+    if len(per_row) % copies:
+        return parts, scores
+    out_parts, out_scores, start = [], [], 0
+    for need in per_row[::copies]:  # one row per prompt: its media are the next ``need`` tokens
+        end, got = start, 0
+        while got < need and end < len(parts):
+            got, end = got + sum(p.length for p in parts[end]), end + 1
+        if got != need:
+            return parts, scores  # the layout does not split by prompt: leave it to the fallback
+        out_parts += parts[start:end] * copies
+        out_scores += scores[start:end] * copies
+        start = end
+    return out_parts, out_scores
 
 
 def _renumber_media(segments: list[Segment]) -> list[Segment]:

@@ -320,3 +320,34 @@ def test_beam_search_and_static_cache(tiny_models):
         assert handle.stats.visual_tokens_per_layer[-1] < handle.stats.visual_tokens_per_layer[0]
         with pytest.raises(ValueError, match="dynamic cache"):
             model.generate(**inputs, max_new_tokens=3, cache_implementation="static")
+
+
+@pytest.fixture(scope="module")
+def deep_tower_models():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = build(family, seed=2, vision_layers=4)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "aim", "hired", "visionzip", "mustdrop", "stc", "tome"])
+def test_beam_copies_keep_what_their_prompt_keeps(deep_tower_models, family, method):
+    """generate() encodes the media once and repeats each prompt's media group per beam and
+    returned sequence: every copy must get its prompt's layout (crops, frames, tower scores),
+    so it keeps the tokens the prompt keeps alone (tap methods used to find no scores for the
+    copies, the others fell back to one segment per placeholder run)."""
+    model, proc = deep_tower_models(family)
+    media = ("image", "video") if family in VIDEO_FAMILIES else ("image", "image")
+    inputs = make_inputs(proc, batch=2, media=media)
+    with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        alone = handle.kept_visual_positions()
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, num_beams=2, num_return_sequences=2)
+        copies = handle.kept_visual_positions()
+    assert out.shape[0] == 4 and len(copies) == 4
+    for row, kept in enumerate(copies):
+        assert torch.equal(kept, alone[row // 2]), row
