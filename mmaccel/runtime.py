@@ -85,6 +85,7 @@ class Runtime:
         self.stats = Stats(method=method.name)
         self._per_sample_layers: list[list[int]] = []
         self._in_generate = False
+        self._records_used = False  # the recorded media fed a prefill already (see _wrap_features)
         self._pending_ids = None
         self._saved_attn = None
         self.vision_tap = None
@@ -177,7 +178,7 @@ class Runtime:
             self._in_generate = True
             self._pending_ids = kwargs.get("input_ids", args[0] if args else None)
             self._new_stats()
-            self.records = []
+            self.records, self._records_used = [], False
             start = clock()
             try:
                 out = generate(*args, **kwargs)
@@ -197,7 +198,7 @@ class Runtime:
     def _on_call_start(self, module, args, kwargs):
         if not self._in_generate and _cache_len(kwargs.get("cache", kwargs.get("past_key_values"))) == 0:
             self._new_stats()
-            self.records = []
+            self.records, self._records_used = [], False
         self._t0 = clock()
 
     def _on_call_end(self, module, args, output):
@@ -238,6 +239,8 @@ class Runtime:
             if self.vision_tap is not None:
                 self.vision_tap.clear()
             self._pack_calls, self.vision_maps, self.current_kind = [], {}, kind
+            if self._records_used:
+                self.records, self._records_used = [], False
             start = clock()
             out = fn(*args, **kwargs)
             self.stats.add_time("vision", clock() - start)
@@ -280,10 +283,20 @@ class Runtime:
             if input_ids is None and any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
                 raise ValueError("mmaccel needs input_ids (not inputs_embeds) to locate the visual placeholders")
             length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+            self._refuse_chunked_prefill(length)
             self.request = Request(input_ids=input_ids, orig_len=length)
         elif self.request is None:
             raise ValueError("mmaccel: this cache was filled before accelerate_vlm was applied; start a new generation")
         return None
+
+    def _refuse_chunked_prefill(self, length: int) -> None:
+        """A generate() prefill shorter than its prompt is chunked (``prefill_chunk_size``): the
+        reduction needs every visual token of a sample in one forward."""
+        prompt = self._pending_ids
+        if self.splicing and self._in_generate and prompt is not None and length < prompt.shape[-1]:
+            raise ValueError(f"mmaccel reduces visual tokens over the whole prompt in one prefill, but generate() "
+                             f"fed {length} of its {prompt.shape[-1]} tokens (chunked prefill): drop "
+                             "prefill_chunk_size from the generation config")
 
     # ------------------------------------------------------------------ language model
     def _on_language_model(self, module, args, kwargs):
@@ -337,7 +350,9 @@ class Runtime:
         batch, length = embeds.shape[:2]
         segments = self._segments(batch)
         req.segments = segments
-        self.records = []
+        # kept, not cleared: generate() encodes the media once, and with use_cache=False every step
+        # is a new prefill of the same media; a new encoding replaces them (_wrap_features)
+        self._records_used = True
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and not (isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2) and self.splicing:
             raise ValueError("mmaccel needs the 2-D padding attention mask (batch, length) the processor returns, "

@@ -351,3 +351,27 @@ def test_beam_copies_keep_what_their_prompt_keeps(deep_tower_models, family, met
     assert out.shape[0] == 4 and len(copies) == 4
     for row, kept in enumerate(copies):
         assert torch.equal(kept, alone[row // 2]), row
+
+
+@pytest.mark.parametrize("method", ["hired", "visionzip", "tome", "pool"])
+def test_generate_without_cache_reduces_every_step_like_the_cached_run(deep_tower_models, method):
+    """use_cache=False: every step is a new prefill of the media generate() encoded once; each
+    must be reduced the same way (tap methods used to crash on the second step, tome ran it
+    unreduced), so pre-LLM methods answer exactly as with the cache."""
+    model, proc = deep_tower_models("llava_next")
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        kept = handle.kept_visual_positions()
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        assert all(torch.equal(a, b) for a, b in zip(handle.kept_visual_positions(), kept))  # the last step's
+    assert torch.equal(uncached, cached)
+
+
+def test_chunked_prefill_is_refused_with_a_clear_error(tiny_models):
+    model, proc = tiny_models("llava")
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method="fastv", retention=0.25), torch.no_grad():
+        with pytest.raises(ValueError, match="chunked prefill"):
+            model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=8)
+        model.generate(**inputs, max_new_tokens=2)  # the handle still works afterwards
