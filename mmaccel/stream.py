@@ -3,11 +3,18 @@
 ``StreamSession`` encodes each frame as it arrives (vision tower, projector and the model's own
 2x2 frame pooling), keeps the ``retention`` share of its tokens that STC-Pruner finds most novel
 against the frame anchor and the session's running temporal anchor, and appends only those to
-the session's KV cache right away (compact positions, as STC/ReKV append them). ``ask`` then
+the session's KV cache right away. ``ask`` then
 prefills just the question's tokens on top of that cache, decodes greedily, and crops the cache
 back, so a question costs the question and never the video again. All state lives in the
 session object: sessions never share anything, so several streams can run side by side on one
 model. LLaVA-OneVision only (the official target).
+
+Positions: by default (``position_policy="preserve"``) each kept token sits at the position it
+would hold in the full video, so the language model sees the same positions as offline ``stc``
+with its default policy. The official STC/ReKV stream appends kept tokens at consecutive
+positions (``"compact"``); on the shipped model that costs 14 points of video accuracy at 60/196
+tokens (`results/fidelity/stream_positions.md`), as renumbered positions cost grounding elsewhere
+(GAP, arXiv 2506.21873).
 """
 from __future__ import annotations
 
@@ -25,12 +32,16 @@ class StreamSession:
     """One stream. ``add_frame(frame)`` -> kept token count; ``ask(question)`` -> Answer."""
 
     def __init__(self, model, processor, retention: float = 60 / 196, cacher: bool = False,
-                 cache_interval: int = 2, update_ratio: float = 0.25, similarity_threshold: float | None = None):
+                 cache_interval: int = 2, update_ratio: float = 0.25, similarity_threshold: float | None = None,
+                 position_policy: str = "preserve"):
         if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
             raise ValueError(f"StreamSession supports LlavaOnevisionForConditionalGeneration, not {type(model).__name__}")
         if not 0.0 < retention <= 1.0:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
+        if position_policy not in ("preserve", "compact"):
+            raise ValueError(f"position_policy must be 'preserve' or 'compact', got {position_policy!r}")
         self.model, self.processor, self.retention = model, processor, retention
+        self.position_policy = position_policy
         self.cacher, self._cacher_args = cacher, (cache_interval, update_ratio, similarity_threshold)
         self.reset()
 
@@ -38,12 +49,15 @@ class StreamSession:
         """Forget every frame (a new video)."""
         self.kept: list[torch.Tensor] = []  # per frame: (k, D) kept features, spatial order
         self.kept_index: list[torch.Tensor] = []  # per frame: kept token indices
+        self.kept_positions: list[torch.Tensor] = []  # per frame: kept tokens' positions from the video's start
         self.memory: list[torch.Tensor] = []  # STC temporal memory: raw frame means seen so far
         self.tokens_seen = 0
         self.vision_seconds = self.append_seconds = 0.0
         self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens
-        self.cached = 0  # positions held by the cache
+        self.cached = 0  # tokens held by the cache
+        self.video_span = 0  # positions the video takes so far (its kept tokens when compact)
         self._incremental = None
+        self.first_logits = None  # (vocab,) the latest answer's first-token logits (e.g. for a KL)
         from .vision.stc_cacher import CacherState
 
         self.cacher_state = CacherState(*self._cacher_args) if self.cacher else None
@@ -69,22 +83,27 @@ class StreamSession:
             index = torch.arange(feats.shape[0])
         self.kept.append(feats[index])
         self.kept_index.append(index)
+        self.kept_positions.append(self.video_span + (index if self.position_policy == "preserve"
+                                                      else torch.arange(index.numel())))
+        self.video_span += feats.shape[0] if self.position_policy == "preserve" else index.numel()
         self.tokens_seen += feats.shape[0]
         self.vision_seconds += time.perf_counter() - start
-        self._append(feats[index])
+        self._append(feats[index], self.kept_positions[-1])
         return int(index.numel())
 
-    def _append(self, feats: torch.Tensor) -> None:
-        """Run the language model on one frame's kept tokens (n, D), extending the cache.
-
-        The first frame also carries the prompt text before the video marker."""
+    def _append(self, feats: torch.Tensor, video_positions: torch.Tensor) -> None:
+        """Run the language model on one frame's kept tokens (n, D) at ``video_positions`` (n,)
+        from the video's start, extending the cache. The first frame also carries the prompt
+        text before the video marker."""
         if not self.incremental:
             return
         start = time.perf_counter()
+        positions = video_positions + self.prefix_ids.numel()
         if self.cache is None:
             self.cache = self._new_cache()
             feats = torch.cat([self._embed(self.prefix_ids), feats])
-        self._forward(feats)
+            positions = torch.cat([torch.arange(self.prefix_ids.numel()), positions])
+        self._forward(feats, positions)
         self.append_seconds += time.perf_counter() - start
 
     @property
@@ -105,10 +124,10 @@ class StreamSession:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.model.device))
 
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(n, D) embeddings at the next n positions -> (n, D) last hidden states."""
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, D) embeddings at ``positions`` (n,) -> (n, D) last hidden states."""
         lm = self.model.model.language_model
-        pos = torch.arange(self.cached, self.cached + embeds.shape[0], device=embeds.device)[None]
+        pos = positions.to(embeds.device)[None]
         out = lm(inputs_embeds=embeds[None].to(self.model.dtype), position_ids=pos, cache=self.cache, use_cache=True)
         self.cached += embeds.shape[0]
         return out.last_hidden_state[0]
@@ -143,7 +162,7 @@ class StreamSession:
         prefix, suffix = self._split_prompt(question)
         start = time.perf_counter()
         newline = self.model.model.image_newline[None].to(self.model.device, self.model.dtype)
-        tail = torch.cat([newline, self._embed(suffix)])
+        tail = torch.cat([newline, self._embed(suffix)])  # at the positions right after the video
         if self.cache is None:
             tokens, length = self._ask_from_scratch(prefix, tail, max_new_tokens)
         else:
@@ -159,7 +178,7 @@ class StreamSession:
             raise ValueError("the chat template's text before the video changed")
         before = self.cached
         try:
-            return self._decode(tail, max_new_tokens), before + tail.shape[0]
+            return self._decode(tail, prefix.numel() + self.video_span, max_new_tokens), before + tail.shape[0]
         finally:
             if self.cached > before:  # transformers 5: a negative count removes the newest tokens
                 self.cache.crop(before - self.cached)
@@ -168,24 +187,31 @@ class StreamSession:
     def _ask_from_scratch(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
         """Question-dependent prefix: prefill prefix + kept tokens + tail in a throwaway cache."""
         embeds = torch.cat([self._embed(prefix), *self.kept, tail])
+        positions = torch.cat([torch.arange(prefix.numel()), *[p + prefix.numel() for p in self.kept_positions],
+                               prefix.numel() + self.video_span + torch.arange(tail.shape[0])])
         self.cache = self._new_cache()
         try:
-            return self._decode(embeds, max_new_tokens), embeds.shape[0]
+            return self._decode(embeds, positions, max_new_tokens), embeds.shape[0]
         finally:
             self.cache, self.cached = None, 0
 
-    def _decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
-        """Greedy tokens after ``embeds`` (n, D), stopping at an end-of-sequence id."""
+    def _decode(self, embeds: torch.Tensor, positions, max_new_tokens: int) -> list[int]:
+        """Greedy tokens after ``embeds`` (n, D) at ``positions`` ((n,), or an int: the first of
+        n consecutive ones), stopping at an end-of-sequence id."""
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, (list, tuple)) else [eos])
         tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            hidden = self._forward(embeds)
-            nxt = int(self.model.lm_head(hidden[-1]).argmax())
+        if isinstance(positions, int):
+            positions = positions + torch.arange(embeds.shape[0])
+        for step in range(max_new_tokens):
+            logits = self.model.lm_head(self._forward(embeds, positions)[-1])
+            if step == 0:
+                self.first_logits = logits.float()
+            nxt = int(logits.argmax())
             if nxt in stop:
                 break
             tokens.append(nxt)
-            embeds = self._embed(torch.tensor([nxt]))
+            embeds, positions = self._embed(torch.tensor([nxt])), positions[-1:] + 1
         return tokens
 
     def _stats(self, length: int, kept: int, seconds: float, new_tokens: int) -> Stats:

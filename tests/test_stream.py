@@ -255,3 +255,33 @@ def test_threshold_out_of_range_is_refused(tiny_models, threshold):
     model, proc = tiny_models("llava_onevision")
     with pytest.raises(ValueError, match="similarity_threshold"):
         StreamSession(model, proc, cacher=True, similarity_threshold=threshold)
+
+
+@pytest.mark.parametrize("policy, question_first", [("preserve", False), ("compact", False), ("preserve", True)])
+def test_stream_matches_offline_stc_under_the_same_position_policy(tiny_models, policy, question_first):
+    """A pruned stream keeps offline stc's tokens and puts them where offline stc does: at
+    their full-video positions (preserve, the default) or one after another (compact, the
+    official stream's append), so the answer's logits match the offline forward's; also when
+    the template puts the question first (the whole prompt is prefilled at ask time)."""
+    import copy
+
+    from mmaccel import accelerate_vlm
+
+    model, proc = tiny_models("llava_onevision")
+    if question_first:
+        proc = copy.deepcopy(proc)
+        proc.chat_template = QUESTION_FIRST
+    frames, question = video(7, frames=4), "which direction does the red square move ?"
+    session = StreamSession(model, proc, retention=0.5, position_policy=policy)
+    for f in frames:
+        session.add_frame(f)
+    inputs = proc(text=[prompt(proc, question, ("video",))], videos=[frames], return_tensors="pt")
+    with accelerate_vlm(model, method="stc", retention=0.5, position_policy=policy) as handle, torch.no_grad():
+        offline = model(**inputs).logits[0, -1]
+        kept = handle.kept_visual_positions()[0]
+    first = (inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0, 0]
+    per_frame = torch.cat([i + 4 * f for f, i in enumerate(session.kept_index)])
+    assert torch.equal(kept[:-1] - first, per_frame)  # the last kept token: the video's newline
+    streamed = session.ask(question, max_new_tokens=1)
+    torch.testing.assert_close(session.first_logits, offline, atol=1e-4, rtol=1e-4)
+    assert streamed.text == proc.tokenizer.decode([int(offline.argmax())], skip_special_tokens=True).strip()
