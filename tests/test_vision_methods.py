@@ -14,11 +14,12 @@ def test_dominant_contextual_by_hand():
     feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [5.0, 5.0], [0.2, 0.8]])
     scores = torch.tensor([0.1, 0.2, 0.3, 0.1, 0.9, float("-inf")])
     keep, out, groups = dominant_contextual(feats, scores, 1, 2)
-    # dominant: token 4; rest [0,1,2,3,5] -> targets at stride 2: tokens 0 and 2
+    # dominant: token 4; token 5 is structural (-inf: a row newline) and joins no group;
+    # rest [0,1,2,3] -> targets at stride 2: tokens 0 and 2
     assert keep.tolist() == [0, 2, 4]
-    assert [g.tolist() for g in groups] == [[0, 1], [2, 3, 5], [4]]
+    assert [g.tolist() for g in groups] == [[0, 1], [2, 3], [4]]
     torch.testing.assert_close(out[0], feats[[0, 1]].mean(0))
-    torch.testing.assert_close(out[1], feats[[2, 3, 5]].mean(0))
+    torch.testing.assert_close(out[1], feats[[2, 3]].mean(0))
 
 
 def test_dominant_slots_nobody_can_fill_go_to_context():
@@ -113,3 +114,43 @@ def test_hired_crops_stay_whole_when_onevision_resizes_the_raster():
         for t2, b2, l2, r2 in boxes[i + 1:]:
             assert min(b, b2) <= max(t, t2) or min(r, r2) <= max(l, l2)  # no two crops overlap
     assert sum((b - t) * (r - l) for t, b, l, r in boxes) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_next", "llava_onevision"])
+def test_visionzip_merges_feature_layer_states_by_keys_before_the_projector(tiny_models, fam):
+    """On CLIP/SigLIP towers the contextual groups follow the feature layer's head-mean keys and
+    each contextual token is the projector applied to its group's mean hidden state, as in the
+    official code. The recorded states line up with the tokens: projected, they are the
+    model's own features."""
+    import torch.nn.functional as F
+
+    from mmaccel.methods.visionzip import VisionZip
+
+    model, proc = tiny_models(fam)
+    seen = []
+    original = VisionZip.reduce
+
+    def spy(self, features, segment, budget):
+        out = original(self, features, segment, budget)
+        seen.append((features, segment.scores, out))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(VisionZip, "reduce", spy)
+        with accelerate_vlm(model, method="visionzip", retention=0.5):
+            model(**make_inputs(proc, batch=2))
+        projector = model.model.multi_modal_projector
+        contextual = 0
+        for features, maps, red in seen:
+            image = ~maps["zip_hidden"].isnan().any(-1)  # newline tokens carry NaN maps
+            torch.testing.assert_close(projector(maps["zip_hidden"][image]), features[image], atol=1e-5, rtol=1e-5)
+            keys = F.normalize(maps["zip_key"].float(), dim=-1)
+            for slot, feat, group in zip(red.keep.tolist(), red.features, red.group_list()):
+                if group.numel() == 1 and group[0] == slot:
+                    continue  # a dominant token: the model's own feature
+                contextual += 1
+                torch.testing.assert_close(feat, projector(maps["zip_hidden"][group].mean(0)), atol=1e-5, rtol=1e-5)
+                targets = [s for s, g in zip(red.keep.tolist(), red.group_list()) if g.numel() > 1 or g[0] != s]
+                best = (keys[group] @ keys[targets].T).argmax(-1)
+                assert all(targets[b] == slot for b in best.tolist())  # each member's most similar target
+        assert contextual > 0
