@@ -298,3 +298,39 @@ def test_tome_on_llava_onevision_video_merges_in_the_tower_and_per_pooled_frame(
             assert len({(int(p) - first) // 4 for p in g}) == 1  # inside one frame
     torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("fam", ["llava", "llava_onevision"])
+def test_tome_block_is_the_library_block_and_size_is_proportional_attention(tiny_models, fam):
+    """The re-stated CLIP/SigLIP block with nothing to merge is the library's block, and a
+    token of size 2 attends and is attended like two copies of itself (proportional attention)."""
+    from mmaccel.methods.tome import tome_block_forward
+
+    model, _ = tiny_models(fam)
+    layer = get_adapter(model).vision_layers[0]
+    x = torch.randn(2, 5, layer.layer_norm1.normalized_shape[0])
+    ones = {"size": torch.ones(2, 5), "assign": torch.arange(5).expand(2, -1).clone(), "cls": False}
+    with torch.no_grad():
+        torch.testing.assert_close(tome_block_forward(layer, x, dict(ones), 0), layer(x, None), atol=1e-5, rtol=1e-5)
+        sized = dict(ones, size=torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0]] * 2))
+        copies = layer(x[:, [0, 1, 1, 2, 3, 4]], None)
+        torch.testing.assert_close(tome_block_forward(layer, x, sized, 0), copies[:, [0, 1, 3, 4, 5]], atol=1e-5, rtol=1e-5)
+
+
+def test_tome_merges_from_the_first_block_between_attention_and_mlp(deep_tower_llava):
+    """Block 0 already merges (the official ToMe merges in every block), after its attention:
+    the tokens leaving block 0 are fewer, and its attention still saw them all."""
+    model, proc = deep_tower_llava
+    inputs = make_inputs(proc)
+    layers = get_adapter(model).vision_layers
+    entering, attended = [], []
+    probes = [layers[i].register_forward_pre_hook(lambda m, a: entering.append(a[0].shape[1])) for i in range(3)]
+    probes.append(layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: attended.append(out.shape[1])))
+    try:
+        with accelerate_vlm(model, method="tome", retention=0.5), torch.no_grad():
+            model(**inputs)
+    finally:
+        for p in probes:
+            p.remove()
+    n0 = entering[0]
+    assert attended == [n0] and entering[1] < n0 and entering[2] < entering[1]

@@ -1,20 +1,22 @@
 """ToMe (Bolya et al., ICLR 2023; facebookresearch/ToMe) inside the vision tower.
 
-Before each tower block up to the feature layer, ``r`` token pairs are merged by bipartite
-soft matching on the block's keys averaged over heads (alternate A/B split, each A token to its
-most similar B token, the ``r`` best edges merged), with a size-weighted average, and later
-attention adds ``log(size)`` to the logits (proportional attention). The CLS token is never
-merged. ``r`` is constant per block and chosen so that ``retention`` of the tokens reach the
-feature layer. The tower then runs on fewer tokens; before the feature layer's block each merged
-token is copied back to its sources (its s copies weigh it s times in that block's attention,
-which is proportional attention), so the model's own packing and projection see the usual
-shapes, and the pre-LLM step keeps one token per merged group, at its first source's slot.
+In every tower block before the feature layer's, as in the official ToMe block: attention
+(adding ``log(size)`` to the logits: proportional attention), then ``r`` token pairs merged by
+bipartite soft matching on that attention's keys averaged over heads (alternate A/B split,
+each A token to its most similar B token, the ``r`` best edges merged) with a size-weighted
+average, then the MLP on the shorter sequence. The CLS token is never merged. ``r`` is spread
+evenly over those blocks so that ``retention`` of the tokens reach the feature layer (the
+official code takes a fixed ``r``). Before the feature layer's block each merged token is copied
+back to its sources (its s copies weigh it s times in that block's attention, which is
+proportional attention), so the model's own packing and projection see the usual shapes, and
+the pre-LLM step keeps one token per merged group, at its first source's slot.
 
-Deliberate differences: merging happens at a block's input with that block's keys (the
-official code merges between a block's attention and MLP); tokens stay in spatial order; it
-runs on images in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision), and on
-images and video slices in Qwen2-VL's packed tower, where whole 2x2 merge windows are the
-units (:mod:`.tome_qwen`; in Qwen2.5-VL's windowed tower merges stay inside one attention
+Deliberate differences: tokens stay in spatial order (the official merge puts unmerged A tokens
+first); it runs on images and video frames in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT,
+LLaVA-OneVision), whose blocks are re-stated here (pinned to the library's own block by a
+test), and on images and video slices in Qwen2-VL's packed tower, where whole 2x2 merge windows
+are the units and a block's input is merged with that block's keys
+(:mod:`.tome_qwen`; in Qwen2.5-VL's windowed tower merges stay inside one attention
 window). LLaVA-OneVision video frames are tower rows too and merge the same way (ViT compute),
 but the model then 2x2-pools each frame, so patch groups do not map onto its tokens; there the
 pre-LLM step runs ToMe's matching once more on each frame's pooled tokens (cosine similarity of
@@ -90,35 +92,31 @@ class ToMe(PreLLMReducer):
             return tome_installer(runtime, self.keep_fraction).install() + wrap_tower_attention(adapter)
         layers = adapter.vision_layers
         last = feature_layer(adapter)
-        handles = [layers[i].register_forward_pre_hook(self._merge_hook(runtime, i, last), with_kwargs=True)
-                   for i in range(1, last)]
-        handles.append(layers[last].register_forward_pre_hook(self._expand_hook(runtime, adapter), with_kwargs=True))
         self._cls = adapter.vision_has_cls
-        return handles + wrap_tower_attention(adapter)
+        handles = [_swap_forward(layers[i], self._tome_block(runtime, layers[i], i, last)) for i in range(last)]
+        return handles + [layers[last].register_forward_pre_hook(self._expand_hook(runtime, adapter), with_kwargs=True)]
 
-    def _merge_hook(self, runtime, index: int, last: int):
-        def hook(module, args, kwargs):
+    def _tome_block(self, runtime, layer, index: int, last: int):
+        """The block's forward with ToMe between its attention and its MLP (image/video calls)."""
+        plain = layer.forward
+
+        def forward(hidden_states, *args, **kwargs):
             if runtime.current_kind not in ("image", "video") or self.keep_fraction() >= 1.0:
-                return None
-            x = args[0] if args else kwargs["hidden_states"]
+                return plain(hidden_states, *args, **kwargs)
             st = self._state
-            if index == 1 or "assign" not in st or st["assign"].shape[0] != x.shape[0]:
-                n0 = x.shape[1]
-                st.update(n0=n0, assign=torch.arange(n0, device=x.device).expand(x.shape[0], -1).clone(),
-                          size=torch.ones(x.shape[:2], device=x.device))
-            target = max(1, round(self.keep_fraction() * (st["n0"] - int(self._cls)))) + int(self._cls)
-            r = min(math.ceil((x.shape[1] - target) / (last - index)), (x.shape[1] - int(self._cls)) // 2)
-            if r > 0:
-                attn = module.self_attn
-                keys = attn.k_proj(module.layer_norm1(x)).view(x.shape[0], x.shape[1], -1, attn.head_dim).mean(2)
-                src, dst = tome_match(keys, r, self._cls)
-                x, st["size"], st["assign"] = tome_merge(x, st["size"], st["assign"], src, dst)
-            attn_bias = st["size"].log()[:, None, None, :]
-            for layer in runtime.adapter.vision_layers:
-                runtime.adapter.attention_of(layer)._mmaccel_bias = attn_bias
-            return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+            if index == 0:
+                st.update(assign=torch.arange(hidden_states.shape[1], device=hidden_states.device)
+                          .expand(hidden_states.shape[0], -1).clone(), size=torch.ones(hidden_states.shape[:2], device=hidden_states.device),
+                          cls=self._cls)
+            return tome_block_forward(layer, hidden_states, st, self._merge_count(hidden_states.shape[1], st, last - index))
 
-        return hook
+        return forward
+
+    def _merge_count(self, current: int, st: dict, blocks_left: int) -> int:
+        """r for this block: what is still to merge to reach the budget, spread over the blocks left."""
+        cls = int(self._cls)
+        target = max(1, round(self.keep_fraction() * (st["assign"].shape[1] - cls))) + cls
+        return max(0, min(math.ceil((current - target) / blocks_left), (current - cls) // 2))
 
     def _expand_hook(self, runtime, adapter):
         return expand_hook(runtime, self._state)
@@ -129,6 +127,30 @@ class ToMe(PreLLMReducer):
                 return Reduction(torch.arange(segment.n, device=features.device))
             return merge_to_budget(features, budget)
         return one_per_group(segment)
+
+
+def tome_block_forward(layer, x: torch.Tensor, st: dict, r: int) -> torch.Tensor:
+    """One CLIP/SigLIP encoder block (pre-norm attention, then MLP) with ToMe after its
+    attention: proportional attention (``log st["size"]`` added to the logits), then ``r`` pairs
+    merged by the attention's head-mean keys; ``st`` (size (B, N), assign (B, N0)) is updated.
+    x: (B, N, D) -> (B, N - r, D)."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)
+    q, k, v = (proj(h).view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2)
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    bias = st["size"].log()[:, None, None, :].to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    x = x + attn.out_proj(out.transpose(1, 2).reshape(x.shape))
+    if r > 0:
+        src, dst = tome_match(k.mean(1), r, protect_first=st["cls"])
+        x, st["size"], st["assign"] = tome_merge(x, st["size"], st["assign"], src, dst)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def _swap_forward(module, forward):
+    """Replace ``module.forward`` (an instance attribute); the handle puts the class's back."""
+    module.forward = forward
+    return _Restore(lambda: vars(module).pop("forward", None))
 
 
 def merge_to_budget(features: torch.Tensor, budget: int) -> Reduction:
