@@ -9,7 +9,10 @@ included (temporal anchor, as the official code builds it). The
 ``token_per_frame`` lowest scores survive, in spatial order. Official default: 60 of 196 tokens
 per frame (``retention = 60/196``).
 
-Differences: the temporal memory is reset per video (the official running list is never
+Differences: kept tokens keep their positions under the default ``position_policy``
+("preserve"), where the official code appends them at consecutive positions ("compact", still
+available); on the shipped model compact positions cost 14-15 points of video accuracy at 60/196
+(``results/stream/stream_positions.md``). The temporal memory is reset per video (the official running list is never
 reset between videos; its reset in the benchmark scripts rebinds an alias), and a streaming
 session owns it; images are treated as one-frame videos; structural newline
 tokens are always kept. STC-Cacher (ViT reuse across frames, ``mmaccel/vision/stc_cacher.py``)
