@@ -4,6 +4,7 @@ import torch
 
 from mmaccel import accelerate_vlm
 from mmaccel.methods.mustdrop import MustDrop, dual_attention_keep, scaled_layers
+from mmaccel.models import get_adapter
 from mmaccel.runtime import merged_sources
 from mmaccel.testing.tiny import build
 from conftest import make_inputs
@@ -284,3 +285,58 @@ def test_key_set_is_a_share_of_the_tokens_left_after_the_window_merge():
         model(**inputs, use_cache=True)
         protected = handle._runtime.request.stages[0].protected
     assert protected.sum(1).tolist() == [1, 1]
+
+
+def test_clip_tower_runs_merged_to_the_end_and_the_key_set_scores_merged_tokens():
+    """As in the official code, every block after the window merge runs on the merged tokens
+    (the feature block and the last, key-set block included); the projector still gets one
+    copy per source patch, and the key-set scores are the last block's CLS attention over the
+    merged tokens (one merged token = one key: each head's row sums to 1 over them)."""
+    model, proc = _six_by_six_llava()
+    inputs = make_inputs(proc, batch=2)
+    layers = get_adapter(model).vision_layers
+    lengths, projected = [], []
+    probes = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1])) for layer in layers]
+    probes.append(model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: projected.append(a[0])))
+    try:
+        with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=-1.0) as handle, torch.no_grad():
+            model(**inputs)
+            call = handle._runtime.records[0][2]
+    finally:
+        for p in probes:
+            p.remove()
+    assert lengths == [37, 5, 5, 5]  # CLS + 36 patches; every 3x3 window merged: CLS + 4
+    windows = projected[0].view(2, 2, 3, 2, 3, -1).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 9, -1)
+    assert torch.equal(windows, windows[:, :, :1].expand_as(windows))  # nine copies of each merged token
+    cls_rows = call["_vision_scores"][3][0][:, :, 0]  # (B, H, 37) over CLS + patches
+    firsts = torch.tensor([0, 1, 4, 19, 22])  # CLS and the first cell of each window
+    torch.testing.assert_close(cls_rows[..., firsts].sum(-1), torch.ones(2, cls_rows.shape[1]))
+    window_scores = cls_rows[..., 1:].reshape(2, -1, 2, 3, 2, 3).permute(0, 1, 2, 4, 3, 5).reshape(2, -1, 4, 9)
+    assert torch.equal(window_scores, window_scores[..., :1].expand_as(window_scores))
+
+
+def test_clip_tower_merged_rows_of_different_lengths_give_each_sample_its_own_result():
+    """A flat image merges most windows and a noisy one none: in a batch their merged rows are
+    padded through the feature and key-set blocks, and each sample still gets what it gets alone."""
+    import numpy as np
+    from PIL import Image
+
+    from test_core_pruning import _select
+
+    model, proc = _six_by_six_llava()
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 84, 3), dtype=np.uint8))
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True) for q in ("what is it ?", "is there a red circle ?")]
+    batch = proc(text=texts, images=[Image.new("RGB", (84, 84), (240, 240, 240)), noise], padding=True, return_tensors="pt")
+    with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.9) as handle, torch.no_grad():
+        both = model(**batch).logits[:, -1]
+        kept_both = handle.kept_visual_positions()
+        request = handle._runtime.request
+        singles, kept_alone = [], []
+        for i in range(2):
+            singles.append(model(**_select(batch, i, "llava")).logits[:, -1])
+            kept_alone.append(handle.kept_visual_positions()[0])
+    assert request.visual_in[0] < request.visual_in[1] == 36  # the flat image merged windows, the noisy one none
+    torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4)
+    offset = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)  # left padding
+    assert all(torch.equal(kept_both[i] - offset[i], kept_alone[i]) for i in range(2))

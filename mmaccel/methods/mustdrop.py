@@ -22,8 +22,12 @@ Deliberate differences: scores come from the query-subset tap (SDPA stays SDPA, 
 kept tokens keep their positions unless the policy is ``compact`` (the official code
 renumbers), batches get per-sample sets, layer choices scale with depth instead of the
 hard-coded 32; the window merge (see :mod:`mmaccel.vision.window_merge`) is per image rather
-than ``min`` over the batch and keeps spatial order; merged windows are copied back to their
-cells before the feature layer's block and the pre-LLM step keeps one token per window. On
+than ``min`` over the batch and keeps spatial order. As in the official code, on CLS towers
+(LLaVA's CLIP) every later block runs on the merged tokens and the key set ranks them; the
+feature layer's output is copied back to the merged windows' cells for the model's projector
+and packing, and the pre-LLM step keeps one token per window. On CLS-less towers (SigLIP)
+the windows are copied back before the feature layer's block (the key set there is the mean
+attention received, which padded query rows of a batch would skew). On
 Qwen2-VL the cells are the tower's 2x2 merge windows (one language-model token each), so a
 merged 3x3 block is nine LLM tokens (:mod:`.tome_qwen`); on Qwen2.5-VL the 3x3 blocks tile
 each attention window on its own (4x4 merge windows in the real model: one block per full
@@ -106,8 +110,11 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         if last < 1:
             return []
         state: dict = {}
-        handles = [layers[1].register_forward_pre_hook(self._merge_hook(runtime, state), with_kwargs=True),
-                   layers[last].register_forward_pre_hook(self._expand_hook(runtime, state), with_kwargs=True)]
+        handles = [layers[1].register_forward_pre_hook(self._merge_hook(runtime, state), with_kwargs=True)]
+        if adapter.vision_has_cls and last + 1 < len(layers):
+            handles += merged_to_the_end(runtime, state, last)
+        else:
+            handles.append(layers[last].register_forward_pre_hook(self._expand_hook(runtime, state), with_kwargs=True))
         return handles + wrap_tower_attention(adapter)
 
     def _install_qwen(self, runtime) -> list:
@@ -135,6 +142,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         from .tome import expand_hook
 
         return expand_hook(runtime, state)
+
 
     def keep_fraction(self) -> float:
         return 1.0  # nothing is dropped before the LLM
@@ -168,3 +176,49 @@ class MustDrop(PreLLMReducer, InLLMPruner):
     def after_prefill(self, runtime, cache) -> None:
         # the official policy cuts the cache from the first scoring layer on, which ran on the full sequence
         runtime.shrink_caches_to_final(cache, from_layer=scaled_layers(len(runtime.adapter.layers))[0])
+
+
+def merged_to_the_end(runtime, state: dict, feature: int) -> list:
+    """CLS towers (LLaVA's CLIP): every block after the merge runs on the merged sequence, as
+    in the official code. The feature block's output is copied back to the sources for the
+    projector (hidden_states[feature] is recorded after this hook: ``prepend``), the next block
+    takes one copy per merged token again, and the key-set scores the last block's attention
+    gives the merged tokens are spread back over their sources."""
+    from .tome import expand_to_sources
+
+    layers = runtime.adapter.vision_layers
+
+    def expand_output(module, args, output):
+        if "assign" not in state:
+            return None
+        full = expand_to_sources(output[0] if isinstance(output, tuple) else output, state["assign"], runtime)
+        return (full,) + tuple(output[1:]) if isinstance(output, tuple) else full
+
+    def remerge(module, args, kwargs):
+        if "assign" not in state:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        rows = torch.gather(x, 1, _first_sources(state["assign"])[..., None].expand(-1, -1, x.shape[-1]))
+        return ((rows,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": rows})
+
+    def finish(module, args, output):
+        for layer in layers:
+            vars(runtime.adapter.attention_of(layer)).pop("_mmaccel_bias", None)
+        assign = state.pop("assign", None)
+        tap = getattr(runtime.adapter.attention_of(module), "_mmaccel_tap", None)
+        if assign is not None and tap is not None and tap.collected:
+            entry = tap.collected[-1]  # (B, H, 1, L) CLS rows over the merged tokens
+            tap.collected[-1] = torch.gather(entry, -1, assign[:, None, None, :].expand(*entry.shape[:3], -1))
+
+    return [layers[feature].register_forward_hook(expand_output, prepend=True),
+            layers[feature + 1].register_forward_pre_hook(remerge, with_kwargs=True),
+            layers[-1].register_forward_hook(finish)]
+
+
+def _first_sources(assign: torch.Tensor) -> torch.Tensor:
+    """(B, N0) merged slot of every token -> (B, L) the first token of every slot (slots past a
+    shorter row's end, padding, take token 0; attention masks them out)."""
+    slots = int(assign.max()) + 1
+    first = torch.full((assign.shape[0], slots), assign.shape[1], device=assign.device)
+    first.scatter_reduce_(1, assign, torch.arange(assign.shape[1], device=assign.device).expand_as(assign), "amin")
+    return first.masked_fill(first == assign.shape[1], 0)
