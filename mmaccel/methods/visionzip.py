@@ -67,9 +67,11 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
     groups = [list(singles[:, None].unbind())]  # views, not one tensor per token
     if n_contextual:
         targets, owner = _contextual_groups(features if metric is None else metric, rest_idx, n_contextual)
-        merged = (merge or _mean_merge(features))(rest_idx, owner, targets.numel())
+        merged = (merge or _mean_merge(features))(rest_idx, owner, targets.numel()).float()
+        alone = (torch.bincount(owner, minlength=targets.numel()) == 1).to(merged.device)
+        merged[alone] = features[targets.to(features.device)][alone].float()  # a group of one is its own feature, exactly
         keep.append(targets)
-        feats.append(merged.float())
+        feats.append(merged)
         groups.append(members_by_slot(owner, targets.numel(), rest_idx))
     keep_all = torch.cat(keep)
     order = keep_all.argsort()
