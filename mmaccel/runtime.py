@@ -570,7 +570,7 @@ class Runtime:
             rows = torch.full((probs.shape[0], 1), probs.shape[-1] - 1, dtype=torch.long, device=probs.device)
             row_valid = torch.ones_like(rows, dtype=torch.bool)
         base = req.visual_orig if self.method.budget_base == "original" else req.visual_in
-        budgets = [round(n * self.schedule[idx]) for n in base]
+        budgets = [self.method.layer_budget(n, self.schedule[idx]) for n in base]
         keep = self.method.select(probs, rows, row_valid, stage.valid, stage.visual, stage.protected, budgets)
         # one host read for the new length and this stage's counts (each read drains a GPU queue)
         *per_sample, n_visual = torch.cat([keep.sum(1), (keep & stage.visual).sum()[None]]).tolist()

@@ -4,6 +4,7 @@ import torch
 
 from mmaccel.methods.aim import AIM, aim_schedule, bipartite_merge, merge_to_budget, pagerank_importance
 from mmaccel.methods.base import members_by_slot
+from mmaccel.methods.fastv import FastV
 from mmaccel.models.base import Part, Segment
 
 
@@ -115,3 +116,11 @@ def test_pass_fraction_out_of_range_is_refused():
         AIM(pass_fraction=0.6)
     with pytest.raises(ValueError, match="pass_fraction"):
         AIM(pass_fraction=0.0)
+
+
+def test_in_llm_budget_rounds_down_as_the_official_keep_num():
+    """Official: keep_inds = inds[:, :int(keep_num)], keep_num = (N - protected) * rate + protected,
+    so a 49-token frame at rate 7/8 keeps 42 visual tokens (round would give 43)."""
+    aim = AIM()
+    assert aim.layer_budget(49, 0.875) == 42 and aim.layer_budget(10, 0.3) == 3 and aim.layer_budget(7, 0.0) == 0
+    assert FastV().layer_budget(49, 0.875) == 43  # other pruners keep the nearest count

@@ -22,7 +22,10 @@ Deliberate differences from the official code, each for a reason:
   variant merges CLIP tokens by their layer-23 keys (576 -> 288 -> 252); one rule for every
   medium lets ``retention`` mean the same thing for images and video;
 - merged tokens stay in spatial order at the slot of their B token (the official code
-  concatenates unmerged A then B); a second pass therefore alternates over that order;
+  concatenates unmerged A then B); a second pass therefore alternates over that order. Under
+  the default ``position_policy`` ("preserve") a merged token keeps its slot's position, so the
+  merged sequence has gaps where the official shorter sequence is numbered 0..N'-1 ("compact");
+  in-LLM pruning keeps positions in both (the official code only masks);
 - importance uses text-to-visual attention only (the text tokens after the media: the
   question), computed by the query-subset tap; PageRank runs over the text-to-text block and
   the visual importance is the stationary text distribution pushed through text-to-visual
@@ -195,6 +198,10 @@ class AIM(PreLLMReducer, InLLMPruner):
         if not self.prune or self.keep_fraction() >= 1.0:  # retention 1.0: no reduction at any stage
             return []
         return aim_schedule(num_layers, self.prune_start, self.prune_end)
+
+    def layer_budget(self, visual: int, share: float) -> int:
+        """The official count: ``int((N - protected) * retain_rate)`` visual tokens, rounded down."""
+        return int(visual * share + 1e-9)  # the epsilon: a product like 0.3 * 10 must not floor to 2
 
     def importance(self, probs, rows, row_valid, text_keys):
         return pagerank_importance(probs, rows, row_valid, self.tau, self.iters)

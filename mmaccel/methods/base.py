@@ -109,6 +109,10 @@ class InLLMPruner(Method):
         scores = scores.masked_fill(protected, float("inf"))
         return select_visual(scores, valid, visual, budgets)
 
+    def layer_budget(self, visual: int, share: float) -> int:
+        """Visual tokens a sample keeps at a pruning layer: ``share`` of its ``visual`` tokens."""
+        return round(visual * share)
+
     def tap_layer(self, prune_layer: int) -> int:
         """Layer whose attention scores decide the pruning at ``prune_layer``."""
         return prune_layer - 1
