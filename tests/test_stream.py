@@ -285,3 +285,38 @@ def test_stream_matches_offline_stc_under_the_same_position_policy(tiny_models, 
     streamed = session.ask(question, max_new_tokens=1)
     torch.testing.assert_close(session.first_logits, offline, atol=1e-4, rtol=1e-4)
     assert streamed.text == proc.tokenizer.decode([int(offline.argmax())], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("cacher", [False, True])
+def test_sessions_in_threads_get_what_they_get_one_after_another(tiny_models, cacher):
+    """Streams served from several threads on one model: each session's kept tokens and answer
+    equal a sequential run's (STC-Cacher swaps the shared tower's layer forwards, so cached
+    chunks take turns)."""
+    import threading
+
+    model, proc = tiny_models("llava_onevision")
+    videos = [video(20 + i, frames=8) for i in range(3)]
+
+    def run(frames):
+        session = StreamSession(model, proc, retention=0.5, cacher=cacher)
+        for f in frames:
+            session.add_frame(f)
+        return [k.clone() for k in session.kept], session.ask("what is the color ?", 3).text
+
+    expected = [run(v) for v in videos]
+    results, errors = [None] * 3, []
+
+    def worker(i):
+        try:
+            results[i] = run(videos[i])
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (kept, text), (kept_ref, text_ref) in zip(results, expected):
+        assert text == text_ref and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept, kept_ref))

@@ -24,6 +24,8 @@ so several streams can share one model, and it works with any attention implemen
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -137,11 +139,25 @@ def cached_layer_reference(layer, h: torch.Tensor, ref: dict, ratio: float,
     return h + mlp, dyn.shape[1]
 
 
+_TOWER_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # first tower layer -> its lock
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _tower_lock(layer) -> threading.Lock:
+    """One lock per tower: the cacher swaps the tower's layer forwards, which every thread using
+    that model sees, so streams in threads take turns for a cached chunk's encoding."""
+    with _REGISTRY_LOCK:
+        return _TOWER_LOCKS.setdefault(layer, threading.Lock())
+
+
 class STCCacher:
     """Install on a CLIP/SigLIP tower for the duration of one chunk's encoding:
 
     >>> with STCCacher(layers, state):
     ...     feats = model.model.get_video_features(pixels)
+
+    Thread-safe: while installed it holds the tower's lock, so sessions in several threads
+    encode their cached chunks one at a time (each with its own state).
     """
 
     def __init__(self, layers, state: CacherState, layer_fn=None):
@@ -170,13 +186,18 @@ class STCCacher:
         return forward
 
     def __enter__(self):
+        self._lock = _tower_lock(self.layers[0])
+        self._lock.acquire()
         for i, layer in enumerate(self.layers):
             layer.forward = self._forward(i, layer)
         return self
 
     def __exit__(self, *exc):
-        for layer in self.layers:
-            del layer.forward
-        if exc[0] is None:
-            self.state.chunk += 1
+        try:
+            for layer in self.layers:
+                del layer.forward
+            if exc[0] is None:
+                self.state.chunk += 1
+        finally:
+            self._lock.release()
         return False
