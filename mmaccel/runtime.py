@@ -15,6 +15,7 @@ Installed on one model instance and always removed by :meth:`Runtime.remove`:
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -87,6 +88,8 @@ class Runtime:
         self._in_generate = False
         self._records_used = False  # the recorded media fed a prefill already (see _wrap_features)
         self._pending_ids = None
+        # one call at a time: the per-call state above is shared by every thread using the model
+        self._lock = threading.RLock()
         self._saved_attn = None
         self.vision_tap = None
         self._pack_calls: list[dict] = []
@@ -106,8 +109,7 @@ class Runtime:
             if hasattr(inner, "pack_image_features") and "pack_image_features" not in vars(inner):
                 self._patch(inner, "pack_image_features", self._wrap_pack(inner.pack_image_features))
         self._patch(self.adapter.model, "generate", self._wrap_generate(self.adapter.model.generate))
-        self.handles.append(self.adapter.model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
-        self.handles.append(self.adapter.model.register_forward_hook(self._on_call_end))
+        self._patch(self.adapter.model, "forward", self._wrap_forward(self.adapter.model.forward))
         self.handles.append(inner.register_forward_pre_hook(self._on_inner, with_kwargs=True))
         self.handles.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
         for idx, layer in enumerate(self.adapter.layers):
@@ -175,33 +177,48 @@ class Runtime:
     # ------------------------------------------------------------------ call bookkeeping
     def _wrap_generate(self, generate):
         def wrapper(*args, **kwargs):
-            self._in_generate = True
-            self._pending_ids = kwargs.get("input_ids", args[0] if args else None)
-            self._new_stats()
-            self.records, self._records_used = [], False
-            start = clock()
-            try:
-                out = generate(*args, **kwargs)
-            finally:
-                self._in_generate = False
-            self.stats.add_time("total", clock() - start)
-            if isinstance(out, torch.Tensor) and self.request is not None:
-                self.stats.new_tokens = int(out.shape[0] * (out.shape[1] - self.request.orig_len))
-            return out
+            with self._lock:
+                return self._generate(generate, args, kwargs)
 
         return wrapper
+
+    def _wrap_forward(self, forward):
+        @functools.wraps(forward)  # generate() reads the forward's signature
+        def wrapper(*args, **kwargs):
+            with self._lock:
+                self._on_call_start(args, kwargs)
+                out = forward(*args, **kwargs)
+                self._on_call_end(out)
+                return out
+
+        return wrapper
+
+    def _generate(self, generate, args, kwargs):
+        self._in_generate = True
+        self._pending_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._new_stats()
+        self.records, self._records_used = [], False
+        start = clock()
+        try:
+            out = generate(*args, **kwargs)
+        finally:
+            self._in_generate = False
+        self.stats.add_time("total", clock() - start)
+        if isinstance(out, torch.Tensor) and self.request is not None:
+            self.stats.new_tokens = int(out.shape[0] * (out.shape[1] - self.request.orig_len))
+        return out
 
     def _new_stats(self) -> None:
         self.stats = Stats(method=self.method.name)
         self._per_sample_layers = []
 
-    def _on_call_start(self, module, args, kwargs):
+    def _on_call_start(self, args, kwargs):
         if not self._in_generate and _cache_len(kwargs.get("cache", kwargs.get("past_key_values"))) == 0:
             self._new_stats()
             self.records, self._records_used = [], False
         self._t0 = clock()
 
-    def _on_call_end(self, module, args, output):
+    def _on_call_end(self, output):
         elapsed = clock() - self._t0
         phase = "prefill" if self.request is not None and self.request.prefill else "decode"
         self.stats.add_time(phase, elapsed)

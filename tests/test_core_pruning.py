@@ -375,3 +375,31 @@ def test_chunked_prefill_is_refused_with_a_clear_error(tiny_models):
         with pytest.raises(ValueError, match="chunked prefill"):
             model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=8)
         model.generate(**inputs, max_new_tokens=2)  # the handle still works afterwards
+
+
+@pytest.mark.parametrize("method", ["hired", "fastv"])
+def test_generate_from_several_threads_equals_one_after_another(deep_tower_models, method):
+    """An accelerated model served from a thread pool: the runtime's per-call state is shared,
+    so calls take turns and each gets what it gets alone (before, a thread's placeholders met
+    another's image features)."""
+    import threading
+
+    model, proc = deep_tower_models("llava_next")
+    prompts = [make_inputs(proc, batch=1 + i % 2, seed=i) for i in range(4)]
+    results, errors = [None] * 4, []
+    with accelerate_vlm(model, method=method, retention=0.25), torch.no_grad():
+        expected = [model.generate(**p, max_new_tokens=3, do_sample=False) for p in prompts]
+
+        def worker(i):
+            try:
+                results[i] = model.generate(**prompts[i], max_new_tokens=3, do_sample=False)
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
