@@ -10,7 +10,8 @@ from .stats import Stats
 
 
 class AccelHandle:
-    """Returned by :func:`accelerate_vlm`. ``stats`` describes the last forward/generate call;
+    """Returned by :func:`accelerate_vlm`. ``stats``, ``kept_visual_positions()`` and
+    ``provenance()`` describe the calling thread's last forward/generate call;
     ``restore()`` (or leaving the ``with`` block) removes every hook and patch."""
 
     def __init__(self, model, config: AccelConfig, runtime: Runtime):
@@ -18,20 +19,20 @@ class AccelHandle:
 
     @property
     def stats(self) -> Stats:
-        return self._runtime.stats
+        return self._runtime.last_call()[0]
 
     def kept_visual_positions(self):
         """Per sample of the last call: sorted original sequence positions of the visual tokens
         that reached the last decoder layer (LongTensor each)."""
         from .runtime import kept_visual_positions
 
-        return kept_visual_positions(self._runtime.request)
+        return kept_visual_positions(self._runtime.last_call()[1])
 
     def provenance(self):
         """Per sample of the last call: {kept visual position: original positions it stands for}."""
         from .runtime import provenance
 
-        return provenance(self._runtime.request)
+        return provenance(self._runtime.last_call()[1])
 
     @property
     def method(self):

@@ -90,6 +90,7 @@ class Runtime:
         self._pending_ids = None
         # one call at a time: the per-call state above is shared by every thread using the model
         self._lock = threading.RLock()
+        self._mine = threading.local()  # each thread's own last call: its stats and request
         self._saved_attn = None
         self.vision_tap = None
         self._pack_calls: list[dict] = []
@@ -178,7 +179,10 @@ class Runtime:
     def _wrap_generate(self, generate):
         def wrapper(*args, **kwargs):
             with self._lock:
-                return self._generate(generate, args, kwargs)
+                try:
+                    return self._generate(generate, args, kwargs)
+                finally:
+                    self._mine.call = (self.stats, self.request)
 
         return wrapper
 
@@ -189,9 +193,15 @@ class Runtime:
                 self._on_call_start(args, kwargs)
                 out = forward(*args, **kwargs)
                 self._on_call_end(out)
+                self._mine.call = (self.stats, self.request)
                 return out
 
         return wrapper
+
+    def last_call(self) -> tuple:
+        """(stats, request) of the calling thread's last call (of the last call from any thread
+        when this one made none)."""
+        return getattr(self._mine, "call", (self.stats, self.request))
 
     def _generate(self, generate, args, kwargs):
         self._in_generate = True

@@ -41,7 +41,7 @@ def kept_token_pictures(handle, media: list, sample: int = 0) -> list[Image.Imag
 
     media: the PIL images, or the (T, H, W, 3) frames of one video, as fed to the model.
     """
-    request = handle._runtime.request
+    request = handle._runtime.last_call()[1]
     if request is None:
         return []
     provenance = handle.provenance()

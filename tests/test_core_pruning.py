@@ -383,16 +383,21 @@ def test_generate_from_several_threads_equals_one_after_another(deep_tower_model
     so calls take turns and each gets what it gets alone (before, a thread's placeholders met
     another's image features)."""
     import threading
+    import time
 
     model, proc = deep_tower_models("llava_next")
     prompts = [make_inputs(proc, batch=1 + i % 2, seed=i) for i in range(4)]
     results, errors = [None] * 4, []
-    with accelerate_vlm(model, method=method, retention=0.25), torch.no_grad():
-        expected = [model.generate(**p, max_new_tokens=3, do_sample=False) for p in prompts]
+    with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+        expected = []
+        for p in prompts:
+            expected.append((model.generate(**p, max_new_tokens=3, do_sample=False), handle.kept_visual_positions()))
 
         def worker(i):
             try:
-                results[i] = model.generate(**prompts[i], max_new_tokens=3, do_sample=False)
+                out = model.generate(**prompts[i], max_new_tokens=3, do_sample=False)
+                time.sleep(0.01)  # let other threads' calls run before this one reads its own record
+                results[i] = (out, handle.kept_visual_positions(), handle.stats.batch_size)
             except Exception as exc:  # surfaced below
                 errors.append(exc)
 
@@ -402,4 +407,6 @@ def test_generate_from_several_threads_equals_one_after_another(deep_tower_model
         for t in threads:
             t.join()
     assert not errors, errors
-    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    for i, ((out, kept, batch), (out_ref, kept_ref)) in enumerate(zip(results, expected)):
+        assert torch.equal(out, out_ref) and batch == 1 + i % 2  # each thread reads its own call's record
+        assert all(torch.equal(a, b) for a, b in zip(kept, kept_ref))
