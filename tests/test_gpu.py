@@ -16,15 +16,18 @@ METHODS = [m for m in list_methods() if m != "none"]
 
 
 @pytest.fixture(scope="module")
-def cuda_models(tiny_models):
-    """family -> (CPU model, CUDA copy, processor), TF32 off so both sides compute in float32."""
+def cuda_models():
+    """family -> (CPU model, CUDA copy, processor), TF32 off so both sides compute in float32.
+    Towers of 4 blocks, so tome and MustDrop's window merge really merge inside them."""
+    from mmaccel.testing.tiny import build
+
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cache = {}
 
     def get(family):
         if family not in cache:
-            model, proc = tiny_models(family)
+            model, proc = build(family, vision_layers=4)
             cache[family] = (model, copy.deepcopy(model).to("cuda"), proc)
         return cache[family]
 

@@ -334,3 +334,12 @@ def test_tome_merges_from_the_first_block_between_attention_and_mlp(deep_tower_l
             p.remove()
     n0 = entering[0]
     assert attended == [n0] and entering[1] < n0 and entering[2] < entering[1]
+
+
+def test_tome_refuses_a_tower_with_no_block_before_the_feature_layer(tiny_models):
+    """The tiny LLaVA tower has 2 blocks and takes block 0's output: tome would silently keep
+    every token, so it says why instead (at full retention it has nothing to do anyway)."""
+    model, _ = tiny_models("llava_next")
+    with pytest.raises(ValueError, match="nothing could be merged"):
+        accelerate_vlm(model, method="tome", retention=0.25)
+    accelerate_vlm(model, method="tome", retention=1.0).restore()

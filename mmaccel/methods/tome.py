@@ -83,6 +83,10 @@ class ToMe(PreLLMReducer):
             return None
         if not hasattr(adapter.attention_of(adapter.vision_layers[0]), "k_proj"):
             raise ValueError("tome runs inside CLIP/SigLIP-style or Qwen2-VL towers")
+        if feature_layer(adapter) < 1 and self.keep_fraction() < 1.0:
+            raise ValueError(f"tome merges in the tower blocks before the feature layer, and this tower's feature "
+                             f"layer is its first block ({len(adapter.vision_layers)} blocks, vision_feature_layer "
+                             f"{adapter.model.config.vision_feature_layer}): nothing could be merged")
 
     def install_tower(self, runtime) -> list:
         adapter = runtime.adapter
