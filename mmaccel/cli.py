@@ -60,12 +60,17 @@ def video_qa(
     backend: str = typer.Option("auto", "--backend", help="auto | pyav | decord | opencv"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     compare: bool = typer.Option(False, "--compare", help="also run the unaccelerated model, side by side"),
+    stream: bool = typer.Option(False, "--stream", help="feed the frames one by one to an STC streaming session "
+                                "(LLaVA-OneVision), then ask"),
+    cacher: bool = typer.Option(False, "--cacher", help="with --stream: STC-Cacher reuses static ViT work"),
     as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object on stdout"),
 ):
     """Answer a question about a video (no arguments: the embedded model on a bundled sample)."""
     try:
+        if cacher and not stream:
+            raise UserError("--cacher needs --stream (STC-Cacher runs in the streaming session)")
         result = _run_video_qa(video, question, model, method, retention, preset, frames, fps, backend,
-                               max_new_tokens, compare)
+                               max_new_tokens, compare, (stream, cacher))
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     if as_json:
@@ -75,7 +80,7 @@ def video_qa(
 
 
 def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
-                  max_new_tokens, compare) -> dict:
+                  max_new_tokens, compare, stream=(False, False)) -> dict:
     if frames is not None and fps is not None:
         raise UserError("give either --frames or --fps, not both")
     reference = None
@@ -88,7 +93,10 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     from .config import AccelConfig
     from .pipeline import Pipeline, load_model, prepare_media
 
-    cfg = AccelConfig.load(preset, method=method, retention=retention)
+    streaming_default = "stc" if stream[0] and method is None and preset is None else None
+    cfg = AccelConfig.load(preset, method=method or streaming_default, retention=retention)
+    if stream[0] and cfg.method != "stc":
+        raise UserError(f"--stream runs STC's streaming session; drop --method {cfg.method} (or use stc)")
     media = prepare_media(str(video), None if fps else (frames or 8), fps, backend)  # fail before loading a model
     _quiet_transformers()
     loaded = load_model(model_dir) if model_dir else _default_model()
@@ -99,11 +107,25 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
         base = Pipeline(*loaded, method="none")
         result["baseline"] = base.ask(media, question, max_new_tokens).to_dict()
         base.restore()
-    pipe = Pipeline(*loaded, config=cfg)
-    answer = pipe.ask(media, question, max_new_tokens)
-    result.update(answer.to_dict())
+    if stream[0]:
+        result.update(_streamed(loaded, media, question, cfg.retention, stream[1], max_new_tokens))
+    else:
+        pipe = Pipeline(*loaded, config=cfg)
+        result.update(pipe.ask(media, question, max_new_tokens).to_dict())
     result["config"] = cfg.model_dump()
     return result
+
+
+def _streamed(loaded, media, question: str, retention, cacher: bool, max_new_tokens: int) -> dict:
+    """Frames into an STC ``StreamSession`` one at a time, then the question: the answer dict
+    with the tokens each frame kept."""
+    from .stream import StreamSession
+
+    session = StreamSession(*loaded, **({} if retention is None else {"retention": retention}), cacher=cacher)
+    kept = [session.add_frame(frame) for frame in media.items[0]]
+    answer = session.ask(question, max_new_tokens).to_dict()
+    answer["media"] = {**media.info, **answer["media"], "kept_per_frame": kept}
+    return answer
 
 
 def _quiet_transformers() -> None:
@@ -131,12 +153,17 @@ def _print_video_qa(result: dict) -> None:
     typer.echo(f"question: {result['question']}")
     if "reference" in result:
         typer.echo(f"true answer (bundled sample): {result['reference']}")
+    label = result["stats"].get("method") or result["config"]["method"]  # "stc-stream" for --stream
     if "baseline" in result:
         typer.echo(_row("baseline", result["baseline"]))
-        typer.echo(_row(result["config"]["method"], result))
     else:
         typer.echo(f"answer:   {result['answer']}")
-        typer.echo(_row(result["config"]["method"], result))
+    typer.echo(_row(label, result))
+    if "kept_per_frame" in result["media"]:
+        appended = result["stats"]["timings"].get("append", 0)
+        when = (f"prefilled as they arrived ({appended * 1e3:.1f} ms)" if appended
+                else "prefilled at the question (the chat template puts the question before the video)")
+        typer.echo(f"streamed: tokens kept per frame {result['media']['kept_per_frame']}, {when}")
 
 
 @app.command("caption")

@@ -58,6 +58,7 @@ class StreamSession:
         self.video_span = 0  # positions the video takes so far (its kept tokens when compact)
         self._incremental = None
         self.first_logits = None  # (vocab,) the latest answer's first-token logits (e.g. for a KL)
+        self._prefill_seconds = 0.0  # the latest question's prefill (the whole prompt when not incremental)
         from .vision.stc_cacher import CacherState
 
         self.cacher_state = CacherState(*self._cacher_args) if self.cacher else None
@@ -204,9 +205,11 @@ class StreamSession:
         if isinstance(positions, int):
             positions = positions + torch.arange(embeds.shape[0])
         for step in range(max_new_tokens):
+            start = time.perf_counter()
             logits = self.model.lm_head(self._forward(embeds, positions)[-1])
             if step == 0:
                 self.first_logits = logits.float()
+                self._prefill_seconds = time.perf_counter() - start  # the question's prefill
             nxt = int(logits.argmax())
             if nxt in stop:
                 break
@@ -223,4 +226,5 @@ class StreamSession:
                      prefill_flops=prefill_flops(cfg, [[length]] * cfg.num_hidden_layers),
                      prefill_flops_full=prefill_flops(cfg, [[full_length]] * cfg.num_hidden_layers),
                      new_tokens=int(new_tokens),
-                     timings={"vision": self.vision_seconds, "append": self.append_seconds, "total": seconds})
+                     timings={"vision": self.vision_seconds, "append": self.append_seconds,
+                              "prefill": self._prefill_seconds, "total": seconds})

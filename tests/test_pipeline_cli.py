@@ -93,6 +93,8 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     (["--retention", "2"], "retention"),
     (["--preset", "nope"], "no config file or preset"),
     (["--frames", "4", "--fps", "2"], "either --frames or --fps"),
+    (["--cacher"], "--cacher needs --stream"),
+    (["--stream", "--method", "fastv"], "drop --method fastv"),
 ])
 def test_cli_user_errors_are_one_line(saved_model, tmp_path, argv, message):
     video = write_video(tmp_path / "clip.mp4", frames=4)
@@ -133,3 +135,22 @@ def test_cli_video_qa_default_sample_shows_its_true_answer(saved_model):
     res = runner.invoke(app, ["video-qa", "-q", "which shape ?", "--model", str(saved_model), "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
     assert "true answer" not in res.stdout  # the reference belongs to the bundled question only
+
+
+def test_cli_video_qa_stream_feeds_frames_to_a_session(saved_model, tmp_path):
+    """--stream: the decoded frames go one by one into an STC StreamSession (the method's
+    default 60/196 share unless --retention), and the answer is the session's."""
+    from mmaccel.pipeline import load_model, prepare_media
+    from mmaccel.stream import StreamSession
+
+    video = write_video(tmp_path / "clip.mp4")
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                                   "--frames", "4", "--stream", "--retention", "0.5", "--json", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    session = StreamSession(*load_model(str(saved_model)), retention=0.5)
+    kept = [session.add_frame(f) for f in prepare_media(str(video), 4).items[0]]
+    assert data["stats"]["method"] == "stc-stream" and data["config"]["method"] == "stc"
+    assert data["media"]["kept_per_frame"] == kept and len(kept) == 4
+    assert data["answer"] == session.ask("which direction ?", 3).text
+    assert data["stats"]["visual_tokens_kept"] == sum(kept) + 1  # and the video's newline token
