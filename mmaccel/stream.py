@@ -42,8 +42,16 @@ class StreamSession:
             raise ValueError(f"position_policy must be 'preserve' or 'compact', got {position_policy!r}")
         self.model, self.processor, self.retention = model, processor, retention
         self.position_policy = position_policy
+        self._check_plain()
         self.cacher, self._cacher_args = cacher, (cache_interval, update_ratio, similarity_threshold)
         self.reset()
+
+    def _check_plain(self) -> None:
+        """The session prunes frames itself and runs the model's parts directly; an
+        ``accelerate_vlm`` runtime on the same model would take those calls for its own."""
+        if getattr(self.model, "_mmaccel_handle", None) is not None:
+            raise ValueError("this model is accelerated (accelerate_vlm): StreamSession prunes frames itself; call "
+                             "restore() on the handle first, or stream on a model of its own")
 
     def reset(self) -> None:
         """Forget every frame (a new video)."""
@@ -70,6 +78,7 @@ class StreamSession:
     @torch.inference_mode()
     def add_frame(self, frame: np.ndarray) -> int:
         """frame: (H, W, 3) uint8 RGB. Returns how many of its tokens were kept."""
+        self._check_plain()
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[-1] != 3:
             raise ValueError(f"a frame must be (H, W, 3) RGB, got shape {frame.shape}")
@@ -160,6 +169,7 @@ class StreamSession:
         """Answer from the frames so far (greedy); the session's cache is left as it was."""
         if not self.kept:
             raise ValueError("no frames yet: add_frame() first")
+        self._check_plain()
         prefix, suffix = self._split_prompt(question)
         start = time.perf_counter()
         newline = self.model.model.image_newline[None].to(self.model.device, self.model.dtype)

@@ -320,3 +320,25 @@ def test_sessions_in_threads_get_what_they_get_one_after_another(tiny_models, ca
     assert not errors, errors
     for (kept, text), (kept_ref, text_ref) in zip(results, expected):
         assert text == text_ref and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept, kept_ref))
+
+
+def test_a_session_refuses_an_accelerated_model_and_works_after_restore(tiny_models):
+    """accelerate_vlm's runtime would take the session's tower and decoder calls for its own
+    (it raised a placeholder mismatch); the session says so, and works once restored."""
+    from mmaccel import accelerate_vlm
+
+    model, proc = tiny_models("llava_onevision")
+    frames = video(3, frames=3)
+    session = StreamSession(model, proc, retention=0.5)
+    session.add_frame(frames[0])
+    handle = accelerate_vlm(model, method="fastv", retention=0.25)
+    try:
+        with pytest.raises(ValueError, match="accelerated"):
+            session.add_frame(frames[1])
+        with pytest.raises(ValueError, match="accelerated"):
+            StreamSession(model, proc)
+    finally:
+        handle.restore()
+    for f in frames[1:]:
+        session.add_frame(f)
+    assert session.frames == 3 and session.ask("what is the color ?", 2).text
