@@ -9,6 +9,12 @@ back, so a question costs the question and never the video again. All state live
 session object: sessions never share anything, so several streams can run side by side on one
 model. LLaVA-OneVision only (the official target).
 
+Long streams: ``max_frames=N`` holds only the newest N frames (a sliding window over the KV
+cache: each new frame is encoded seeing the prompt and the frames held, the oldest is then
+dropped; the prompt prefix stays as a sink), so memory stays bounded. The official STC stream
+keeps every frame and answers from ReKV's retrieval of the frame blocks most relevant to the
+question; that retrieval is not implemented here.
+
 Positions: by default (``position_policy="preserve"``) each kept token sits at the position it
 would hold in the full video, so the language model sees the same positions as offline ``stc``
 with its default policy. The official STC/ReKV stream appends kept tokens at consecutive
@@ -33,13 +39,16 @@ class StreamSession:
 
     def __init__(self, model, processor, retention: float = 60 / 196, cacher: bool = False,
                  cache_interval: int = 2, update_ratio: float = 0.25, similarity_threshold: float | None = None,
-                 position_policy: str = "preserve"):
+                 position_policy: str = "preserve", max_frames: int | None = None):
         if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
             raise ValueError(f"StreamSession supports LlavaOnevisionForConditionalGeneration, not {type(model).__name__}")
         if not 0.0 < retention <= 1.0:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
         if position_policy not in ("preserve", "compact"):
             raise ValueError(f"position_policy must be 'preserve' or 'compact', got {position_policy!r}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be a positive frame count or None, got {max_frames}")
+        self.max_frames = max_frames
         self.model, self.processor, self.retention = model, processor, retention
         self.position_policy = position_policy
         self._check_plain()
@@ -59,7 +68,8 @@ class StreamSession:
         self.kept_index: list[torch.Tensor] = []  # per frame: kept token indices
         self.kept_positions: list[torch.Tensor] = []  # per frame: kept tokens' positions from the video's start
         self.memory: list[torch.Tensor] = []  # STC temporal memory: raw frame means seen so far
-        self.tokens_seen = 0
+        self.tokens_seen = self.frames_seen = 0
+        self.cache_spans: list[int] = []  # per held frame: its tokens in the KV cache (incremental mode)
         self.vision_seconds = self.append_seconds = 0.0
         self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens
         self.cached = 0  # tokens held by the cache
@@ -73,7 +83,8 @@ class StreamSession:
 
     @property
     def frames(self) -> int:
-        return len(self.kept)
+        """Frames seen so far (with ``max_frames``, only the newest ones are still held)."""
+        return self.frames_seen
 
     @torch.inference_mode()
     def add_frame(self, frame: np.ndarray) -> int:
@@ -97,9 +108,26 @@ class StreamSession:
                                                       else torch.arange(index.numel())))
         self.video_span += feats.shape[0] if self.position_policy == "preserve" else index.numel()
         self.tokens_seen += feats.shape[0]
+        self.frames_seen += 1
         self.vision_seconds += time.perf_counter() - start
         self._append(feats[index], self.kept_positions[-1])
+        if self.max_frames is not None and len(self.kept) > self.max_frames:
+            self._evict_oldest_frame()
         return int(index.numel())
+
+    def _evict_oldest_frame(self) -> None:
+        """Forget the oldest held frame: its kept tokens and, when frames are prefilled as they
+        arrive, its span of every layer's KV cache (the prompt prefix before it stays, as a
+        sink; later tokens keep the positions they were encoded at)."""
+        for held in (self.kept, self.kept_index, self.kept_positions):
+            held.pop(0)
+        if self.cache is None:
+            return
+        start, n = self.prefix_ids.numel(), self.cache_spans.pop(0)
+        for layer in self.cache.layers:
+            layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., start + n:, :]], dim=-2)
+            layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., start + n:, :]], dim=-2)
+        self.cached -= n
 
     def _append(self, feats: torch.Tensor, video_positions: torch.Tensor) -> None:
         """Run the language model on one frame's kept tokens (n, D) at ``video_positions`` (n,)
@@ -114,6 +142,7 @@ class StreamSession:
             feats = torch.cat([self._embed(self.prefix_ids), feats])
             positions = torch.cat([torch.arange(self.prefix_ids.numel()), positions])
         self._forward(feats, positions)
+        self.cache_spans.append(video_positions.numel())
         self.append_seconds += time.perf_counter() - start
 
     @property

@@ -342,3 +342,39 @@ def test_a_session_refuses_an_accelerated_model_and_works_after_restore(tiny_mod
     for f in frames[1:]:
         session.add_frame(f)
     assert session.frames == 3 and session.ask("what is the color ?", 2).text
+
+
+@pytest.mark.parametrize("policy", ["preserve", "compact"])
+def test_max_frames_holds_only_the_newest_frames_in_the_cache(tiny_models, policy):
+    """A long stream with ``max_frames=2``: the cache holds the prompt prefix and the two newest
+    frames' kept tokens, a sliding window: each frame was encoded seeing the prompt, the two
+    frames before it and itself, and the question sees the prompt and the last two frames. The
+    full stream's sequence under exactly that attention mask gives the same logits."""
+    model, proc = tiny_models("llava_onevision")
+    frames, question = video(11, frames=5), "what is the color ?"
+    full, window = (StreamSession(model, proc, retention=0.5, position_policy=policy, max_frames=m) for m in (None, 2))
+    for f in frames:
+        full.add_frame(f)
+        window.add_frame(f)
+    prefix, suffix = window._split_prompt(question)
+    held = sum(k.shape[0] for k in full.kept[3:])
+    assert window.frames == 5 and len(window.kept) == 2 and window.cached == window.cache.get_seq_length() == prefix.numel() + held
+    assert all(torch.equal(a, b) for a, b in zip(window.kept, full.kept[3:]))  # the same tokens kept per frame
+    window.ask(question, max_new_tokens=1)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = torch.cat([embed(prefix), *full.kept, model.model.image_newline[None], embed(suffix)])
+        tail = prefix.numel() + full.video_span + torch.arange(1 + suffix.numel())
+        positions = torch.cat([torch.arange(prefix.numel()), *[p + prefix.numel() for p in full.kept_positions], tail])
+        n = embeds.shape[0]
+        edges = (prefix.numel() + torch.tensor([0] + [k.shape[0] for k in full.kept]).cumsum(0)).tolist()
+        allowed = torch.ones(n, n).tril().bool()
+        for j in range(6):  # frame j saw frames j-2 .. j; the question (rows from edges[5]) frames 3 and 4
+            allowed[edges[j]: edges[j + 1] if j < 5 else n, prefix.numel(): edges[max(0, j - 2)]] = False
+        mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, float("-inf"))
+        hidden = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[None],
+                                            attention_mask=mask).last_hidden_state
+        expected = model.lm_head(hidden[0, -1])
+    torch.testing.assert_close(window.first_logits, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_frames"):
+        StreamSession(model, proc, max_frames=0)
