@@ -63,14 +63,15 @@ def video_qa(
     stream: bool = typer.Option(False, "--stream", help="feed the frames one by one to an STC streaming session "
                                 "(LLaVA-OneVision), then ask"),
     cacher: bool = typer.Option(False, "--cacher", help="with --stream: STC-Cacher reuses static ViT work"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="with --stream: hold only the newest N frames"),
     as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object on stdout"),
 ):
     """Answer a question about a video (no arguments: the embedded model on a bundled sample)."""
     try:
-        if cacher and not stream:
-            raise UserError("--cacher needs --stream (STC-Cacher runs in the streaming session)")
+        if (cacher or max_frames is not None) and not stream:
+            raise UserError("--cacher and --max-frames need --stream (they set the streaming session)")
         result = _run_video_qa(video, question, model, method, retention, preset, frames, fps, backend,
-                               max_new_tokens, compare, (stream, cacher))
+                               max_new_tokens, compare, (stream, cacher, max_frames))
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     if as_json:
@@ -80,7 +81,7 @@ def video_qa(
 
 
 def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
-                  max_new_tokens, compare, stream=(False, False)) -> dict:
+                  max_new_tokens, compare, stream=(False, False, None)) -> dict:
     if frames is not None and fps is not None:
         raise UserError("give either --frames or --fps, not both")
     reference = None
@@ -108,7 +109,7 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
         result["baseline"] = base.ask(media, question, max_new_tokens).to_dict()
         base.restore()
     if stream[0]:
-        result.update(_streamed(loaded, media, question, cfg.retention, stream[1], max_new_tokens))
+        result.update(_streamed(loaded, media, question, cfg.retention, stream[1:], max_new_tokens))
     else:
         pipe = Pipeline(*loaded, config=cfg)
         result.update(pipe.ask(media, question, max_new_tokens).to_dict())
@@ -116,12 +117,14 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     return result
 
 
-def _streamed(loaded, media, question: str, retention, cacher: bool, max_new_tokens: int) -> dict:
-    """Frames into an STC ``StreamSession`` one at a time, then the question: the answer dict
-    with the tokens each frame kept."""
+def _streamed(loaded, media, question: str, retention, session_args: tuple, max_new_tokens: int) -> dict:
+    """Frames into an STC ``StreamSession`` (``session_args``: cacher, max_frames) one at a
+    time, then the question: the answer dict with the tokens each frame kept."""
     from .stream import StreamSession
 
-    session = StreamSession(*loaded, **({} if retention is None else {"retention": retention}), cacher=cacher)
+    cacher, max_frames = session_args
+    session = StreamSession(*loaded, **({} if retention is None else {"retention": retention}), cacher=cacher,
+                            max_frames=max_frames)
     kept = [session.add_frame(frame) for frame in media.items[0]]
     answer = session.ask(question, max_new_tokens).to_dict()
     answer["media"] = {**media.info, **answer["media"], "kept_per_frame": kept}

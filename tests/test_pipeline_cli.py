@@ -93,7 +93,9 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     (["--retention", "2"], "retention"),
     (["--preset", "nope"], "no config file or preset"),
     (["--frames", "4", "--fps", "2"], "either --frames or --fps"),
-    (["--cacher"], "--cacher needs --stream"),
+    (["--cacher"], "need --stream"),
+    (["--max-frames", "2"], "need --stream"),
+    (["--stream", "--max-frames", "0"], "max_frames must be a positive"),
     (["--stream", "--method", "fastv"], "drop --method fastv"),
 ])
 def test_cli_user_errors_are_one_line(saved_model, tmp_path, argv, message):
