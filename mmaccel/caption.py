@@ -1,9 +1,11 @@
 """Config-driven batch image captioning that survives interruptions.
 
 One JSON line per image (``id``, ``path``, ``caption`` and ``stats``, or ``error``) is appended
-and flushed to disk batch by batch. A rerun resumes: lines already written are never redone or
-duplicated, and a line cut short by a crash (even ``kill -9``) is dropped before appending. An
-image that cannot be read is recorded with its error and the job goes on.
+and flushed to disk batch by batch. A rerun resumes: captions already written are never redone
+or duplicated, and a line cut short by a crash (even ``kill -9``) is dropped before appending. An
+image that cannot be read is recorded with its error and the job goes on; a rerun tries it
+again (the file may have been half-copied), replacing its error line, so the output keeps one
+line per image.
 """
 from __future__ import annotations
 
@@ -122,27 +124,49 @@ def _manifest(path: Path) -> list[Item]:
 
 
 def completed_ids(output: Path) -> set[str]:
-    """Ids already written; a trailing partial line (a crash mid-write) is cut off the file."""
+    """Ids already captioned; a trailing partial line (a crash mid-write) is cut off the file."""
+    return {row["id"] for row in _written_rows(output) if "error" not in row}
+
+
+def _written_rows(output: Path) -> list[dict]:
+    """The output's complete JSON lines (a partial last line is cut off the file first)."""
     if not output.exists():
-        return set()
+        return []
     data = output.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
         with open(output, "r+b") as f:
             f.truncate(end)
-    done = set()
+    rows = []
     for line in data[:end].splitlines():
         try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
             continue
-    return done
+    return [r for r in rows if isinstance(r, dict) and "id" in r]
+
+
+def drop_error_lines(output: Path) -> int:
+    """Remove the error lines from ``output`` (atomically: a new file replaces it), so their
+    images can be tried again without a second line. Returns how many were removed."""
+    rows = _written_rows(output)
+    kept = [r for r in rows if "error" not in r]
+    if len(kept) == len(rows):
+        return 0
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, output)
+    return len(rows) - len(kept)
 
 
 @dataclass
 class Summary:
     total: int = 0
     resumed: int = 0
+    retried: int = 0  # failed before, tried again
     captioned: int = 0
     failed: int = 0
     skipped_files: list[str] = field(default_factory=list)
@@ -153,6 +177,7 @@ class Summary:
     def line(self) -> str:
         rate = self.captioned / self.seconds if self.seconds else 0.0
         return (f"{self.captioned} captioned, {self.failed} failed, {self.resumed} already done, "
+                f"{self.retried} earlier failures retried, "
                 f"{len(self.skipped_files)} non-image files skipped, {self.seconds:.1f} s ({rate:.2f} img/s), "
                 f"visual tokens {self.visual_tokens_in} -> {self.visual_tokens_kept}")
 
@@ -163,8 +188,9 @@ def run_caption(cfg: CaptionConfig, pipeline=None, progress: bool = True) -> Sum
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = completed_ids(output)
+    retried = drop_error_lines(output)
     pending = [it for it in items if it.id not in done]
-    summary = Summary(total=len(items), resumed=len(items) - len(pending), skipped_files=skipped)
+    summary = Summary(total=len(items), resumed=len(items) - len(pending), retried=retried, skipped_files=skipped)
     if pending:
         pipe = pipeline or _pipeline(cfg)
         _caption_all(cfg, pipe, pending, output, summary, progress)

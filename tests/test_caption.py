@@ -1,6 +1,7 @@
 """The caption job: real files on disk, failures recorded, kill -9 and resume without loss or duplicates."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,8 +51,14 @@ def test_caption_folder_records_failures_and_skips_non_images(model_dir, tmp_pat
                for r in good)
     assert "5 captioned, 1 failed" in res.stdout and "1 non-image files skipped" in res.stdout
     again = CliRunner().invoke(app, ["caption", "--config", str(tmp_path / "job.yaml"), "--quiet"])
-    assert again.exit_code == 0 and "0 captioned" in again.stdout and "6 already done" in again.stdout
-    assert len(read_rows(out)) == 6
+    assert again.exit_code == 0, again.output
+    assert "0 captioned, 1 failed, 5 already done, 1 earlier failures retried" in again.stdout
+    assert len(read_rows(out)) == 6  # the broken image's error line was replaced, not repeated
+    shutil.copy(folder / "img_000.png", folder / "broken.png")  # the file is whole now
+    third = CliRunner().invoke(app, ["caption", "--config", str(tmp_path / "job.yaml"), "--quiet"])
+    assert third.exit_code == 0 and "1 captioned, 0 failed, 5 already done" in third.stdout
+    rows = read_rows(out)
+    assert len(rows) == 6 and all("caption" in r for r in rows)
 
 
 def write_config(tmp_path, inputs, out, model_dir, **extra):
