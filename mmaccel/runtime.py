@@ -2,6 +2,9 @@
 
 Installed on one model instance and always removed by :meth:`Runtime.remove`:
 
+* wrappers (instance attributes) around the model's ``generate`` and ``forward``: one call at a
+  time under a lock (the per-call state here is shared by every thread), stats per call, and
+  each thread's last call kept for it (:meth:`Runtime.last_call`);
 * wrappers (instance attributes) around the inner model's ``get_image_features`` /
   ``get_video_features`` that record each media item's feature layout and vision time;
 * a forward pre-hook on the inner model that starts a request at prefill;
