@@ -139,7 +139,7 @@ def prepare_media(media, num_frames: int | None = 8, fps: float | None = None, b
     """Load an image, images, a video path or decoded frames into what the processor takes."""
     import numpy as np
 
-    from .vision.io import is_video_path, load_image, read_video
+    from .vision.io import check_frames, is_video_path, load_image, read_video
 
     if isinstance(media, Media):
         return media
@@ -148,7 +148,7 @@ def prepare_media(media, num_frames: int | None = 8, fps: float | None = None, b
         info = {"kind": "video", "frames": len(clip.indices), "indices": clip.indices, "backend": clip.backend}
         return Media("video", [clip.frames], info)
     if isinstance(media, np.ndarray) and media.ndim == 4:
-        return Media("video", [media], {"kind": "video", "frames": int(media.shape[0])})
+        return Media("video", [check_frames(media)], {"kind": "video", "frames": int(media.shape[0])})
     if isinstance(media, (list, tuple)):
         images = [load_image(m) for m in media]
         return Media("image", images, {"kind": "image", "count": len(images)})

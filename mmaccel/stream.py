@@ -89,10 +89,13 @@ class StreamSession:
     @torch.inference_mode()
     def add_frame(self, frame: np.ndarray) -> int:
         """frame: (H, W, 3) uint8 RGB. Returns how many of its tokens were kept."""
+        from .vision.io import check_frames
+
         self._check_plain()
         frame = np.asarray(frame)
-        if frame.ndim != 3 or frame.shape[-1] != 3:
+        if frame.ndim != 3:
             raise ValueError(f"a frame must be (H, W, 3) RGB, got shape {frame.shape}")
+        frame = check_frames(frame, "a frame")
         start = time.perf_counter()
         pixels = self.processor.video_processor(videos=[frame[None]], return_tensors="pt")["pixel_values_videos"]
         feats = self._encode(pixels.to(self.model.device, self.model.dtype))

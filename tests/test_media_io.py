@@ -639,3 +639,16 @@ def test_decord_adapter(media, fake_decord):
     with pytest.raises(MediaError, match="decord cannot open"):
         mio.read_video(media["corrupt"], backend="decord")
     assert mio.read_video(media["h264_short"], num_frames=2).backend == "pyav"  # still the preferred one
+
+
+def test_decoded_video_arrays_must_be_uint8_rgb():
+    """Frames handed over as an array: floats were passed on and rescaled by the processor a
+    second time (a [0, 1] clip became black); now they are refused with the fix."""
+    from mmaccel.pipeline import prepare_media
+
+    frames = np.random.default_rng(3).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    assert prepare_media(frames).items[0] is frames
+    with pytest.raises(mio.MediaError, match=r"must be uint8, got float32; for floats in \[0, 1\]"):
+        prepare_media(frames.astype(np.float32) / 255)
+    with pytest.raises(mio.MediaError, match="channels last"):
+        prepare_media(frames.transpose(0, 3, 1, 2).copy())

@@ -1,4 +1,5 @@
 """Streaming STC sessions: faithful at full retention, independent of each other."""
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,12 @@ def test_stream_rejects_other_families_and_bad_frames(tiny_models):
     ov, ov_proc = tiny_models("llava_onevision")
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         StreamSession(ov, ov_proc).add_frame(torch.zeros(4, 4).numpy())
+    session = StreamSession(ov, ov_proc)
+    for frame, message in [(np.zeros((8, 8, 3), np.float32), "must be uint8"),  # floats were rescaled silently
+                           (np.zeros((8, 8, 4), np.uint8), r"\(H, W, 3\)"), (np.zeros((0, 8, 3), np.uint8), "empty")]:
+        with pytest.raises(ValueError, match=message):
+            session.add_frame(frame)
+    assert session.frames == 0
 
 
 def _layers(model):

@@ -182,6 +182,20 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
+def check_frames(arr, what: str = "video frames") -> np.ndarray:
+    """``arr`` as an array of uint8 RGB frames, (T, H, W, 3) or one frame (H, W, 3); anything
+    else (floats, other shapes, no pixels) is refused with the fix, not silently rescaled."""
+    arr = np.asarray(arr)
+    if arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+        raise MediaError(f"{what} must be (T, H, W, 3) or (H, W, 3) RGB, channels last; got shape {arr.shape}")
+    if arr.size == 0:
+        raise MediaError(f"{what} are empty (shape {arr.shape}); they contain no pixels")
+    if arr.dtype != np.uint8:
+        raise MediaError(f"{what} must be uint8, got {arr.dtype}; for floats in [0, 1] use "
+                         "(arr * 255).round().clip(0, 255).astype(np.uint8)")
+    return arr
+
+
 def _image_from_array(arr: np.ndarray) -> Image.Image:
     """Wrap an HxW / HxWx1 / HxWx3 / HxWx4 uint8 array as a PIL image."""
     if arr.size == 0:
