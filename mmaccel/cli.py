@@ -97,7 +97,8 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     streaming_default = "stc" if stream[0] and method is None and preset is None else None
     cfg = AccelConfig.load(preset, method=method or streaming_default, retention=retention)
     if stream[0] and cfg.method != "stc":
-        raise UserError(f"--stream runs STC's streaming session; drop --method {cfg.method} (or use stc)")
+        raise UserError(f"--stream runs STC's streaming session, not {cfg.method}: use --method stc or "
+                        "--preset stc-stream (or neither)")
     media = prepare_media(str(video), None if fps else (frames or 8), fps, backend)  # fail before loading a model
     _quiet_transformers()
     loaded = load_model(model_dir) if model_dir else _default_model()

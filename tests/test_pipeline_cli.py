@@ -96,7 +96,8 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     (["--cacher"], "need --stream"),
     (["--max-frames", "2"], "need --stream"),
     (["--stream", "--max-frames", "0"], "max_frames must be a positive"),
-    (["--stream", "--method", "fastv"], "drop --method fastv"),
+    (["--stream", "--method", "fastv"], "not fastv: use --method stc"),
+    (["--stream", "--preset", "fastv-50"], "not fastv: use --method stc"),
 ])
 def test_cli_user_errors_are_one_line(saved_model, tmp_path, argv, message):
     video = write_video(tmp_path / "clip.mp4", frames=4)
