@@ -108,10 +108,11 @@ class ToMe(PreLLMReducer):
             if runtime.current_kind not in ("image", "video") or self.keep_fraction() >= 1.0:
                 return plain(hidden_states, *args, **kwargs)
             st = self._state
-            if index == 0:
-                st.update(assign=torch.arange(hidden_states.shape[1], device=hidden_states.device)
-                          .expand(hidden_states.shape[0], -1).clone(), size=torch.ones(hidden_states.shape[:2], device=hidden_states.device),
-                          cls=self._cls)
+            if index == 0:  # a new tower call: every token its own group of size 1
+                batch, n = hidden_states.shape[:2]
+                dev = hidden_states.device
+                st.update(assign=torch.arange(n, device=dev).expand(batch, -1).clone(),
+                          size=torch.ones(batch, n, device=dev), cls=self._cls)
             return tome_block_forward(layer, hidden_states, st, self._merge_count(hidden_states.shape[1], st, last - index))
 
         return forward
