@@ -61,3 +61,26 @@ def tiny_models():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def run_in_threads(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)], each called in a thread of its own, all started together; a
+    thread's exception is raised here (it would otherwise vanish with the thread)."""
+    import threading
+
+    results, errors = [None] * n, []
+
+    def worker(i):
+        try:
+            results[i] = fn(i)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -4,7 +4,7 @@ import torch
 
 from mmaccel import accelerate_vlm
 from mmaccel.testing.tiny import build
-from conftest import VIDEO_FAMILIES, make_inputs
+from conftest import VIDEO_FAMILIES, make_inputs, run_in_threads
 
 
 class LayerLengths:
@@ -382,31 +382,21 @@ def test_generate_from_several_threads_equals_one_after_another(deep_tower_model
     """An accelerated model served from a thread pool: the runtime's per-call state is shared,
     so calls take turns and each gets what it gets alone (before, a thread's placeholders met
     another's image features)."""
-    import threading
     import time
 
     model, proc = deep_tower_models("llava_next")
     prompts = [make_inputs(proc, batch=1 + i % 2, seed=i) for i in range(4)]
-    results, errors = [None] * 4, []
     with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
         expected = []
         for p in prompts:
             expected.append((model.generate(**p, max_new_tokens=3, do_sample=False), handle.kept_visual_positions()))
 
-        def worker(i):
-            try:
-                out = model.generate(**prompts[i], max_new_tokens=3, do_sample=False)
-                time.sleep(0.01)  # let other threads' calls run before this one reads its own record
-                results[i] = (out, handle.kept_visual_positions(), handle.stats.batch_size)
-            except Exception as exc:  # surfaced below
-                errors.append(exc)
+        def call(i):
+            out = model.generate(**prompts[i], max_new_tokens=3, do_sample=False)
+            time.sleep(0.01)  # let other threads' calls run before this one reads its own record
+            return out, handle.kept_visual_positions(), handle.stats.batch_size
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
+        results = run_in_threads(call, 4)
     for i, ((out, kept, batch), (out_ref, kept_ref)) in enumerate(zip(results, expected)):
         assert torch.equal(out, out_ref) and batch == 1 + i % 2  # each thread reads its own call's record
         assert all(torch.equal(a, b) for a, b in zip(kept, kept_ref))

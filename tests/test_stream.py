@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmaccel.stream import StreamSession
-from conftest import make_inputs, prompt, video
+from conftest import make_inputs, prompt, run_in_threads, video
 
 
 def test_full_retention_stream_equals_the_offline_video_answer(tiny_models):
@@ -299,8 +299,6 @@ def test_sessions_in_threads_get_what_they_get_one_after_another(tiny_models, ca
     """Streams served from several threads on one model: each session's kept tokens and answer
     equal a sequential run's (STC-Cacher swaps the shared tower's layer forwards, so cached
     chunks take turns)."""
-    import threading
-
     model, proc = tiny_models("llava_onevision")
     videos = [video(20 + i, frames=8) for i in range(3)]
 
@@ -311,20 +309,7 @@ def test_sessions_in_threads_get_what_they_get_one_after_another(tiny_models, ca
         return [k.clone() for k in session.kept], session.ask("what is the color ?", 3).text
 
     expected = [run(v) for v in videos]
-    results, errors = [None] * 3, []
-
-    def worker(i):
-        try:
-            results[i] = run(videos[i])
-        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(lambda i: run(videos[i]), 3)
     for (kept, text), (kept_ref, text_ref) in zip(results, expected):
         assert text == text_ref and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept, kept_ref))
 
