@@ -329,6 +329,9 @@ def bench_speed(
             for r in rets:
                 AccelConfig.load(None, method=name, retention=r)
         _check_speed_target(device, dtype, batch, llm)
+        if "tome" in names and vision_layers < 3:  # the tower's feature layer is block L-2
+            raise UserError(f"tome merges in the CLIP blocks before the feature layer (block L-2); a tower of "
+                            f"{vision_layers} has none: add --vision-layers 8")
     except (UserError, ValueError) as err:
         _fail(str(err).splitlines()[0])
     from .bench.speed import markdown, run

@@ -55,6 +55,13 @@ def test_speed_bench_times_the_tower_and_tome_shrinks_a_deeper_one(tmp_path):
     assert p["visual_tokens_last_layer"] < p["visual_tokens_in"] and p["flop_ratio"] > 1.0
 
 
+def test_speed_bench_asks_for_a_deeper_tower_for_tome(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "tome", "--retentions", "0.25",
+                                   "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "add --vision-layers" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "speed.json").exists()
+
+
 def test_speed_bench_times_tome_inside_a_qwen2_vl_tower(tmp_path):
     res = CliRunner().invoke(app, ["bench", "speed", "--small", "--methods", "random", "--retentions", "0.25",
                                    "--repeats", "1", "--warmup", "0", "--qwen-tome", "--out", str(tmp_path)])
