@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmaccel import accelerate_vlm
+from mmaccel import accelerate_vlm, list_methods
 from mmaccel.testing.tiny import build
 from conftest import VIDEO_FAMILIES, make_inputs, run_in_threads
 
@@ -144,21 +144,28 @@ def test_qwen_preserve_decode_positions_equal_unpruned(tiny_models, fam, method)
     assert torch.equal(kept_len + deltas, full[1][0, :, 0])
 
 
-def test_padded_batch_matches_single_samples(tiny_models, family):
-    """Per-sample budgets: a sample keeps the same tokens and answer alone and in a padded batch."""
-    model, proc = tiny_models(family)
-    batch = make_inputs(proc, batch=2)
-    for method in ("fastv", "pool", "random", "aim"):
+def test_padded_batch_matches_single_samples(deep_tower_models, family):
+    """Per-sample budgets, every method: a sample keeps the same tokens and answer alone and in
+    a padded batch, with images of other shapes (other crop grids) and 4-block towers, so the
+    tower-stage merges run too."""
+    from conftest import image, prompt
+
+    model, proc = deep_tower_models(family)
+    texts = [prompt(proc, "what is the color ?"), prompt(proc, "how many circle are there in the image on the left ?")]
+    batch = proc(text=texts, images=[image(1, size=(90, 130)), image(2, size=(140, 70))], padding=True,
+                 return_tensors="pt")
+    left_pad = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)
+    for method in [m for m in list_methods() if m != "none"]:
         with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
             both = model(**batch).logits[:, -1]
-            per_layer_batch = handle.stats.visual_tokens_per_layer
+            per_layer_batch, kept_batch = handle.stats.visual_tokens_per_layer, handle.kept_visual_positions()
             singles, per_layer_single = [], []
             for i in range(2):
-                one = _select(batch, i, family)
-                singles.append(model(**one).logits[:, -1])
+                singles.append(model(**_select(batch, i, family)).logits[:, -1])
                 per_layer_single.append(handle.stats.visual_tokens_per_layer)
+                assert torch.equal(kept_batch[i] - left_pad[i], handle.kept_visual_positions()[0]), (method, i)
         assert per_layer_batch == [a + b for a, b in zip(*per_layer_single)], method
-        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=method)
 
 
 def _select(batch, i, family):
