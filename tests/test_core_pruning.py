@@ -168,17 +168,37 @@ def test_padded_batch_matches_single_samples(deep_tower_models, family):
         torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=method)
 
 
+@pytest.mark.parametrize("fam", VIDEO_FAMILIES)
+def test_padded_video_batch_matches_single_samples(deep_tower_models, fam):
+    """The batch invariant on video prompts, every method (frames, pooled or slice-merged)."""
+    model, proc = deep_tower_models(fam)
+    batch = make_inputs(proc, batch=2, media=("video",))
+    left_pad = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)
+    for method in [m for m in list_methods() if m != "none"]:
+        with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+            both, kept_batch = model(**batch).logits[:, -1], handle.kept_visual_positions()
+            singles = []
+            for i in range(2):
+                singles.append(model(**_select(batch, i, fam)).logits[:, -1])
+                assert torch.equal(kept_batch[i] - left_pad[i], handle.kept_visual_positions()[0]), (method, i)
+        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=method)
+
+
 def _select(batch, i, family):
     """Sample ``i`` of a processor batch, without its padding."""
     keep = batch["attention_mask"][i].bool()
     out = {"input_ids": batch["input_ids"][i:i + 1, keep], "attention_mask": batch["attention_mask"][i:i + 1, keep]}
     if "mm_token_type_ids" in batch:
         out["mm_token_type_ids"] = batch["mm_token_type_ids"][i:i + 1, keep]
-    if family.startswith("qwen"):
-        per = batch["image_grid_thw"].prod(-1).tolist()
-        start = sum(per[:i])
-        out["pixel_values"] = batch["pixel_values"][start:start + per[i]]
-        out["image_grid_thw"] = batch["image_grid_thw"][i:i + 1]
+    if family.startswith("qwen"):  # patches of all samples in one flat tensor, split by the grids
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if grid in batch:
+                per = batch[grid].prod(-1).tolist()
+                start = sum(per[:i])
+                out[pixels] = batch[pixels][start:start + per[i]]
+                out[grid] = batch[grid][i:i + 1]
+        if "second_per_grid_ts" in batch:
+            out["second_per_grid_ts"] = batch["second_per_grid_ts"][i:i + 1]
     else:
         for key in ("pixel_values", "pixel_values_videos"):
             if key in batch:
