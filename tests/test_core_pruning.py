@@ -380,14 +380,16 @@ def test_beam_copies_keep_what_their_prompt_keeps(deep_tower_models, family, met
         assert torch.equal(kept, alone[row // 2]), row
 
 
+@pytest.mark.parametrize("fam, policy", [("llava_next", "preserve"), ("qwen2_5_vl", "preserve"), ("qwen2_5_vl", "compact")])
 @pytest.mark.parametrize("method", ["hired", "visionzip", "tome", "pool"])
-def test_generate_without_cache_reduces_every_step_like_the_cached_run(deep_tower_models, method):
+def test_generate_without_cache_reduces_every_step_like_the_cached_run(deep_tower_models, method, fam, policy):
     """use_cache=False: every step is a new prefill of the media generate() encoded once; each
     must be reduced the same way (tap methods used to crash on the second step, tome ran it
-    unreduced), so pre-LLM methods answer exactly as with the cache."""
-    model, proc = deep_tower_models("llava_next")
+    unreduced), so pre-LLM methods answer exactly as with the cache: the cached decode's
+    positions (M-RoPE included, either policy) are the ones a full recompute gives."""
+    model, proc = deep_tower_models(fam)
     inputs = make_inputs(proc, batch=2)
-    with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+    with accelerate_vlm(model, method=method, retention=0.25, position_policy=policy) as handle, torch.no_grad():
         cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         kept = handle.kept_visual_positions()
         uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
