@@ -86,3 +86,19 @@ def test_selection_equals_generating_on_the_kept_tokens_alone(tiny_models, famil
     assert torch.equal(fast.sequences[0, ids.numel():], ref.sequences[0, -8:])
     for step_fast, step_ref in zip(fast.logits, ref.logits):  # prefill and every decode step
         torch.testing.assert_close(step_fast, step_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_every_method_at_full_retention_generates_bit_identically_on_image_and_video(tiny_models, fam):
+    """An image and a video in each of two padded prompts, three generated tokens: with nothing
+    to drop every method gives the plain model's tokens and logits bit for bit."""
+    model, proc = tiny_models(fam)
+    inputs = make_inputs(proc, batch=2, media=("image", "video"))
+    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        reference = model.generate(**inputs, **gen)
+    for method in list_methods():
+        with accelerate_vlm(model, method=method, retention=None if method == "none" else 1.0), torch.no_grad():
+            out = model.generate(**inputs, **gen)
+        assert torch.equal(out.sequences, reference.sequences), method
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits)), method
