@@ -40,7 +40,10 @@ class DemoBackend:
     def _ask(self, method, retention, media, question, max_new_tokens, pictures=False):
         pipe = Pipeline(self.model, self.processor, method=method, retention=retention)
         try:
-            ans = pipe.ask(media, question, max_new_tokens=max_new_tokens)
+            try:
+                ans = pipe.ask(media, question, max_new_tokens=max_new_tokens)
+            except ValueError as err:  # e.g. a video for an image-only model: shown, not a stack trace
+                raise gr.Error(str(err)) from None
             if not pictures:
                 return ans
             shown = media.items[0] if media.kind == "video" else media.items

@@ -116,8 +116,12 @@ class Pipeline:
         images = [im for p in prepared if p.kind == "image" for im in p.items]
         videos = [v for p in prepared if p.kind == "video" for v in p.items]
         kwargs = {"images": images or None, "videos": videos or None}
-        return self.processor(text=texts, padding=True, return_tensors="pt",
-                              **{k: v for k, v in kwargs.items() if v is not None})
+        inputs = self.processor(text=texts, padding=True, return_tensors="pt",
+                                **{k: v for k, v in kwargs.items() if v is not None})
+        if videos and "pixel_values_videos" not in inputs:  # the processor dropped them without a word
+            raise ValueError(f"{type(self.model).__name__} takes images, not videos: pass the frames as a list of "
+                             "images, or use a video model (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)")
+        return inputs
 
     def restore(self):
         """Remove the acceleration; the model is returned untouched."""

@@ -157,3 +157,14 @@ def test_cli_video_qa_stream_feeds_frames_to_a_session(saved_model, tmp_path):
     assert data["media"]["kept_per_frame"] == kept and len(kept) == 4
     assert data["answer"] == session.ask("which direction ?", 3).text
     assert data["stats"]["visual_tokens_kept"] == sum(kept) + 1  # and the video's newline token
+
+
+def test_a_video_for_an_image_only_model_is_refused(tmp_path):
+    """LLaVA-1.5's processor ignores videos= and its template prints a bare <video>: the model
+    answered without seeing anything. The Pipeline and the CLI say what to do instead."""
+    model_dir = save_tiny("llava", tmp_path / "llava")
+    video = write_video(tmp_path / "clip.mp4", frames=4)
+    with pytest.raises(ValueError, match="takes images, not videos"):
+        Pipeline(str(model_dir), method="none").ask(str(video), "what ?", max_new_tokens=2)
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "what ?", "--model", str(model_dir)])
+    assert res.exit_code != 0 and "takes images, not videos" in res.output
