@@ -95,6 +95,9 @@ class Pipeline:
         """Several (media, question) pairs in one left-padded batch; one shared ``Stats``."""
         import torch
 
+        if not items:
+            return []
+
         prepared = [prepare_media(m, num_frames, fps, backend) for m, _ in items]
         texts = [self._prompt(p, q) for p, (_, q) in zip(prepared, items)]
         inputs = self._encode(texts, prepared).to(self.model.device)

@@ -201,6 +201,8 @@ class StreamSession:
         """Answer from the frames so far (greedy); the session's cache is left as it was."""
         if not self.kept:
             raise ValueError("no frames yet: add_frame() first")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question must be a non-empty string")
         self._check_plain()
         prefix, suffix = self._split_prompt(question)
         start = time.perf_counter()

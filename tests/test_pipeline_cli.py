@@ -168,3 +168,7 @@ def test_a_video_for_an_image_only_model_is_refused(tmp_path):
         Pipeline(str(model_dir), method="none").ask(str(video), "what ?", max_new_tokens=2)
     res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "what ?", "--model", str(model_dir)])
     assert res.exit_code != 0 and "takes images, not videos" in res.output
+
+
+def test_an_empty_batch_answers_nothing(saved_model):
+    assert Pipeline(str(saved_model), method="fastv", retention=0.25).ask_batch([]) == []

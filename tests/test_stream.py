@@ -56,6 +56,10 @@ def test_stream_rejects_other_families_and_bad_frames(tiny_models):
         with pytest.raises(ValueError, match=message):
             session.add_frame(frame)
     assert session.frames == 0
+    session.add_frame(video(1, frames=1)[0])
+    for question in ("", "   ", None):
+        with pytest.raises(ValueError, match="non-empty string"):
+            session.ask(question)
 
 
 def _layers(model):
