@@ -42,6 +42,8 @@ def _row_bias(query, key, rows, mask, causal) -> torch.Tensor | None:
         offset = key.shape[2] - query.shape[2]  # key j is visible to query i iff j <= i + (Tk - Tq)
         visible = torch.arange(key.shape[2], device=key.device)[None, None, :] <= (rows + offset)[:, :, None]
         return torch.zeros(visible.shape, device=key.device).masked_fill(~visible, float("-inf"))[:, None]
+    if mask.shape[2] == 1:  # one row for every query (a padding or size bias): broadcast before gathering
+        mask = mask.expand(-1, -1, query.shape[2], -1)
     m = torch.gather(mask.expand(b, -1, -1, -1), 2, rows[:, None, :, None].expand(b, mask.shape[1], -1, mask.shape[-1]))
     if m.dtype == torch.bool:
         return torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
@@ -49,15 +51,27 @@ def _row_bias(query, key, rows, mask, causal) -> torch.Tensor | None:
 
 
 def mean_received_attention(query, key, mask, scaling, causal: bool = False, chunk: int = 256) -> torch.Tensor:
-    """Mean attention each key receives over all queries, (B, H, Tk), in query chunks so the
-    full Tq x Tk matrix never exists at once (for encoders without a CLS token)."""
+    """Mean attention each key receives over all real queries, (B, H, Tk), in query chunks so the
+    full Tq x Tk matrix never exists at once (for encoders without a CLS token). In
+    self-attention a padded slot (a key no query may see, e.g. a shorter merged row of a batch)
+    is a padded query too, and does not count."""
     b, _, tq, _ = query.shape
+    real = _real_queries(mask, b, tq, query.device)
     total = None
     for start in range(0, tq, chunk):
         rows = torch.arange(start, min(start + chunk, tq), device=query.device).expand(b, -1)
-        part = query_subset_attention(query, key, rows, mask, scaling, causal).sum(2)
+        probs = query_subset_attention(query, key, rows, mask, scaling, causal)
+        part = (probs * real[:, None, start:start + rows.shape[1], None]).sum(2)
         total = part if total is None else total + part
-    return total / tq
+    return total / real.sum(1).clamp(min=1)[:, None, None]
+
+
+def _real_queries(mask, b: int, tq: int, device) -> torch.Tensor:
+    """(B, Tq) float: 1 for a query row that is real, 0 for padding (self-attention only)."""
+    if mask is None or mask.shape[-1] != tq:
+        return torch.ones(b, tq, device=device)
+    visible = mask if mask.dtype == torch.bool else torch.isfinite(mask)
+    return visible.expand(b, -1, -1, -1).any(2).any(1).float()
 
 
 @dataclass

@@ -340,3 +340,40 @@ def test_clip_tower_merged_rows_of_different_lengths_give_each_sample_its_own_re
     torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4)
     offset = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)  # left padding
     assert all(torch.equal(kept_both[i] - offset[i], kept_alone[i]) for i in range(2))
+
+
+def test_siglip_tower_merged_to_the_end_counts_only_real_queries_in_a_batch():
+    """LLaVA-OneVision's SigLIP (no CLS): the key set is the mean attention a token receives in
+    the last block, which now runs merged. A flat image merges a window and a noisy one none, so
+    their rows are padded; padded query rows must not count, or a sample's key-set scores would
+    depend on its batch."""
+    import numpy as np
+    from PIL import Image
+
+    from test_core_pruning import _select
+
+    model, proc = build("llava_onevision", seed=3, vision_layers=4)
+    layers = get_adapter(model).vision_layers
+    lengths = []
+    probe = layers[-1].self_attn.q_proj.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True) for q in ("what is it ?", "is there a red circle ?")]
+    batch = proc(text=texts, images=[Image.new("RGB", (56, 56), (240, 240, 240)), noise], padding=True,
+                 return_tensors="pt")
+    try:
+        with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.9) as handle, torch.no_grad():
+            both = model(**batch).logits[:, -1]
+            key_scores = [handle._runtime.records[0][2]["_vision_scores"][3][0]]  # (tiles, H, patches)
+            singles = []
+            for i in range(2):
+                singles.append(model(**_select(batch, i, "llava_onevision")).logits[:, -1])
+                key_scores.append(handle._runtime.records[0][2]["_vision_scores"][3][0])
+    finally:
+        probe.remove()
+    # tiles of 4x4 patches, one 3x3 window each: the flat image's tiles merge to 8 tokens, the
+    # noisy one's keep 16, so in the batch the flat rows are padded to 16 in the last block
+    assert lengths == [16, 8, 16]
+    flat_tiles = key_scores[1].shape[0]
+    torch.testing.assert_close(key_scores[0][:flat_tiles], key_scores[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4)

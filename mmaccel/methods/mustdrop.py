@@ -22,12 +22,11 @@ Deliberate differences: scores come from the query-subset tap (SDPA stays SDPA, 
 kept tokens keep their positions unless the policy is ``compact`` (the official code
 renumbers), batches get per-sample sets, layer choices scale with depth instead of the
 hard-coded 32; the window merge (see :mod:`mmaccel.vision.window_merge`) is per image rather
-than ``min`` over the batch and keeps spatial order. As in the official code, on CLS towers
-(LLaVA's CLIP) every later block runs on the merged tokens and the key set ranks them; the
-feature layer's output is copied back to the merged windows' cells for the model's projector
-and packing, and the pre-LLM step keeps one token per window. On CLS-less towers (SigLIP)
-the windows are copied back before the feature layer's block (the key set there is the mean
-attention received, which padded query rows of a batch would skew). On
+than ``min`` over the batch and keeps spatial order. As in the official code, every later
+block runs on the merged tokens and the key set ranks them (CLS attention, or on SigLIP the
+mean attention received from the real, unpadded queries); the feature layer's output is copied
+back to the merged windows' cells for the model's projector and packing, and the pre-LLM step
+keeps one token per window. On
 Qwen2-VL the cells are the tower's 2x2 merge windows (one language-model token each), so a
 merged 3x3 block is nine LLM tokens (:mod:`.tome_qwen`); on Qwen2.5-VL the 3x3 blocks tile
 each attention window on its own (4x4 merge windows in the real model: one block per full
@@ -111,11 +110,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
             return []
         state: dict = {}
         handles = [layers[1].register_forward_pre_hook(self._merge_hook(runtime, state), with_kwargs=True)]
-        if adapter.vision_has_cls and last + 1 < len(layers):
-            handles += merged_to_the_end(runtime, state, last)
-        else:
-            handles.append(layers[last].register_forward_pre_hook(self._expand_hook(runtime, state), with_kwargs=True))
-        return handles + wrap_tower_attention(adapter)
+        return handles + merged_to_the_end(runtime, state, last) + wrap_tower_attention(adapter)
 
     def _install_qwen(self, runtime) -> list:
         """Qwen2-VL / Qwen2.5-VL: the merge works on whole 2x2 merge windows (:mod:`.tome_qwen`),
@@ -137,11 +132,6 @@ class MustDrop(PreLLMReducer, InLLMPruner):
             return ((merged,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
 
         return hook
-
-    def _expand_hook(self, runtime, state):
-        from .tome import expand_hook
-
-        return expand_hook(runtime, state)
 
 
     def keep_fraction(self) -> float:
@@ -179,11 +169,11 @@ class MustDrop(PreLLMReducer, InLLMPruner):
 
 
 def merged_to_the_end(runtime, state: dict, feature: int) -> list:
-    """CLS towers (LLaVA's CLIP): every block after the merge runs on the merged sequence, as
-    in the official code. The feature block's output is copied back to the sources for the
-    projector (hidden_states[feature] is recorded after this hook: ``prepend``), the next block
-    takes one copy per merged token again, and the key-set scores the last block's attention
-    gives the merged tokens are spread back over their sources."""
+    """Every block after the merge runs on the merged sequence, as in the official code. The
+    feature block's output is copied back to the sources for the projector (hidden_states
+    [feature] is recorded after this hook: ``prepend``), a later block takes one copy per merged
+    token again, and the key-set scores the last block's attention gives the merged tokens (CLS
+    rows, or mean received over the real queries) are spread back over their sources."""
     from .tome import expand_to_sources
 
     layers = runtime.adapter.vision_layers
@@ -207,12 +197,14 @@ def merged_to_the_end(runtime, state: dict, feature: int) -> list:
         assign = state.pop("assign", None)
         tap = getattr(runtime.adapter.attention_of(module), "_mmaccel_tap", None)
         if assign is not None and tap is not None and tap.collected:
-            entry = tap.collected[-1]  # (B, H, 1, L) CLS rows over the merged tokens
-            tap.collected[-1] = torch.gather(entry, -1, assign[:, None, None, :].expand(*entry.shape[:3], -1))
+            entry = tap.collected[-1]  # (B, H, 1, L) CLS rows or (B, H, L) means over the merged tokens
+            index = assign.view(assign.shape[0], *([1] * (entry.dim() - 2)), -1)
+            tap.collected[-1] = torch.gather(entry, -1, index.expand(*entry.shape[:-1], -1))
 
-    return [layers[feature].register_forward_hook(expand_output, prepend=True),
-            layers[feature + 1].register_forward_pre_hook(remerge, with_kwargs=True),
-            layers[-1].register_forward_hook(finish)]
+    handles = [layers[-1].register_forward_hook(finish)]  # first: it reads the merged assignment
+    if feature + 1 < len(layers):
+        handles.append(layers[feature + 1].register_forward_pre_hook(remerge, with_kwargs=True))
+    return handles + [layers[feature].register_forward_hook(expand_output, prepend=True)]
 
 
 def _first_sources(assign: torch.Tensor) -> torch.Tensor:
