@@ -125,7 +125,11 @@ def _manifest(path: Path) -> list[Item]:
 
 def completed_ids(output: Path) -> set[str]:
     """Ids already captioned; a trailing partial line (a crash mid-write) is cut off the file."""
-    return {row["id"] for row in _written_rows(output) if "error" not in row}
+    return _captioned(_written_rows(output))
+
+
+def _captioned(rows: list[dict]) -> set[str]:
+    return {row["id"] for row in rows if "error" not in row}
 
 
 def _written_rows(output: Path) -> list[dict]:
@@ -146,10 +150,10 @@ def _written_rows(output: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and "id" in r]
 
 
-def drop_error_lines(output: Path) -> int:
-    """Remove the error lines from ``output`` (atomically: a new file replaces it), so their
-    images can be tried again without a second line. Returns how many were removed."""
-    rows = _written_rows(output)
+def drop_error_lines(output: Path, rows: list[dict]) -> int:
+    """Remove the error lines from ``output``, whose complete lines are ``rows`` (atomically: a
+    new file replaces it), so their images can be tried again without a second line. Returns
+    how many were removed."""
     kept = [r for r in rows if "error" not in r]
     if len(kept) == len(rows):
         return 0
@@ -187,8 +191,9 @@ def run_caption(cfg: CaptionConfig, pipeline=None, progress: bool = True) -> Sum
     items, skipped = resolve_inputs(cfg.inputs, cfg.recursive)
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = completed_ids(output)
-    retried = drop_error_lines(output)
+    rows = _written_rows(output)
+    done = _captioned(rows)
+    retried = drop_error_lines(output, rows)
     pending = [it for it in items if it.id not in done]
     summary = Summary(total=len(items), resumed=len(items) - len(pending), retried=retried, skipped_files=skipped)
     if pending:

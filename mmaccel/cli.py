@@ -70,8 +70,9 @@ def video_qa(
     try:
         if (cacher or max_frames is not None) and not stream:
             raise UserError("--cacher and --max-frames need --stream (they set the streaming session)")
+        session = {"cacher": cacher, "max_frames": max_frames} if stream else None
         result = _run_video_qa(video, question, model, method, retention, preset, frames, fps, backend,
-                               max_new_tokens, compare, (stream, cacher, max_frames))
+                               max_new_tokens, compare, session)
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     if as_json:
@@ -81,7 +82,8 @@ def video_qa(
 
 
 def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
-                  max_new_tokens, compare, stream=(False, False, None)) -> dict:
+                  max_new_tokens, compare, stream: dict | None = None) -> dict:
+    """``stream``: None, or the ``StreamSession`` options to answer from a stream instead."""
     if frames is not None and fps is not None:
         raise UserError("give either --frames or --fps, not both")
     reference = None
@@ -94,9 +96,9 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     from .config import AccelConfig
     from .pipeline import Pipeline, load_model, prepare_media
 
-    streaming_default = "stc" if stream[0] and method is None and preset is None else None
+    streaming_default = "stc" if stream is not None and method is None and preset is None else None
     cfg = AccelConfig.load(preset, method=method or streaming_default, retention=retention)
-    if stream[0] and cfg.method != "stc":
+    if stream is not None and cfg.method != "stc":
         raise UserError(f"--stream runs STC's streaming session, not {cfg.method}: use --method stc or "
                         "--preset stc-stream (or neither)")
     media = prepare_media(str(video), None if fps else (frames or 8), fps, backend)  # fail before loading a model
@@ -109,8 +111,8 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
         base = Pipeline(*loaded, method="none")
         result["baseline"] = base.ask(media, question, max_new_tokens).to_dict()
         base.restore()
-    if stream[0]:
-        result.update(_streamed(loaded, media, question, cfg.retention, stream[1:], max_new_tokens))
+    if stream is not None:
+        result.update(_streamed(loaded, media, question, cfg.retention, stream, max_new_tokens))
     else:
         pipe = Pipeline(*loaded, config=cfg)
         result.update(pipe.ask(media, question, max_new_tokens).to_dict())
@@ -118,14 +120,12 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     return result
 
 
-def _streamed(loaded, media, question: str, retention, session_args: tuple, max_new_tokens: int) -> dict:
-    """Frames into an STC ``StreamSession`` (``session_args``: cacher, max_frames) one at a
-    time, then the question: the answer dict with the tokens each frame kept."""
+def _streamed(loaded, media, question: str, retention, options: dict, max_new_tokens: int) -> dict:
+    """Frames into an STC ``StreamSession`` (with ``options``) one at a time, then the question:
+    the answer dict with the tokens each frame kept."""
     from .stream import StreamSession
 
-    cacher, max_frames = session_args
-    session = StreamSession(*loaded, **({} if retention is None else {"retention": retention}), cacher=cacher,
-                            max_frames=max_frames)
+    session = StreamSession(*loaded, **({} if retention is None else {"retention": retention}), **options)
     kept = [session.add_frame(frame) for frame in media.items[0]]
     answer = session.ask(question, max_new_tokens).to_dict()
     answer["media"] = {**media.info, **answer["media"], "kept_per_frame": kept}

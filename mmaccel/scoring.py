@@ -56,20 +56,23 @@ def mean_received_attention(query, key, mask, scaling, causal: bool = False, chu
     self-attention a padded slot (a key no query may see, e.g. a shorter merged row of a batch)
     is a padded query too, and does not count."""
     b, _, tq, _ = query.shape
-    real = _real_queries(mask, b, tq, query.device)
+    real = _real_queries(mask, b, tq)
     total = None
     for start in range(0, tq, chunk):
         rows = torch.arange(start, min(start + chunk, tq), device=query.device).expand(b, -1)
         probs = query_subset_attention(query, key, rows, mask, scaling, causal)
-        part = (probs * real[:, None, start:start + rows.shape[1], None]).sum(2)
+        if real is not None:
+            probs = probs * real[:, None, start:start + rows.shape[1], None]
+        part = probs.sum(2)
         total = part if total is None else total + part
-    return total / real.sum(1).clamp(min=1)[:, None, None]
+    return total / (tq if real is None else real.sum(1).clamp(min=1)[:, None, None])
 
 
-def _real_queries(mask, b: int, tq: int, device) -> torch.Tensor:
-    """(B, Tq) float: 1 for a query row that is real, 0 for padding (self-attention only)."""
+def _real_queries(mask, b: int, tq: int) -> torch.Tensor | None:
+    """(B, Tq) float: 1 for a query row that is real, 0 for padding (self-attention only);
+    None where no row can be padding (no mask, or not self-attention)."""
     if mask is None or mask.shape[-1] != tq:
-        return torch.ones(b, tq, device=device)
+        return None
     visible = mask if mask.dtype == torch.bool else torch.isfinite(mask)
     return visible.expand(b, -1, -1, -1).any(2).any(1).float()
 

@@ -18,8 +18,8 @@ question; that retrieval is not implemented here.
 Positions: by default (``position_policy="preserve"``) each kept token sits at the position it
 would hold in the full video, so the language model sees the same positions as offline ``stc``
 with its default policy. The official STC/ReKV stream appends kept tokens at consecutive
-positions (``"compact"``); on the shipped model that costs 14 points of video accuracy at 60/196
-tokens (`results/fidelity/stream_positions.md`), as renumbered positions cost grounding elsewhere
+positions (``"compact"``); on the shipped model that costs 15 points of video accuracy at 60/196
+tokens (`results/stream/stream_positions.md`), as renumbered positions cost grounding elsewhere
 (GAP, arXiv 2506.21873).
 """
 from __future__ import annotations

@@ -28,12 +28,7 @@ def test_merge_is_size_weighted_and_tracks_sources():
 
 @pytest.fixture(scope="module")
 def deep_tower_llava():
-    saved = tiny._clip_vision
-    tiny._clip_vision = lambda **k: saved(layers=5)
-    try:
-        return tiny.build("llava_next", seed=5)
-    finally:
-        tiny._clip_vision = saved
+    return tiny.build("llava_next", seed=5, vision_layers=5)
 
 
 def test_tower_runs_shorter_and_each_group_keeps_one_token(deep_tower_llava):
@@ -267,12 +262,7 @@ def test_tome_on_llava_onevision_video_merges_in_the_tower_and_per_pooled_frame(
     frames then merge to their budgets, groups never leave a frame; batch equals singles."""
     from test_core_pruning import _select
 
-    saved = tiny._siglip_vision
-    tiny._siglip_vision = lambda **k: saved(layers=5)
-    try:
-        model, proc = tiny.build("llava_onevision", seed=3)
-    finally:
-        tiny._siglip_vision = saved
+    model, proc = tiny.build("llava_onevision", seed=3, vision_layers=5)
     inputs = make_inputs(proc, batch=2, media=("video",))
     layers = get_adapter(model).vision_layers
     seen = []

@@ -133,7 +133,6 @@ class MustDrop(PreLLMReducer, InLLMPruner):
 
         return hook
 
-
     def keep_fraction(self) -> float:
         return 1.0  # nothing is dropped before the LLM
 
@@ -210,7 +209,7 @@ def merged_to_the_end(runtime, state: dict, feature: int) -> list:
 def _first_sources(assign: torch.Tensor) -> torch.Tensor:
     """(B, N0) merged slot of every token -> (B, L) the first token of every slot (slots past a
     shorter row's end, padding, take token 0; attention masks them out)."""
-    slots = int(assign.max()) + 1
-    first = torch.full((assign.shape[0], slots), assign.shape[1], device=assign.device)
-    first.scatter_reduce_(1, assign, torch.arange(assign.shape[1], device=assign.device).expand_as(assign), "amin")
+    from .tome import first_sources
+
+    first = first_sources(assign, int(assign.max()) + 1)
     return first.masked_fill(first == assign.shape[1], 0)

@@ -170,8 +170,7 @@ def merge_to_budget(features: torch.Tensor, budget: int) -> Reduction:
         src, dst = tome_match(x, r, protect_first=False)
         x, size, assign = tome_merge(x, size, assign, src, dst)
     slots = assign[0]
-    first = torch.full((x.shape[1],), n, device=x.device).scatter_reduce(
-        0, slots, torch.arange(n, device=x.device), reduce="amin")
+    first = first_sources(assign, x.shape[1])[0]
     order = first.argsort()
     groups = functools.partial(_members_in_order, slots.cpu(), order.cpu())  # built only for provenance
     return Reduction(first[order], x[0, order].to(features.dtype), groups)
@@ -246,12 +245,17 @@ def expand_to_sources(x: torch.Tensor, assign: torch.Tensor, runtime, maps: bool
     return full
 
 
+def first_sources(assign: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+    """(B, N0) merged slot of every original token -> (B, slots) the first original token of
+    every slot (N0 for a slot no token maps to; ``slots`` defaults to N0)."""
+    big = assign.shape[1]
+    first = torch.full((assign.shape[0], slots or big), big, dtype=assign.dtype, device=assign.device)
+    return first.scatter_reduce(1, assign, torch.arange(big, device=assign.device).expand_as(assign), reduce="amin")
+
+
 def _representatives(assign: torch.Tensor) -> torch.Tensor:
     """(B, N0) -> (B, N0): the first original index sharing each token's merged slot."""
-    big = assign.shape[1]
-    first = torch.full_like(assign, big).scatter_reduce(1, assign, torch.arange(big, device=assign.device).expand_as(assign),
-                                                          reduce="amin", include_self=True)
-    return torch.gather(first, 1, assign)
+    return torch.gather(first_sources(assign), 1, assign)
 
 
 class _Restore:

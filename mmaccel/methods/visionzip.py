@@ -147,7 +147,6 @@ class VisionZip(PreLLMReducer):
         return Reduction(keep.to(features.device), feats, groups)
 
 
-
 def _recorder(runtime, name: str, transform):
     """Forward hook: keep ``transform(output)`` (B, T, C) of image calls as a (B, C, T) map."""
     def hook(module, args, output):
