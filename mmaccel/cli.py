@@ -64,13 +64,17 @@ def video_qa(
                                 "(LLaVA-OneVision), then ask"),
     cacher: bool = typer.Option(False, "--cacher", help="with --stream: STC-Cacher reuses static ViT work"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="with --stream: hold only the newest N frames"),
+    retrieve_frames: Optional[int] = typer.Option(None, "--retrieve-frames",
+                                                  help="with --stream: each LLM layer answers from the K frames "
+                                                  "most relevant to the question (ReKV; official K=64)"),
     as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object on stdout"),
 ):
     """Answer a question about a video (no arguments: the embedded model on a bundled sample)."""
     try:
-        if (cacher or max_frames is not None) and not stream:
-            raise UserError("--cacher and --max-frames need --stream (they set the streaming session)")
-        session = {"cacher": cacher, "max_frames": max_frames} if stream else None
+        options = {"cacher": cacher, "max_frames": max_frames, "retrieve_frames": retrieve_frames}
+        if not stream and (cacher or max_frames is not None or retrieve_frames is not None):
+            raise UserError("--cacher, --max-frames and --retrieve-frames need --stream (they set the streaming session)")
+        session = options if stream else None
         result = _run_video_qa(video, question, model, method, retention, preset, frames, fps, backend,
                                max_new_tokens, compare, session)
     except (UserError, ValueError, FileNotFoundError) as err:

@@ -13,7 +13,12 @@ Long streams: ``max_frames=N`` holds only the newest N frames (a sliding window 
 cache: each new frame is encoded seeing the prompt and the frames held, the oldest is then
 dropped; the prompt prefix stays as a sink), so memory stays bounded. The official STC stream
 keeps every frame and answers from ReKV's retrieval of the frame blocks most relevant to the
-question; that retrieval is not implemented here.
+question: ``retrieve_frames=K`` (official ``topk=64``) does that (``mmaccel/stream_retrieval.py``):
+every frame's KV is kept as a block, and at each question every decoder layer attends to the
+prompt prefix and the K frames it finds most relevant, so a question costs K frames however long
+the stream. The blocks are copies held in memory (the official code offloads them to host
+memory), so with ``max_frames`` the frames are still encoded against a bounded window while the
+archive grows by one frame's KV per frame.
 
 Positions: by default (``position_policy="preserve"``) each kept token sits at the position it
 would hold in the full video, so the language model sees the same positions as offline ``stc``
@@ -32,6 +37,7 @@ import torch
 from .methods.stc import stc_scores
 from .pipeline import Answer
 from .stats import Stats, prefill_flops
+from .stream_retrieval import FrameBlock, Retriever
 
 
 class StreamSession:
@@ -39,7 +45,8 @@ class StreamSession:
 
     def __init__(self, model, processor, retention: float = 60 / 196, cacher: bool = False,
                  cache_interval: int = 2, update_ratio: float = 0.25, similarity_threshold: float | None = None,
-                 position_policy: str = "preserve", max_frames: int | None = None):
+                 position_policy: str = "preserve", max_frames: int | None = None,
+                 retrieve_frames: int | None = None):
         if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
             raise ValueError(f"StreamSession supports LlavaOnevisionForConditionalGeneration, not {type(model).__name__}")
         if not 0.0 < retention <= 1.0:
@@ -48,12 +55,17 @@ class StreamSession:
             raise ValueError(f"position_policy must be 'preserve' or 'compact', got {position_policy!r}")
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be a positive frame count or None, got {max_frames}")
-        self.max_frames = max_frames
+        if retrieve_frames is not None and retrieve_frames < 1:
+            raise ValueError(f"retrieve_frames must be a positive frame count or None, got {retrieve_frames}")
+        self.max_frames, self.retrieve_frames = max_frames, retrieve_frames
         self.model, self.processor, self.retention = model, processor, retention
         self.position_policy = position_policy
         self._check_plain()
         self.cacher, self._cacher_args = cacher, (cache_interval, update_ratio, similarity_threshold)
         self.reset()
+        if retrieve_frames is not None and not self.incremental:
+            raise ValueError("retrieve_frames needs a chat template that puts the video before the question "
+                             "(the frames' KV must not depend on it); this processor's template does not")
 
     def _check_plain(self) -> None:
         """The session prunes frames itself and runs the model's parts directly; an
@@ -75,6 +87,8 @@ class StreamSession:
         self.cached = 0  # tokens held by the cache
         self.video_span = 0  # positions the video takes so far (its kept tokens when compact)
         self._incremental = None
+        self.blocks: list[FrameBlock] = []  # with retrieve_frames: every frame's KV, oldest first
+        self.last_retrieved: list[list[int]] | None = None  # per layer: the frames the latest question used
         self.first_logits = None  # (vocab,) the latest answer's first-token logits (e.g. for a KL)
         self._prefill_seconds = 0.0  # the latest question's prefill (the whole prompt when not incremental)
         from .vision.stc_cacher import CacherState
@@ -146,6 +160,9 @@ class StreamSession:
             positions = torch.cat([torch.arange(self.prefix_ids.numel()), positions])
         self._forward(feats, positions)
         self.cache_spans.append(video_positions.numel())
+        if self.retrieve_frames is not None:
+            self.blocks.append(FrameBlock.from_cache(self.cache, video_positions.numel(), positions[-video_positions.numel():],
+                                                     self._inv_freq))
         self.append_seconds += time.perf_counter() - start
 
     @property
@@ -210,11 +227,13 @@ class StreamSession:
         tail = torch.cat([newline, self._embed(suffix)])  # at the positions right after the video
         if self.cache is None:
             tokens, length = self._ask_from_scratch(prefix, tail, max_new_tokens)
+        elif self.retrieve_frames is not None:
+            tokens, length = self._ask_retrieved(prefix, question, tail, max_new_tokens)
         else:
             tokens, length = self._ask_on_cache(prefix, tail, max_new_tokens)
         elapsed = time.perf_counter() - start
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        kept = sum(k.shape[0] for k in self.kept) + 1
+        kept = self._tokens_seen_by_question() + 1
         return Answer(text, self._stats(length, kept, elapsed, len(tokens)), {"kind": "stream", "frames": self.frames})
 
     def _ask_on_cache(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
@@ -228,6 +247,53 @@ class StreamSession:
             if self.cached > before:  # transformers 5: a negative count removes the newest tokens
                 self.cache.crop(before - self.cached)
             self.cached = before
+
+    def _ask_retrieved(self, prefix, question: str, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+        """ReKV: a pass over the question's own tokens picks each layer's frames (its KV is then
+        dropped), and the answer is decoded on the prefix and those frames; the session's cache
+        is left as it was. -> (tokens, prompt length)."""
+        if not torch.equal(prefix, self.prefix_ids):
+            raise ValueError("the chat template's text before the video changed")
+        k, n_prefix = min(self.retrieve_frames, len(self.blocks)), prefix.numel()
+        span = self._retrieved_span(k)
+        after = n_prefix + (span if self.position_policy == "compact" else self.video_span)
+        prefix_kv = [[layer.keys[..., :n_prefix, :] for layer in self.cache.layers],
+                     [layer.values[..., :n_prefix, :] for layer in self.cache.layers]]
+        retrieved = self._new_cache()
+        for idx, (keys, values) in enumerate(zip(*prefix_kv)):  # sized for the mask; each layer refills it
+            retrieved.update(torch.cat([keys, *[b.keys[idx] for b in self.blocks[:k]]], -2),
+                             torch.cat([values, *[b.values[idx] for b in self.blocks[:k]]], -2), idx)
+        ids = self.processor.tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        session_cache, session_cached = self.cache, self.cached
+        self.cache, self.cached = retrieved, n_prefix + span
+        try:
+            compact_from = n_prefix if self.position_policy == "compact" else None
+            with Retriever(self.model.model.language_model, retrieved, prefix_kv, self.blocks, k, compact_from) as r:
+                self._forward(self._embed(ids), after + torch.arange(ids.numel()))
+            self.last_retrieved = r.chosen
+            retrieved.crop(-ids.numel())
+            self.cached -= ids.numel()
+            return self._decode(tail, after, max_new_tokens), n_prefix + span + tail.shape[0]
+        finally:
+            self.cache, self.cached = session_cache, session_cached
+
+    def _retrieved_span(self, k: int) -> int:
+        """Tokens in the ``k`` frames a question retrieves: every layer must hold as many (one
+        attention mask serves them all), which equal frame sizes give."""
+        sizes = {b.positions.numel() for b in self.blocks}
+        if len(sizes) != 1:
+            raise RuntimeError(f"retrieval needs frames of one token count, got {sorted(sizes)}")
+        return k * sizes.pop()
+
+    def _tokens_seen_by_question(self) -> int:
+        """Visual tokens the latest question attended to."""
+        if self.retrieve_frames is not None and self.cache is not None:
+            return self._retrieved_span(min(self.retrieve_frames, len(self.blocks)))
+        return sum(k.shape[0] for k in self.kept)
+
+    @property
+    def _inv_freq(self) -> torch.Tensor:
+        return self.model.model.language_model.rotary_emb.inv_freq
 
     def _ask_from_scratch(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
         """Question-dependent prefix: prefill prefix + kept tokens + tail in a throwaway cache."""

@@ -96,6 +96,8 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     (["--cacher"], "need --stream"),
     (["--max-frames", "2"], "need --stream"),
     (["--stream", "--max-frames", "0"], "max_frames must be a positive"),
+    (["--retrieve-frames", "2"], "need --stream"),
+    (["--stream", "--retrieve-frames", "0"], "retrieve_frames must be a positive"),
     (["--stream", "--method", "fastv"], "not fastv: use --method stc"),
     (["--stream", "--preset", "fastv-50"], "not fastv: use --method stc"),
 ])
@@ -157,6 +159,16 @@ def test_cli_video_qa_stream_feeds_frames_to_a_session(saved_model, tmp_path):
     assert data["media"]["kept_per_frame"] == kept and len(kept) == 4
     assert data["answer"] == session.ask("which direction ?", 3).text
     assert data["stats"]["visual_tokens_kept"] == sum(kept) + 1  # and the video's newline token
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                                   "--frames", "4", "--stream", "--retention", "0.5", "--retrieve-frames", "2",
+                                   "--json", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    retrieving = StreamSession(*load_model(str(saved_model)), retention=0.5, retrieve_frames=2)
+    for f in prepare_media(str(video), 4).items[0]:
+        retrieving.add_frame(f)
+    data = json.loads(res.stdout)
+    assert data["answer"] == retrieving.ask("which direction ?", 3).text
+    assert data["stats"]["visual_tokens_kept"] == sum(kept[:2]) + 1  # two frames of equal size
 
 
 def test_a_video_for_an_image_only_model_is_refused(tmp_path):

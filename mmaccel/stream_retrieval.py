@@ -1,0 +1,126 @@
+"""ReKV-style retrieval of frame blocks for :class:`~mmaccel.stream.StreamSession`.
+
+ReKV (Di et al., ICLR 2025; the official STC stream runs on it) keeps every frame's KV cache
+as a block (one block = one frame's tokens) and, when a question comes, lets each decoder layer
+attend only to the prompt prefix and the ``topk`` blocks most relevant to the question at that
+layer. Relevance, as in the official ``ContextManager._calc_block_topk``: the raw dot product
+(no norms, no softmax) of the mean *pre-RoPE* query of the question's tokens with the block's
+mean *pre-RoPE* key, heads concatenated (grouped KV heads expanded to the query heads). Each layer
+chooses from hidden states that already attended to the blocks the layers before it chose; the
+chosen blocks stay in temporal order, and the choice is fixed for the whole answer.
+
+Here the blocks' keys are the cached (rotated) keys; their pre-RoPE means come from undoing the
+rotation at the positions they were encoded at. ``position_policy`` "compact" re-rotates the
+retrieved blocks to consecutive positions after the prefix, as the official code does; the
+default "preserve" leaves each block at the positions it had in the full video (see
+``StreamSession``), so the question also comes where it would after the whole video.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary rotation of ``x`` (..., n, Dh) by ``positions`` (n,) (negative undoes it), in the
+    half-split convention of Llama / Qwen2 (``rotate_half``)."""
+    angles = positions.to(x.device, torch.float32)[:, None] * inv_freq.to(x.device, torch.float32)[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
+
+
+def block_scores(block_keys: torch.Tensor, queries: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Relevance of each block to a question, at one layer.
+
+    block_keys: (F, Hkv, Dh) mean pre-RoPE key of each block; queries: (n, H * Dh) pre-RoPE
+    queries of the question's n tokens. Returns (F,): the mean query dotted with each block's key,
+    the Hkv key heads repeated to the H query heads (grouped-query attention)."""
+    groups = num_heads // block_keys.shape[1]
+    keys = block_keys.repeat_interleave(groups, dim=1).flatten(1).float()
+    return keys @ queries.float().mean(0)
+
+
+def select_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """The ``topk`` best blocks (all of them when there are no more), in temporal order."""
+    if scores.numel() <= topk:
+        return torch.arange(scores.numel())
+    return scores.topk(topk).indices.sort().values.cpu()
+
+
+@dataclass
+class FrameBlock:
+    """One frame's KV at every layer: keys/values (1, Hkv, n, Dh) as cached (rotated at
+    ``positions`` (n,), absolute), and the mean pre-RoPE key per layer (Hkv, Dh)."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: torch.Tensor
+    mean_keys: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def from_cache(cls, cache, n: int, positions: torch.Tensor, inv_freq: torch.Tensor) -> "FrameBlock":
+        """The newest ``n`` tokens of every layer of ``cache`` (copied: the cache's tensors are
+        replaced, not grown in place, so a view would pin every old version)."""
+        keys = [layer.keys[..., -n:, :].clone() for layer in cache.layers]
+        values = [layer.values[..., -n:, :].clone() for layer in cache.layers]
+        mean_keys = [rotate(k[0], -positions, inv_freq).float().mean(1) for k in keys]
+        return cls(keys, values, positions, mean_keys)
+
+    def at(self, layer: int, positions: torch.Tensor | None, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's (keys, values) at ``layer``, re-rotated to ``positions`` (None: as cached)."""
+        keys = self.keys[layer]
+        if positions is not None:
+            keys = rotate(keys, positions - self.positions, inv_freq)
+        return keys, self.values[layer]
+
+
+class Retriever:
+    """One question's retrieval pass: while installed, every decoder layer's attention first picks
+    its ``topk`` blocks from the question's queries and fills its layer of ``cache`` with the
+    prefix's KV and those blocks. Only the installing thread's calls retrieve (the model may be
+    shared by sessions in other threads); the hooks are always removed.
+
+    ``cache`` must already hold, at every layer, as many tokens as the prefix and ``topk`` blocks
+    (the attention mask is built from its length before the first layer runs)."""
+
+    def __init__(self, lm, cache, prefix_kv, blocks: list[FrameBlock], topk: int, compact_from: int | None):
+        self.lm, self.cache, self.prefix_kv, self.blocks, self.topk = lm, cache, prefix_kv, blocks, topk
+        self.compact_from = compact_from  # first position of the retrieved blocks under "compact"
+        self.chosen: list[list[int]] = [[] for _ in lm.layers]
+        self._thread, self._handles = threading.get_ident(), []
+
+    def __enter__(self) -> "Retriever":
+        for idx, layer in enumerate(self.lm.layers):
+            hook = self._hook(idx, layer.self_attn)
+            self._handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, idx: int, attn):
+        def pre(module, args, kwargs):
+            if threading.get_ident() == self._thread:
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                self._fill(idx, attn.q_proj(hidden[0]), attn.config.num_attention_heads)
+        return pre
+
+    def _fill(self, idx: int, queries: torch.Tensor, num_heads: int) -> None:
+        scores = block_scores(torch.stack([b.mean_keys[idx] for b in self.blocks]), queries, num_heads)
+        chosen = select_blocks(scores, self.topk).tolist()
+        self.chosen[idx] = chosen
+        keys, values = [self.prefix_kv[0][idx]], [self.prefix_kv[1][idx]]
+        start = self.compact_from
+        for b in chosen:
+            block = self.blocks[b]
+            at = None if start is None else start + torch.arange(block.positions.numel())
+            k, v = block.at(idx, at, self.lm.rotary_emb.inv_freq)
+            keys.append(k)
+            values.append(v)
+            start = None if start is None else start + block.positions.numel()
+        layer = self.cache.layers[idx]
+        layer.keys, layer.values = torch.cat(keys, -2), torch.cat(values, -2)
