@@ -394,10 +394,11 @@ def _qwen_tome_section(result: dict, threads: int, small: bool, retentions: list
     q = result["qwen_tome"] = qwen_tome_vit_time(retentions, threads=threads, **sizes)
     head = (f"\n\ntome inside a Qwen2-VL tower ({q['depth']} blocks x {q['dim']}, one image of {q['patches']} "
             f"patches): full {1000 * q['full_s']:.1f} ms\n\n| retention | ViT ms | speedup | FLOP ratio | "
-            "speedup / FLOP ratio | patches per block |\n|---|---|---|---|---|---|\n")
+            "speedup / FLOP ratio | patches per block (attention/MLP) |\n|---|---|---|---|---|---|\n")
     return head + "\n".join(f"| {p['retention']} | {1000 * p['seconds']:.1f} | {p['speedup']:.2f} | "
                              f"{p['flop_ratio']:.2f} | {p['speedup'] / p['flop_ratio']:.2f} | "
-                             f"{' '.join(map(str, p['patches_per_block']))} |" for p in q["points"])
+                             f"{' '.join(f'{a}/{m}' for a, m in zip(p['patches_per_block'], p['patches_per_mlp']))} |"
+                             for p in q["points"])
 
 
 def main():

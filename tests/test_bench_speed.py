@@ -69,6 +69,7 @@ def test_speed_bench_times_tome_inside_a_qwen2_vl_tower(tmp_path):
     q = json.loads((tmp_path / "speed.json").read_text())["qwen_tome"]
     (p,) = q["points"]
     assert p["patches_per_block"][0] == q["patches"] > p["patches_per_block"][-1]
+    assert p["patches_per_mlp"][0] < p["patches_per_block"][0]  # ToMe merges between attention and MLP
     assert p["flop_ratio"] > 1.0 and p["seconds"] > 0
     assert "tome inside a Qwen2-VL tower" in (tmp_path / "speed.md").read_text()
 

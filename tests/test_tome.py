@@ -89,7 +89,7 @@ def test_tome_on_qwen2_5_vl_merges_inside_attention_windows():
     # 6 x 10 patches = 3 x 5 units per image, windows of 4, 4, 2, 2, 2, 1 units (16 patches max)
     assert windows == [16, 16, 8, 8, 8, 4] * 2 and image_of.tolist() == [0] * 6 + [1] * 6
     assert blocks[0] == (windows, 0)
-    # before block 1 (full attention): windows of 4 units lose 1, of 2 units 1, of 1 none
+    # block 1's attention (full), after block 0 merged: windows of 4 units lose 1, of 2 units 1, of 1 none
     assert blocks[1] == ([4 * (3 + 3 + 1 + 1 + 1 + 1)] * 2, 2)
     assert blocks[2] == ([4 * n for n in (2, 2, 1, 1, 1, 1)] * 2, 12)
     assert blocks[3] == ([4] * 12, 12)  # every window reaches max(1, round(0.25 x its units))
@@ -122,6 +122,26 @@ def test_qwen_window_merge_by_hand():
     assert out.flatten().tolist() == [5, 6, 7, 8, 20, 21, 22, 23, 30, 31, 32, 33]
     assert c.flatten().tolist() == list(range(4, 16)) and torch.equal(s, -c)
     assert st["size"].tolist() == [2, 1, 1] and st["assign"].tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vision_block_restatement_is_the_library_block(tiny_models, fam):
+    """The re-stated Qwen vision block with nothing between attention and MLP is the library's
+    block, bit for bit; what ``between`` returns is what the MLP runs on."""
+    from mmaccel.methods.tome_qwen import vision_block_forward
+
+    model, _ = tiny_models(fam)
+    visual = model.model.visual
+    block, dim = visual.blocks[0], visual.blocks[0].norm1.weight.shape[0]
+    x, cu = torch.randn(12, dim), torch.tensor([0, 8, 12], dtype=torch.int32)
+    head_dim = dim // block.attn.num_heads
+    angles = torch.randn(12, head_dim // 2)
+    rotary = (torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin())
+    with torch.no_grad():
+        assert torch.equal(vision_block_forward(block, x, cu, rotary), block(x, cu_seqlens=cu, position_embeddings=rotary))
+        kept = vision_block_forward(block, x, cu, rotary, between=lambda x_in, h: h[:4])
+        h = x + block.attn(block.norm1(x), cu_seqlens=cu, position_embeddings=rotary)
+        torch.testing.assert_close(kept, h[:4] + block.mlp(block.norm2(h[:4])))
 
 
 def test_tome_on_qwen2_vl_merges_windows_inside_the_tower(tiny_models):
@@ -181,17 +201,19 @@ def test_tome_on_qwen2_vl_batch_equals_singles_generates_and_restores(tiny_model
 
 
 def test_tome_on_a_deeper_qwen2_vl_tower_shrinks_block_by_block():
-    """Four blocks: windows merge before blocks 1, 2 and 3, each image reaching its target
-    (retention x its windows) at the last one; the merger gets every patch back."""
+    """Four blocks: windows merge inside every block, between its attention and its MLP (block
+    0 included), each image reaching its target (retention x its windows) in the last block's
+    MLP; the next block's attention gets what the MLP got; the merger gets every patch back."""
     from mmaccel.testing.tiny import tiny_qwen2_vl
     from test_core_pruning import _select
 
     model, proc = tiny_qwen2_vl(vision_depth=4)
     batch = make_inputs(proc, batch=2)
     visual = model.model.visual
-    seen, merger_in = [], []
+    seen, mlp_rows, merger_in = [], [], []
     probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["cu_seqlens"].diff().tolist()),
                                                with_kwargs=True) for b in visual.blocks]
+    probes += [b.mlp.register_forward_pre_hook(lambda m, a: mlp_rows.append(a[0].shape[0])) for b in visual.blocks]
     probes.append(visual.merger.register_forward_hook(lambda m, a, out: merger_in.append(out.shape[0])))
     try:
         with accelerate_vlm(model, method="tome", retention=0.25) as handle, torch.no_grad():
@@ -201,11 +223,10 @@ def test_tome_on_a_deeper_qwen2_vl_tower_shrinks_block_by_block():
         for p in probes:
             p.remove()
     full = (batch["image_grid_thw"].prod(-1)).tolist()
-    per_block = seen[:4]
-    assert per_block[0] == full
-    for before, after in zip(per_block, per_block[1:]):
-        assert all(b < a for a, b in zip(before, after))
-    assert per_block[-1] == [4 * max(1, round(0.25 * n / 4)) for n in full]
+    attended, mlp = [sum(lengths) for lengths in seen[:4]], mlp_rows[:4]
+    assert seen[0] == full and mlp[0] < attended[0]  # block 0 merges after its attention
+    assert attended[1:] == mlp[:3] and all(b < a for a, b in zip(mlp, mlp[1:]))
+    assert mlp[-1] == sum(4 * max(1, round(0.25 * n / 4)) for n in full)
     assert merger_in[0] == sum(full) // 4  # one token per 2x2 window of the full image
     torch.testing.assert_close(both, singles, atol=2e-5, rtol=1e-4)
 

@@ -370,8 +370,8 @@ def build_qwen2_vl_tower_model(depth: int = 8, dim: int = 384, seed: int = 0):
 def qwen_tome_vit_time(retentions=(0.5, 0.25), threads: int = 2, repeats: int = 3, side: int = 448,
                        depth: int = 8, dim: int = 384) -> dict:
     """ViT time of ``tome`` inside a Qwen2-VL tower (one ``side`` px image: (side/14)^2 patches)
-    against the plain tower, beside the analytic FLOP ratio from the patches each block saw.
-    Median of ``repeats`` after one warm-up."""
+    against the plain tower, beside the analytic FLOP ratio from the patches each block's
+    attention and MLP saw (ToMe merges between them). Median of ``repeats`` after one warm-up."""
     from contextlib import nullcontext
 
     import torch
@@ -384,8 +384,11 @@ def qwen_tome_vit_time(retentions=(0.5, 0.25), threads: int = 2, repeats: int = 
     pixels = torch.randn(grid * grid, 3 * 2 * 14 * 14)  # Qwen's flattened patches (temporal patch 2)
     thw = torch.tensor([[1, grid, grid]])
     seen: list[int] = []
+    mlp_seen: list[int] = []
+    blocks = model.model.visual.blocks
     probes = [b.attn.register_forward_pre_hook(lambda m, a, k: seen.append(a[0].shape[0]), with_kwargs=True)
-              for b in model.model.visual.blocks]
+              for b in blocks] + [b.mlp.register_forward_pre_hook(lambda m, a: mlp_seen.append(a[0].shape[0]))
+                                  for b in blocks]
 
     def vit(retention):
         accelerated = accelerate_vlm(model, method="tome", retention=retention) if retention else nullcontext()
@@ -398,20 +401,22 @@ def qwen_tome_vit_time(retentions=(0.5, 0.25), threads: int = 2, repeats: int = 
         for r in retentions:
             seen.clear()
             t = vit(r)
-            per_block = seen[-depth:]
-            flops = sum(_block_flops(n, dim) for n in per_block)
+            per_block, per_mlp = seen[-depth:], mlp_seen[-depth:]
+            flops = sum(_block_flops(n, dim, m) for n, m in zip(per_block, per_mlp))
             out["points"].append({"retention": r, "seconds": t, "speedup": out["full_s"] / t,
                                   "flop_ratio": depth * _block_flops(grid * grid, dim) / flops,
-                                  "patches_per_block": per_block})
+                                  "patches_per_block": per_block, "patches_per_mlp": per_mlp})
     finally:
         for p in probes:
             p.remove()
     return out
 
 
-def _block_flops(n: int, dim: int) -> float:
-    """Multiply-adds of one Qwen2-VL block on n patches: qkv + out 4 D^2, MLP 8 D^2, attention 2 n D."""
-    return n * (12 * dim * dim + 2 * n * dim)
+def _block_flops(n: int, dim: int, mlp_n: int | None = None) -> float:
+    """Multiply-adds of one Qwen2-VL block whose attention runs on n patches (qkv + out 4 D^2,
+    attention 2 n D a patch) and its MLP on ``mlp_n`` (default n; 8 D^2 a patch)."""
+    mlp_n = n if mlp_n is None else mlp_n
+    return n * (4 * dim * dim + 2 * n * dim) + mlp_n * 8 * dim * dim
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -15,7 +15,7 @@ Deliberate differences: tokens stay in spatial order (the official merge puts un
 first); it runs on images and video frames in CLIP/SigLIP-style towers (LLaVA, LLaVA-NeXT,
 LLaVA-OneVision), whose blocks are re-stated here (pinned to the library's own block by a
 test), and on images and video slices in Qwen2-VL's packed tower, where whole 2x2 merge windows
-are the units and a block's input is merged with that block's keys
+are the units, merged inside every block between its attention and its MLP as here
 (:mod:`.tome_qwen`; in Qwen2.5-VL's windowed tower merges stay inside one attention
 window). LLaVA-OneVision video frames are tower rows too and merge the same way (ViT compute),
 but the model then 2x2-pools each frame, so patch groups do not map onto its tokens; there the

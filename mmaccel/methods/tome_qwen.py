@@ -7,6 +7,10 @@ matching and merging is the 2x2 *window*, never a lone patch, and each image mer
 
 - a merge maps every window to a kept window; the kept window becomes the slot-wise,
   size-weighted mean of its group and keeps its own rotary rows; ``cu_seqlens`` shrink;
+- ToMe merges inside every block, between its attention and its MLP, by that attention's keys
+  (before RoPE), as the official ToMe block does (the block is re-stated,
+  :func:`vision_block_forward`); MustDrop's window merge after block 0 is a merge of block 1's
+  input;
 - the tower hands every block the original lengths and rotary rows, so each later block's
   hook substitutes the current ones (and, for ToMe, log(size) per image as proportional
   attention, through a bias queue the attention wrapper consumes one image at a time);
@@ -30,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .tome import _representatives, tome_match
+from .tome import _representatives, _swap_forward, tome_match
 
 
 def window_keys(block, x: torch.Tensor, unit: int) -> torch.Tensor:
@@ -68,13 +72,18 @@ class QwenWindowMerger:
     """Hooks and per-call state for one installation on a Qwen2-VL tower.
 
     ``plan(index, block, x, st) -> into or None`` decides the merge of one chunk (an image or
-    a video slice) before block ``index`` (x: that chunk's current patches). Windows are copied back before block
-    ``expand_before`` (None: before the merger). ``proportional`` adds log(size) to attention.
+    a video slice) at block ``index`` (x: that chunk's patches entering the block, whose keys
+    the plan reads). By default the merge happens before the block (MustDrop's window merge
+    after block 0 is a merge before block 1); ``in_block`` merges inside every block instead,
+    between its attention and its MLP (ToMe), the block's forward re-stated by
+    :func:`vision_block_forward`. Windows are copied back before block ``expand_before`` (None:
+    before the merger). ``proportional`` adds log(size) to attention.
     """
 
     def __init__(self, runtime, plan, expand_before: int | None = None, proportional: bool = False,
-                 enabled=lambda: True):
+                 enabled=lambda: True, in_block: bool = False):
         self.runtime, self.plan, self.proportional, self.enabled = runtime, plan, proportional, enabled
+        self.in_block = in_block
         self.visual = runtime.adapter.vision_tower
         self.unit = self.visual.spatial_merge_size ** 2
         self.expand_before = expand_before if expand_before is not None else len(self.visual.blocks)
@@ -84,8 +93,11 @@ class QwenWindowMerger:
 
     def install(self) -> list:
         blocks = self.visual.blocks
+        first = 0 if self.in_block else 1  # the first block whose inputs may differ from the tower's
         handles = [blocks[i].register_forward_pre_hook(self._block_hook(i), with_kwargs=True)
-                   for i in range(1, self.expand_before)]
+                   for i in range(first, self.expand_before)]
+        if self.in_block:
+            handles += [_swap_forward(blocks[i], self._merging_forward(i, blocks[i])) for i in range(self.expand_before)]
         handles.append(self.visual.register_forward_pre_hook(self._grid_hook, with_kwargs=True))
         if self.expand_before < len(blocks):
             handles.append(blocks[self.expand_before].register_forward_pre_hook(self._expand_hook, with_kwargs=True))
@@ -123,20 +135,41 @@ class QwenWindowMerger:
                 return None
             x = args[0] if args else kwargs["hidden_states"]
             cu = kwargs["cu_seqlens"]  # the tower passes every block the original lengths and rotary rows
-            if index == 1:
+            if index == (0 if self.in_block else 1):
                 self._start(self.windows[0] if self.windowed else cu, kwargs["position_embeddings"])
-            parts, start = [], 0
-            for st in self.chunks:
-                length = st["size"].shape[0] * self.unit
-                piece = x[start:start + length]
-                into = self.plan(index, block, piece, st)
-                if into is not None:
-                    piece, st["cos"], st["sin"] = merge_windows(piece, st["cos"], st["sin"], st, into, self.unit)
-                parts.append(piece)
-                start += length
+                if self.in_block:
+                    return None  # nothing merged yet
+            parts = self._split(x) if self.in_block else self._merge_parts(index, block, x, x)
             return self._substitute(block, args, kwargs, cu, parts, index in self.full_blocks)
 
         return hook
+
+    def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (N, D) cut into the chunks' current pieces."""
+        return list(x.split([st["size"].shape[0] * self.unit for st in self.chunks]))
+
+    def _merge_parts(self, index: int, block, x: torch.Tensor, out: torch.Tensor) -> list[torch.Tensor]:
+        """Per chunk: the plan reads x's piece (the block's input), the merge applies to out's
+        piece (the same rows: x itself, or the residual stream after the block's attention)."""
+        parts = []
+        for st, x_piece, piece in zip(self.chunks, self._split(x), self._split(out)):
+            into = self.plan(index, block, x_piece, st)
+            if into is not None:
+                piece, st["cos"], st["sin"] = merge_windows(piece, st["cos"], st["sin"], st, into, self.unit)
+            parts.append(piece)
+        return parts
+
+    def _merging_forward(self, index: int, block):
+        """The block's forward with the chunks' merges between its attention and its MLP."""
+        plain = block.forward
+
+        def forward(hidden_states, *args, **kwargs):
+            if not self._active() or not self.chunks:
+                return plain(hidden_states, *args, **kwargs)
+            between = lambda x, h: torch.cat(self._merge_parts(index, block, x, h))  # noqa: E731
+            return vision_block_forward(block, hidden_states, *args, between=between, **kwargs)
+
+        return forward
 
     def _substitute(self, block, args, kwargs, cu, parts, full_block: bool):
         """The block's inputs for the merged sequence: hidden states, lengths, rotary rows, bias.
@@ -191,6 +224,16 @@ class QwenWindowMerger:
         return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
 
+def vision_block_forward(block, x: torch.Tensor, cu_seqlens, position_embeddings=None, between=None, **kwargs):
+    """A Qwen2-VL / Qwen2.5-VL vision block (pre-norm attention, then MLP; pinned to the
+    library's block by a test) with ``between(x, h)`` applied to the residual stream ``h`` after
+    the attention, before the MLP (ToMe's merge, which may shorten it). x: (N, D)."""
+    h = x + block.attn(block.norm1(x), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    if between is not None:
+        h = between(x, h)
+    return h + block.mlp(block.norm2(h))
+
+
 def attention_windows(visual, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2.5-VL: (cu_window_seqlens (W + 1,), image index of every window (W,)), in the
     tower's window order; an "image" is an image or one temporal slice of a video."""
@@ -217,10 +260,11 @@ def window_grids(grid_thw: torch.Tensor, merge: int, window: int) -> list[tuple[
 
 
 def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
-    """ToMe: before every block after the first, ``r`` windows per chunk (image, video slice, or
-    Qwen2.5-VL attention window) merge by bipartite soft matching on window keys, ``r`` spread so
-    each chunk reaches ``keep_fraction`` of its windows at the last block; proportional
-    attention; copied back before the merger."""
+    """ToMe: inside every block, between its attention and its MLP, ``r`` windows per chunk
+    (image, video slice, or Qwen2.5-VL attention window) merge by bipartite soft matching on
+    window keys (that attention's keys, before RoPE, averaged over heads and the window's
+    patches), ``r`` spread so each chunk reaches ``keep_fraction`` of its windows in the last
+    block; proportional attention; copied back before the merger."""
     depth = len(runtime.adapter.vision_tower.blocks)
 
     def plan(index, block, x, st):
@@ -230,7 +274,7 @@ def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
         r = min(math.ceil((n_units - target) / (depth - index)), n_units // 2)
         return tome_into(window_keys(block, x, unit), r) if r > 0 else None
 
-    return QwenWindowMerger(runtime, plan, proportional=True, enabled=lambda: keep_fraction() < 1.0)
+    return QwenWindowMerger(runtime, plan, proportional=True, enabled=lambda: keep_fraction() < 1.0, in_block=True)
 
 
 def mustdrop_installer(runtime, threshold: float, window: int = 3) -> QwenWindowMerger:
