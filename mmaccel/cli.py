@@ -133,6 +133,8 @@ def _streamed(loaded, media, question: str, retention, options: dict, max_new_to
     kept = [session.add_frame(frame) for frame in media.items[0]]
     answer = session.ask(question, max_new_tokens).to_dict()
     answer["media"] = {**media.info, **answer["media"], "kept_per_frame": kept}
+    if session.last_retrieved is not None:
+        answer["media"]["retrieved_frames_per_layer"] = session.last_retrieved
     return answer
 
 
@@ -172,6 +174,10 @@ def _print_video_qa(result: dict) -> None:
         when = (f"prefilled as they arrived ({appended * 1e3:.1f} ms)" if appended
                 else "prefilled at the question (the chat template puts the question before the video)")
         typer.echo(f"streamed: tokens kept per frame {result['media']['kept_per_frame']}, {when}")
+    if "retrieved_frames_per_layer" in result["media"]:
+        chosen = result["media"]["retrieved_frames_per_layer"]
+        typer.echo(f"retrieved: each of {len(chosen)} layers answered from {len(chosen[0])} of "
+                   f"{len(result['media']['kept_per_frame'])} frames (layer 0: {chosen[0]})")
 
 
 @app.command("caption")

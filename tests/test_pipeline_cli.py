@@ -169,6 +169,10 @@ def test_cli_video_qa_stream_feeds_frames_to_a_session(saved_model, tmp_path):
     data = json.loads(res.stdout)
     assert data["answer"] == retrieving.ask("which direction ?", 3).text
     assert data["stats"]["visual_tokens_kept"] == sum(kept[:2]) + 1  # two frames of equal size
+    assert data["media"]["retrieved_frames_per_layer"] == retrieving.last_retrieved
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                                   "--frames", "4", "--stream", "--retrieve-frames", "2", "--max-new-tokens", "2"])
+    assert res.exit_code == 0 and "answered from 2 of 4 frames" in res.stdout, res.output
 
 
 def test_a_video_for_an_image_only_model_is_refused(tmp_path):
