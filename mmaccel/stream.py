@@ -257,12 +257,7 @@ class StreamSession:
         k, n_prefix = min(self.retrieve_frames, len(self.blocks)), prefix.numel()
         span = self._retrieved_span(k)
         after = n_prefix + (span if self.position_policy == "compact" else self.video_span)
-        prefix_kv = [[layer.keys[..., :n_prefix, :] for layer in self.cache.layers],
-                     [layer.values[..., :n_prefix, :] for layer in self.cache.layers]]
-        retrieved = self._new_cache()
-        for idx, (keys, values) in enumerate(zip(*prefix_kv)):  # sized for the mask; each layer refills it
-            retrieved.update(torch.cat([keys, *[b.keys[idx] for b in self.blocks[:k]]], -2),
-                             torch.cat([values, *[b.values[idx] for b in self.blocks[:k]]], -2), idx)
+        prefix_kv, retrieved = self._retrieval_cache(n_prefix, k)
         ids = self.processor.tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         session_cache, session_cached = self.cache, self.cached
         self.cache, self.cached = retrieved, n_prefix + span
@@ -276,6 +271,18 @@ class StreamSession:
             return self._decode(tail, after, max_new_tokens), n_prefix + span + tail.shape[0]
         finally:
             self.cache, self.cached = session_cache, session_cached
+
+    def _retrieval_cache(self, n_prefix: int, k: int):
+        """(the prompt prefix's [keys, values] per layer, a cache holding the prefix and ``k``
+        frames at every layer): the attention mask is built from the cache's length before the
+        first layer runs, then each layer refills its own with the frames it picks."""
+        prefix_kv = [[layer.keys[..., :n_prefix, :] for layer in self.cache.layers],
+                     [layer.values[..., :n_prefix, :] for layer in self.cache.layers]]
+        retrieved = self._new_cache()
+        for idx, (keys, values) in enumerate(zip(*prefix_kv)):
+            retrieved.update(torch.cat([keys, *[b.keys[idx] for b in self.blocks[:k]]], -2),
+                             torch.cat([values, *[b.values[idx] for b in self.blocks[:k]]], -2), idx)
+        return prefix_kv, retrieved
 
     def _retrieved_span(self, k: int) -> int:
         """Tokens in the ``k`` frames a question retrieves: every layer must hold as many (one
