@@ -16,9 +16,10 @@ keeps every frame and answers from ReKV's retrieval of the frame blocks most rel
 question: ``retrieve_frames=K`` (official ``topk=64``) does that (``mmaccel/stream_retrieval.py``):
 every frame's KV is kept as a block, and at each question every decoder layer attends to the
 prompt prefix and the K frames it finds most relevant, so a question costs K frames however long
-the stream. The blocks are copies held in memory (the official code offloads them to host
-memory), so with ``max_frames`` the frames are still encoded against a bounded window while the
-archive grows by one frame's KV per frame.
+the stream. A frame's KV is read from the cache while the cache holds it and copied out when
+``max_frames`` drops it (the official code offloads every frame to host memory), so with
+``max_frames`` the frames are still encoded against a bounded window while the archive of
+dropped frames grows by one frame's KV per frame.
 
 Positions: by default (``position_policy="preserve"``) each kept token sits at the position it
 would hold in the full video, so the language model sees the same positions as offline ``stc``
@@ -136,11 +137,14 @@ class StreamSession:
         """Forget the oldest held frame: its kept tokens and, when frames are prefilled as they
         arrive, its span of every layer's KV cache (the prompt prefix before it stays, as a
         sink; later tokens keep the positions they were encoded at)."""
+        oldest_held = len(self.blocks) - len(self.kept)
         for held in (self.kept, self.kept_index, self.kept_positions):
             held.pop(0)
         if self.cache is None:
             return
         start, n = self.prefix_ids.numel(), self.cache_spans.pop(0)
+        if self.retrieve_frames is not None:  # the archive keeps it for retrieval
+            self.blocks[oldest_held].archive(self.cache, start)
         for layer in self.cache.layers:
             layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., start + n:, :]], dim=-2)
             layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., start + n:, :]], dim=-2)
@@ -161,8 +165,7 @@ class StreamSession:
         self._forward(feats, positions)
         self.cache_spans.append(video_positions.numel())
         if self.retrieve_frames is not None:
-            self.blocks.append(FrameBlock.from_cache(self.cache, video_positions.numel(), positions[-video_positions.numel():],
-                                                     self._inv_freq))
+            self.blocks.append(FrameBlock.summarize(self.cache, positions[-video_positions.numel():], self._inv_freq))
         self.append_seconds += time.perf_counter() - start
 
     @property
@@ -257,13 +260,14 @@ class StreamSession:
         k, n_prefix = min(self.retrieve_frames, len(self.blocks)), prefix.numel()
         span = self._retrieved_span(k)
         after = n_prefix + (span if self.position_policy == "compact" else self.video_span)
-        prefix_kv, retrieved = self._retrieval_cache(n_prefix, k)
+        blocks = self.frame_blocks()
+        prefix_kv, retrieved = self._retrieval_cache(blocks, n_prefix, k)
         ids = self.processor.tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         session_cache, session_cached = self.cache, self.cached
         self.cache, self.cached = retrieved, n_prefix + span
         try:
             compact_from = n_prefix if self.position_policy == "compact" else None
-            with Retriever(self.model.model.language_model, retrieved, prefix_kv, self.blocks, k, compact_from) as r:
+            with Retriever(self.model.model.language_model, retrieved, prefix_kv, blocks, k, compact_from) as r:
                 self._forward(self._embed(ids), after + torch.arange(ids.numel()))
             self.last_retrieved = r.chosen
             retrieved.crop(-ids.numel())
@@ -272,7 +276,14 @@ class StreamSession:
         finally:
             self.cache, self.cached = session_cache, session_cached
 
-    def _retrieval_cache(self, n_prefix: int, k: int):
+    def frame_blocks(self) -> list[FrameBlock]:
+        """Every frame seen (with ``retrieve_frames``), oldest first, with its KV: copies for the
+        frames ``max_frames`` dropped, views of the session cache for the frames it holds."""
+        first_held = len(self.blocks) - len(self.kept)
+        starts = (self.prefix_ids.numel() + torch.tensor([0] + self.cache_spans[:-1]).cumsum(0)).tolist()
+        return self.blocks[:first_held] + [b.view(self.cache, s) for b, s in zip(self.blocks[first_held:], starts)]
+
+    def _retrieval_cache(self, blocks: list[FrameBlock], n_prefix: int, k: int):
         """(the prompt prefix's [keys, values] per layer, a cache holding the prefix and ``k``
         frames at every layer): the attention mask is built from the cache's length before the
         first layer runs, then each layer refills its own with the frames it picks."""
@@ -280,8 +291,8 @@ class StreamSession:
                      [layer.values[..., :n_prefix, :] for layer in self.cache.layers]]
         retrieved = self._new_cache()
         for idx, (keys, values) in enumerate(zip(*prefix_kv)):
-            retrieved.update(torch.cat([keys, *[b.keys[idx] for b in self.blocks[:k]]], -2),
-                             torch.cat([values, *[b.values[idx] for b in self.blocks[:k]]], -2), idx)
+            retrieved.update(torch.cat([keys, *[b.keys[idx] for b in blocks[:k]]], -2),
+                             torch.cat([values, *[b.values[idx] for b in blocks[:k]]], -2), idx)
         return prefix_kv, retrieved
 
     def _retrieved_span(self, k: int) -> int:

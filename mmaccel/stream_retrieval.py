@@ -18,7 +18,7 @@ default "preserve" leaves each block at the positions it had in the full video (
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,21 +53,34 @@ def select_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
 
 @dataclass
 class FrameBlock:
-    """One frame's KV at every layer: keys/values (1, Hkv, n, Dh) as cached (rotated at
-    ``positions`` (n,), absolute), and the mean pre-RoPE key per layer (Hkv, Dh)."""
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    """One frame for retrieval: its tokens' ``positions`` (n,) (absolute, as cached), the mean
+    pre-RoPE key per layer (Hkv, Dh), and, once the frame has left the session's cache, copies
+    of its keys/values (1, Hkv, n, Dh) per layer (rotated at ``positions``). While the frame is
+    still in the cache its KV is read from there (:meth:`view`), so it is never held twice."""
     positions: torch.Tensor
-    mean_keys: list[torch.Tensor] = field(default_factory=list)
+    mean_keys: list[torch.Tensor]
+    keys: list[torch.Tensor] | None = None
+    values: list[torch.Tensor] | None = None
 
     @classmethod
-    def from_cache(cls, cache, n: int, positions: torch.Tensor, inv_freq: torch.Tensor) -> "FrameBlock":
-        """The newest ``n`` tokens of every layer of ``cache`` (copied: the cache's tensors are
-        replaced, not grown in place, so a view would pin every old version)."""
-        keys = [layer.keys[..., -n:, :].clone() for layer in cache.layers]
-        values = [layer.values[..., -n:, :].clone() for layer in cache.layers]
-        mean_keys = [rotate(k[0], -positions, inv_freq).float().mean(1) for k in keys]
-        return cls(keys, values, positions, mean_keys)
+    def summarize(cls, cache, positions: torch.Tensor, inv_freq: torch.Tensor) -> "FrameBlock":
+        """The frame made of the newest ``positions.numel()`` tokens of ``cache``."""
+        n = positions.numel()
+        return cls(positions, [rotate(layer.keys[0, :, -n:, :], -positions, inv_freq).float().mean(1)
+                               for layer in cache.layers])
+
+    def view(self, cache, start: int) -> "FrameBlock":
+        """This frame with its KV: its copies, or a view of ``cache`` from token ``start``."""
+        if self.keys is not None:
+            return self
+        end = start + self.positions.numel()
+        return FrameBlock(self.positions, self.mean_keys, [layer.keys[..., start:end, :] for layer in cache.layers],
+                          [layer.values[..., start:end, :] for layer in cache.layers])
+
+    def archive(self, cache, start: int) -> None:
+        """Copy the frame's KV out of ``cache`` (before the cache drops it)."""
+        held = self.view(cache, start)
+        self.keys, self.values = [k.clone() for k in held.keys], [v.clone() for v in held.values]
 
     def at(self, layer: int, positions: torch.Tensor | None, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's (keys, values) at ``layer``, re-rotated to ``positions`` (None: as cached)."""

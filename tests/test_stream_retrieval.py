@@ -124,10 +124,11 @@ def test_compact_retrieval_renumbers_the_chosen_frames_after_the_prompt(tiny_mod
     rotary = model.model.language_model.rotary_emb
     with torch.no_grad():
         reference.cache = reference._new_cache()
-        new_start = {0: p, 2: p + session.blocks[0].positions.numel()}
+        blocks = session.frame_blocks()
+        new_start = {0: p, 2: p + blocks[0].positions.numel()}
         for layer, (k, v) in enumerate(prefix_kv):
             for b in (0, 2):
-                block = session.blocks[b]
+                block = blocks[b]
                 delta = new_start[b] + torch.arange(block.positions.numel()) - block.positions
                 cos, sin = rotary(block.keys[layer], delta[None])
                 turned, _ = apply_rotary_pos_emb(block.keys[layer], block.keys[layer], cos, sin)
@@ -153,6 +154,9 @@ def test_questions_leave_the_session_as_it_was(tiny_models):
     for f in frames[4:]:  # frames keep arriving after a question
         session.add_frame(f)
     assert len(session.blocks) == 6 and len(session.kept) == 2
+    # only the 4 frames the window dropped hold copies; the 2 held are read from the cache
+    assert [b.keys is not None for b in session.blocks] == [True] * 4 + [False] * 2
+    assert all(b.keys is None for b in _stream(model, proc, frames[:3], retrieve_frames=1).blocks)
     session.ask(QUESTION, max_new_tokens=1)
     assert all(len(chosen) == 1 for chosen in session.last_retrieved)
 
