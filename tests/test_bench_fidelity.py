@@ -5,7 +5,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmaccel.bench.fidelity import RunResult, accuracy_at_cost, compare, cost_curve, equal_cost, markdown_table
+from mmaccel.bench.fidelity import (RunResult, accuracy_at_cost, compare, cost_curve, equal_cost, kept_interval,
+                                    kept_share, markdown_table)
 from mmaccel.cli import app
 
 
@@ -33,6 +34,7 @@ def test_compare_metrics_by_hand():
                     visual_tokens_per_layer=[40, 20], prefill_flops=1.0, prefill_flops_full=3.0, seconds=0.5)
     res = compare(samples, base, run)
     assert res["first_word"] == 0.75 and res["aggregates"]["all"] == 0.5 and res["agreement"] == 0.5
+    assert res["correct"] == [0, 1, 1, 0]  # the run-on answer is wrong, as in the accuracy
     run = RunResult(gold[:3] + ["wrong"], list(q), visual_tokens_in=40, visual_tokens_per_layer=[40, 20],
                     prefill_flops=1.0, prefill_flops_full=3.0, seconds=0.5)
     res = compare(samples, base, run)
@@ -40,6 +42,19 @@ def test_compare_metrics_by_hand():
     assert res["agreement"] == 0.75 and res["aggregates"]["all"] == 0.75
     assert res["first_token_kl"] == pytest.approx(expected_kl)
     assert res["visual_tokens_per_layer_per_sample"] == [10, 5] and res["flop_ratio"] == 3.0
+
+
+def test_kept_interval_is_a_paired_bootstrap_of_the_kept_share():
+    base = [1] * 80 + [0] * 20
+    result = {"baseline": {"aggregates": {"all": 0.8}, "correct": base}, "points": []}
+    same = {"aggregates": {"all": 0.8}, "correct": list(base)}
+    assert kept_interval(result, same) == (1.0, 1.0)  # the same questions right: no doubt at all
+    assert kept_interval(result, {"aggregates": {"all": 0.0}, "correct": [0] * 100}) == (0.0, 0.0)
+    half = {"aggregates": {"all": 0.4}, "correct": [1, 0] * 40 + [0] * 20}  # half of the baseline's hits
+    low, high = kept_interval(result, half)
+    assert low < kept_share(result, half) == 0.5 < high and high - low < 0.4
+    assert kept_interval(result, half) == (low, high)  # seeded
+    assert kept_interval(result, {"aggregates": {"all": 0.4}}) is None  # a sweep saved before per-sample results
 
 
 def _point(method, retention, acc, flop_ratio):
@@ -75,7 +90,9 @@ def test_cli_sweep_writes_table_plot_and_json(world_model_dir, tmp_path):
         full, quarter = (points[(method, r)]["visual_tokens_per_layer_per_sample"][-1] for r in (1.0, 0.25))
         assert quarter < 0.4 * full
     assert (out / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(len(p["correct"]) == 8 for p in data["points"]) and len(data["baseline"]["correct"]) == 8
     table = (out / "fidelity.md").read_text()
+    assert "kept 95% CI" in table.splitlines()[4]
     cost = 1.0 / points[("random", 0.25)]["flop_ratio"]
     assert "| pool | 0.25 |" in table and f"## At equal cost: {cost:.1%} of the full prefill FLOPs" in table
     assert data["environment"]["torch"] == torch.__version__

@@ -78,6 +78,11 @@ def first_word_accuracy(samples, answers: list[str]) -> float:
     return sum(first(a) == first(s.answer) for s, a in zip(samples, answers)) / max(1, len(samples))
 
 
+def correctness(samples, answers: list[str]) -> list[int]:
+    """Per sample, 1 where the answer is exactly the gold answer (the accuracy's own test)."""
+    return [int(a == s.answer) for s, a in zip(samples, answers)]
+
+
 def compare(samples, base: RunResult, run: RunResult) -> dict:
     """Accuracy per family, agreement with the baseline and mean first-token KL."""
     import torch
@@ -93,6 +98,7 @@ def compare(samples, base: RunResult, run: RunResult) -> dict:
         "aggregates": {k: r["accuracy"] for k, r in summary["aggregates"].items()},
         "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
         "first_word": first_word_accuracy(samples, run.answers),
+        "correct": correctness(samples, run.answers),
         "agreement": agree,
         "first_token_kl": sum(kls) / n,
         "visual_tokens_in_per_sample": run.visual_tokens_in / n,
@@ -158,6 +164,7 @@ def sweep(model, processor, samples, methods: list[str], retentions: list[float]
                         "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
                         "subset_n": {k: r["n"] for k, r in summary["subsets"].items()},
                         "first_word": first_word_accuracy(samples, base.answers),
+                        "correct": correctness(samples, base.answers),
                         "seconds": base.seconds}}
     for method in methods:
         for retention in retentions:
@@ -173,11 +180,11 @@ def markdown_table(result: dict) -> str:
     small-object and counting subsets, agreement, KL, tokens, FLOP ratio, time."""
     fams = list(result["baseline"]["families"])
     subs = list(result["baseline"].get("subsets", {}))
-    head = ["method", "retention", "all", "kept", "1st word", *fams, *subs, "agree", "KL",
+    head = ["method", "retention", "all", "kept", "kept 95% CI", "1st word", *fams, *subs, "agree", "KL",
             "vis tok/sample (last layer)", "FLOP x", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result["baseline"]
-    lines.append("| " + " | ".join(["baseline", "1.0", f"{base['aggregates']['all']:.3f}", "1.000",
+    lines.append("| " + " | ".join(["baseline", "1.0", f"{base['aggregates']['all']:.3f}", "1.000", "",
                                      f"{base.get('first_word', float('nan')):.3f}",
                                      *[f"{base['families'][f]:.3f}" for f in fams],
                                      *[f"{base['subsets'][k]:.3f}" for k in subs], "1.000", "0", "", "1.00",
@@ -185,6 +192,7 @@ def markdown_table(result: dict) -> str:
     for p in result["points"]:
         vis = p["visual_tokens_per_layer_per_sample"]
         row = [p["method"], str(p["retention"]), f"{p['aggregates']['all']:.3f}", f"{kept_share(result, p):.3f}",
+               _interval_text(kept_interval(result, p)),
                f"{p.get('first_word', float('nan')):.3f}",
                *[f"{p['families'].get(f, float('nan')):.3f}" for f in fams],
                *[f"{p.get('subsets', {}).get(k, float('nan')):.3f}" for k in subs], f"{p['agreement']:.3f}",
@@ -200,6 +208,26 @@ def kept_share(result: dict, point: dict) -> float:
     return point["aggregates"]["all"] / base if base else float("nan")
 
 
+def kept_interval(result: dict, point: dict, draws: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% paired bootstrap interval of the kept share: the same resampled questions for the
+    point and the baseline, ``draws`` times (seeded). None for a sweep saved without per-sample
+    results."""
+    import torch
+
+    if "correct" not in point or "correct" not in result["baseline"]:
+        return None
+    ours = torch.tensor(point["correct"], dtype=torch.float64)
+    base = torch.tensor(result["baseline"]["correct"], dtype=torch.float64)
+    picks = torch.randint(0, ours.numel(), (draws, ours.numel()), generator=torch.Generator().manual_seed(seed))
+    shares = ours[picks].sum(1) / base[picks].sum(1).clamp(min=1)
+    low, high = torch.quantile(shares, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def _interval_text(interval) -> str:
+    return "" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
+
+
 def versus_random(result: dict, retention: float) -> list[str]:
     """Lines saying, per method at ``retention``, its kept share and whether it beats
     ``random`` on each subset (small objects, counting)."""
@@ -207,7 +235,10 @@ def versus_random(result: dict, retention: float) -> list[str]:
     rnd = pts.get("random")
     lines = []
     for name, p in pts.items():
+        interval = kept_interval(result, p)
         txt = f"- `{name}` at {retention}: keeps {kept_share(result, p):.1%} of full accuracy"
+        if interval is not None:
+            txt += f" (95% CI {interval[0]:.1%}-{interval[1]:.1%})"
         if rnd is not None and name != "random":
             for k, acc in p.get("subsets", {}).items():
                 r = rnd["subsets"].get(k, float("nan"))
