@@ -176,8 +176,9 @@ def _print_video_qa(result: dict) -> None:
         typer.echo(f"streamed: tokens kept per frame {result['media']['kept_per_frame']}, {when}")
     if "retrieved_frames_per_layer" in result["media"]:
         chosen = result["media"]["retrieved_frames_per_layer"]
+        first = ", ".join(map(str, chosen[0][:8])) + (", ..." if len(chosen[0]) > 8 else "")
         typer.echo(f"retrieved: each of {len(chosen)} layers answered from {len(chosen[0])} of "
-                   f"{len(result['media']['kept_per_frame'])} frames (layer 0: {chosen[0]})")
+                   f"{len(result['media']['kept_per_frame'])} frames (layer 0: {first})")
 
 
 @app.command("caption")
