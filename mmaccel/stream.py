@@ -261,7 +261,7 @@ class StreamSession:
         span = self._retrieved_span(k)
         after = n_prefix + (span if self.position_policy == "compact" else self.video_span)
         blocks = self.frame_blocks()
-        prefix_kv, retrieved = self._retrieval_cache(blocks, n_prefix, k)
+        prefix_kv, retrieved = self._retrieval_cache(n_prefix, span)
         ids = self.processor.tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         session_cache, session_cached = self.cache, self.cached
         self.cache, self.cached = retrieved, n_prefix + span
@@ -283,16 +283,17 @@ class StreamSession:
         starts = (self.prefix_ids.numel() + torch.tensor([0] + self.cache_spans[:-1]).cumsum(0)).tolist()
         return self.blocks[:first_held] + [b.view(self.cache, s) for b, s in zip(self.blocks[first_held:], starts)]
 
-    def _retrieval_cache(self, blocks: list[FrameBlock], n_prefix: int, k: int):
-        """(the prompt prefix's [keys, values] per layer, a cache holding the prefix and ``k``
-        frames at every layer): the attention mask is built from the cache's length before the
-        first layer runs, then each layer refills its own with the frames it picks."""
+    def _retrieval_cache(self, n_prefix: int, span: int):
+        """(the prompt prefix's [keys, values] per layer, a cache sized for the prefix and ``span``
+        retrieved tokens at every layer): the attention mask is built from the cache's length
+        before the first layer runs, and each layer writes its own prefix and frames into it
+        (:class:`Retriever`) before it attends, so nothing is copied in here."""
         prefix_kv = [[layer.keys[..., :n_prefix, :] for layer in self.cache.layers],
                      [layer.values[..., :n_prefix, :] for layer in self.cache.layers]]
         retrieved = self._new_cache()
         for idx, (keys, values) in enumerate(zip(*prefix_kv)):
-            retrieved.update(torch.cat([keys, *[b.keys[idx] for b in blocks[:k]]], -2),
-                             torch.cat([values, *[b.values[idx] for b in blocks[:k]]], -2), idx)
+            shape = (*keys.shape[:2], n_prefix + span, keys.shape[-1])
+            retrieved.update(keys.new_empty(shape), values.new_empty(shape), idx)
         return prefix_kv, retrieved
 
     def _retrieved_span(self, k: int) -> int:

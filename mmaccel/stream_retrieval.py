@@ -27,7 +27,8 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     """Rotary rotation of ``x`` (..., n, Dh) by ``positions`` (n,) (negative undoes it), in the
     half-split convention of Llama / Qwen2 (``rotate_half``)."""
     angles = positions.to(x.device, torch.float32)[:, None] * inv_freq.to(x.device, torch.float32)[None]
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    angles = torch.cat([angles, angles], -1)
+    cos, sin = angles.cos(), angles.sin()
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x[..., half:], x[..., :half]], -1)
     return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
@@ -96,8 +97,9 @@ class Retriever:
     prefix's KV and those blocks. Only the installing thread's calls retrieve (the model may be
     shared by sessions in other threads); the hooks are always removed.
 
-    ``cache`` must already hold, at every layer, as many tokens as the prefix and ``topk`` blocks
-    (the attention mask is built from its length before the first layer runs)."""
+    ``cache`` must already be as long, at every layer, as the prefix and ``topk`` blocks (the
+    attention mask is built from its length before the first layer runs); its content is
+    overwritten."""
 
     def __init__(self, lm, cache, prefix_kv, blocks: list[FrameBlock], topk: int, compact_from: int | None):
         self.lm, self.cache, self.prefix_kv, self.blocks, self.topk = lm, cache, prefix_kv, blocks, topk
@@ -127,13 +129,14 @@ class Retriever:
         chosen = select_blocks(scores, self.topk).tolist()
         self.chosen[idx] = chosen
         keys, values = [self.prefix_kv[0][idx]], [self.prefix_kv[1][idx]]
-        start = self.compact_from
+        start = self.compact_from  # None: every frame stays at its own positions
         for b in chosen:
             block = self.blocks[b]
-            at = None if start is None else start + torch.arange(block.positions.numel())
-            k, v = block.at(idx, at, self.lm.rotary_emb.inv_freq)
+            n = block.positions.numel()
+            k, v = block.at(idx, None if start is None else start + torch.arange(n), self.lm.rotary_emb.inv_freq)
             keys.append(k)
             values.append(v)
-            start = None if start is None else start + block.positions.numel()
+            if start is not None:
+                start += n
         layer = self.cache.layers[idx]
         layer.keys, layer.values = torch.cat(keys, -2), torch.cat(values, -2)
