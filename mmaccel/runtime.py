@@ -434,11 +434,14 @@ class Runtime:
 
     def _next_positions(self, positions, valid, kept_valid) -> torch.Tensor:
         """(B,) the position of each sample's first generated token: right after the kept
-        tokens when positions are compacted, after the whole original prompt when preserved."""
+        tokens when positions are compacted, after the original prompt's last token when
+        preserved. The last token, not the largest position: ``generate`` numbers on from the
+        question, and a Qwen video's temporal positions can lie past it."""
         if self.policy == "compact":
             return kept_valid.sum(1)
         pos = positions.amax(0) if positions.dim() == 3 else positions
-        return (pos.masked_fill(~valid, -1)).amax(1) + 1
+        last = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(1)
+        return pos.gather(1, last[:, None])[:, 0] + 1
 
     def _lm_position_ids(self, positions, valid, original):
         """Shape the language model expects: (B, L) or M-RoPE (3|4, B, L) like the input."""

@@ -7,7 +7,10 @@ the session's KV cache right away. ``ask`` then
 prefills just the question's tokens on top of that cache, decodes greedily, and crops the cache
 back, so a question costs the question and never the video again. All state lives in the
 session object: sessions never share anything, so several streams can run side by side on one
-model. LLaVA-OneVision only (the official target).
+model. LLaVA-OneVision (the official target), Qwen2-VL and Qwen2.5-VL: Qwen's tower encodes
+frames in pairs (``temporal_patch_size``), so a Qwen session encodes a pair when its second frame
+arrives, and a question asked on an odd frame sees it paired with itself, as the processor pads
+an odd video (:mod:`mmaccel.stream_units`).
 
 Long streams: ``max_frames=N`` holds only the newest N frames (a sliding window over the KV
 cache: each new frame is encoded seeing the prompt and the frames held, the oldest is then
@@ -31,6 +34,7 @@ tokens (`results/stream/stream_positions.md`), as renumbered positions cost grou
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,17 +43,19 @@ from .methods.stc import stc_scores
 from .pipeline import Answer
 from .stats import Stats, prefill_flops
 from .stream_retrieval import FrameBlock, Retriever
+from .stream_units import stream_units
 
 
 class StreamSession:
-    """One stream. ``add_frame(frame)`` -> kept token count; ``ask(question)`` -> Answer."""
+    """One stream. ``add_frame(frame)`` -> kept token count (0 while a Qwen pair waits for its
+    second frame); ``ask(question)`` -> Answer. ``fps``: the stream's frame rate, which sets
+    Qwen2.5-VL's temporal positions (None: the processor's 24 for frames without metadata)."""
 
     def __init__(self, model, processor, retention: float = 60 / 196, cacher: bool = False,
                  cache_interval: int = 2, update_ratio: float = 0.25, similarity_threshold: float | None = None,
                  position_policy: str = "preserve", max_frames: int | None = None,
-                 retrieve_frames: int | None = None):
-        if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
-            raise ValueError(f"StreamSession supports LlavaOnevisionForConditionalGeneration, not {type(model).__name__}")
+                 retrieve_frames: int | None = None, fps: float | None = None):
+        self.units = stream_units(model, processor, fps)
         if not 0.0 < retention <= 1.0:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
         if position_policy not in ("preserve", "compact"):
@@ -58,6 +64,7 @@ class StreamSession:
             raise ValueError(f"max_frames must be a positive frame count or None, got {max_frames}")
         if retrieve_frames is not None and retrieve_frames < 1:
             raise ValueError(f"retrieve_frames must be a positive frame count or None, got {retrieve_frames}")
+        self._check_family_options(cacher, max_frames, retrieve_frames)
         self.max_frames, self.retrieve_frames = max_frames, retrieve_frames
         self.model, self.processor, self.retention = model, processor, retention
         self.position_policy = position_policy
@@ -68,6 +75,18 @@ class StreamSession:
             raise ValueError("retrieve_frames needs a chat template that puts the video before the question "
                              "(the frames' KV must not depend on it); this processor's template does not")
 
+    def _check_family_options(self, cacher: bool, max_frames: int | None, retrieve_frames: int | None) -> None:
+        """Options that only LLaVA-OneVision's frame-by-frame units support, refused elsewhere."""
+        per_unit = self.units.frames_per_unit
+        if max_frames is not None and max_frames % per_unit:
+            raise ValueError(f"max_frames must be a multiple of {per_unit}: this model encodes frames {per_unit} at a time")
+        if self.units.rows != 1 and retrieve_frames is not None:
+            raise ValueError("retrieve_frames works on 1-D rotary positions (LLaVA-OneVision); undoing Qwen's M-RoPE "
+                             "on the cached keys is not implemented")
+        if self.units.rows != 1 and cacher:
+            raise ValueError("STC-Cacher restates the CLIP/SigLIP encoder layer (LLaVA-OneVision); Qwen's vision "
+                             "blocks are not supported")
+
     def _check_plain(self) -> None:
         """The session prunes frames itself and runs the model's parts directly; an
         ``accelerate_vlm`` runtime on the same model would take those calls for its own."""
@@ -77,12 +96,14 @@ class StreamSession:
 
     def reset(self) -> None:
         """Forget every frame (a new video)."""
-        self.kept: list[torch.Tensor] = []  # per frame: (k, D) kept features, spatial order
-        self.kept_index: list[torch.Tensor] = []  # per frame: kept token indices
-        self.kept_positions: list[torch.Tensor] = []  # per frame: kept tokens' positions from the video's start
-        self.memory: list[torch.Tensor] = []  # STC temporal memory: raw frame means seen so far
-        self.tokens_seen = self.frames_seen = 0
-        self.cache_spans: list[int] = []  # per held frame: its tokens in the KV cache (incremental mode)
+        self.kept: list[torch.Tensor] = []  # per unit (frame; Qwen: pair of frames): (k, D) kept features
+        self.kept_index: list[torch.Tensor] = []  # per unit: kept token indices
+        self.kept_positions: list[torch.Tensor] = []  # per unit: (R, k) kept tokens' positions from the video's start
+        self.memory: list[torch.Tensor] = []  # STC temporal memory: raw unit means seen so far
+        self.pending: list[np.ndarray] = []  # frames waiting for the rest of their unit (Qwen: a pair's first)
+        self.grids: list = []  # per unit: its token grid (Qwen's text after the video depends on it)
+        self.tokens_seen = self.frames_seen = self.units_seen = 0
+        self.cache_spans: list[int] = []  # per held unit: its tokens in the KV cache (incremental mode)
         self.vision_seconds = self.append_seconds = 0.0
         self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens
         self.cached = 0  # tokens held by the cache
@@ -103,7 +124,8 @@ class StreamSession:
 
     @torch.inference_mode()
     def add_frame(self, frame: np.ndarray) -> int:
-        """frame: (H, W, 3) uint8 RGB. Returns how many of its tokens were kept."""
+        """frame: (H, W, 3) uint8 RGB. Returns how many tokens of the unit it completed were kept
+        (0 while it waits for the rest of its unit)."""
         from .vision.io import check_frames
 
         self._check_plain()
@@ -111,30 +133,52 @@ class StreamSession:
         if frame.ndim != 3:
             raise ValueError(f"a frame must be (H, W, 3) RGB, got shape {frame.shape}")
         frame = check_frames(frame, "a frame")
+        if self.pending and frame.shape != self.pending[0].shape:
+            raise ValueError(f"the frames of one unit must share a size: got {frame.shape} after {self.pending[0].shape}")
+        self.pending.append(frame)
+        self.frames_seen += 1
+        if len(self.pending) < self.units.frames_per_unit:
+            return 0
+        frames, self.pending = np.stack(self.pending), []
+        return self._add_unit(frames)
+
+    def _add_unit(self, frames: np.ndarray) -> int:
+        """Encode, prune and append one unit of frames (F, H, W, 3); -> its kept token count."""
         start = time.perf_counter()
-        pixels = self.processor.video_processor(videos=[frame[None]], return_tensors="pt")["pixel_values_videos"]
-        feats = self._encode(pixels.to(self.model.device, self.model.dtype))
-        k = max(1, round(self.retention * feats.shape[0]))
-        if k < feats.shape[0]:
-            scores, _ = stc_scores(feats, self.memory)
-            index = scores.topk(k, largest=False).indices.sort().values.cpu()
-        else:
-            index = torch.arange(feats.shape[0])
+        feats, grid = self.units.encode(frames, self._cacher_encoder())
+        index = self._select(feats, self.memory)
+        positions, self.video_span = self._place(feats.shape[0], grid, index)
         self.kept.append(feats[index])
         self.kept_index.append(index)
-        self.kept_positions.append(self.video_span + (index if self.position_policy == "preserve"
-                                                      else torch.arange(index.numel())))
-        self.video_span += feats.shape[0] if self.position_policy == "preserve" else index.numel()
+        self.kept_positions.append(positions)
+        self.grids.append(grid)
         self.tokens_seen += feats.shape[0]
-        self.frames_seen += 1
+        self.units_seen += 1
         self.vision_seconds += time.perf_counter() - start
-        self._append(feats[index], self.kept_positions[-1])
-        if self.max_frames is not None and len(self.kept) > self.max_frames:
+        self._append(feats[index], positions)
+        if self.max_frames is not None and len(self.kept) > self.max_frames // self.units.frames_per_unit:
             self._evict_oldest_frame()
         return int(index.numel())
 
+    def _select(self, feats: torch.Tensor, memory: list[torch.Tensor]) -> torch.Tensor:
+        """STC-Pruner: indices (sorted, on the CPU) of the ``retention`` share of ``feats`` (n, D)
+        most novel against the unit's anchor and the temporal anchor of ``memory`` (which grows)."""
+        k = max(1, round(self.retention * feats.shape[0]))
+        if k >= feats.shape[0]:
+            return torch.arange(feats.shape[0])
+        scores, _ = stc_scores(feats, memory)
+        return scores.topk(k, largest=False).indices.sort().values.cpu()
+
+    def _place(self, n: int, grid, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Positions (R, k) from the video's start of the kept tokens ``index`` of the next unit of
+        ``n`` tokens, and the video's span once it is added."""
+        if self.position_policy == "compact":
+            return (self.video_span + torch.arange(index.numel())).expand(self.units.rows, -1), self.video_span + index.numel()
+        positions = self.units.unit_positions(self.units_seen, self.video_span, n, grid)[:, index]
+        return positions, self.video_span + n
+
     def _evict_oldest_frame(self) -> None:
-        """Forget the oldest held frame: its kept tokens and, when frames are prefilled as they
+        """Forget the oldest held unit: its kept tokens and, when frames are prefilled as they
         arrive, its span of every layer's KV cache (the prompt prefix before it stays, as a
         sink; later tokens keep the positions they were encoded at)."""
         oldest_held = len(self.blocks) - len(self.kept)
@@ -151,22 +195,27 @@ class StreamSession:
         self.cached -= n
 
     def _append(self, feats: torch.Tensor, video_positions: torch.Tensor) -> None:
-        """Run the language model on one frame's kept tokens (n, D) at ``video_positions`` (n,)
-        from the video's start, extending the cache. The first frame also carries the prompt
+        """Run the language model on one unit's kept tokens (k, D) at ``video_positions`` (R, k)
+        from the video's start, extending the cache. The first unit also carries the prompt
         text before the video marker."""
         if not self.incremental:
             return
         start = time.perf_counter()
-        positions = video_positions + self.prefix_ids.numel()
+        n_prefix = self.prefix_ids.numel()
+        positions = video_positions + n_prefix
         if self.cache is None:
             self.cache = self._new_cache()
             feats = torch.cat([self._embed(self.prefix_ids), feats])
-            positions = torch.cat([torch.arange(self.prefix_ids.numel()), positions])
+            positions = torch.cat([self._text_positions(0, n_prefix), positions], 1)
         self._forward(feats, positions)
-        self.cache_spans.append(video_positions.numel())
+        self.cache_spans.append(video_positions.shape[1])
         if self.retrieve_frames is not None:
-            self.blocks.append(FrameBlock.summarize(self.cache, positions[-video_positions.numel():], self._inv_freq))
+            self.blocks.append(FrameBlock.summarize(self.cache, positions[0, -video_positions.shape[1]:], self._inv_freq))
         self.append_seconds += time.perf_counter() - start
+
+    def _text_positions(self, start: int, n: int) -> torch.Tensor:
+        """(R, n): text tokens one after another from ``start``, the same in every M-RoPE row."""
+        return (start + torch.arange(n)).expand(self.units.rows, -1)
 
     @property
     def incremental(self) -> bool:
@@ -187,23 +236,27 @@ class StreamSession:
         return self.model.get_input_embeddings()(ids.to(self.model.device))
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(n, D) embeddings at ``positions`` (n,) -> (n, D) last hidden states."""
+        """(n, D) embeddings at ``positions`` ((n,) or (R, n)) -> (n, D) last hidden states."""
         lm = self.model.model.language_model
-        pos = positions.to(embeds.device)[None]
+        pos = positions.to(embeds.device)
+        pos = pos[None] if pos.dim() == 1 else pos  # (1, n): one row is the batch of one
+        pos = pos[:, None] if self.units.rows == 3 else pos  # M-RoPE: (3, batch, n)
         out = lm(inputs_embeds=embeds[None].to(self.model.dtype), position_ids=pos, cache=self.cache, use_cache=True)
         self.cached += embeds.shape[0]
         return out.last_hidden_state[0]
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(1, 1, 3, H, W) -> (n, D) projected, pooled tokens of one frame (STC-Cacher if on)."""
-        encode = lambda: self.model.model.get_video_features(pixels).pooler_output[0, :-1]
+    def _cacher_encoder(self):
+        """None, or a wrapper that runs a tower call under this session's STC-Cacher."""
         if self.cacher_state is None:
-            return encode()
+            return None
         from .models import get_adapter
         from .vision.stc_cacher import STCCacher
 
-        with STCCacher(get_adapter(self.model).vision_layers, self.cacher_state):
-            return encode()
+        def encoder(encode):
+            with STCCacher(get_adapter(self.model).vision_layers, self.cacher_state):
+                return encode()
+
+        return encoder
 
     def _split_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (1-D) of the chat prompt before and after its one video marker."""
@@ -219,33 +272,58 @@ class StreamSession:
     @torch.inference_mode()
     def ask(self, question: str, max_new_tokens: int = 32) -> Answer:
         """Answer from the frames so far (greedy); the session's cache is left as it was."""
-        if not self.kept:
+        if not self.kept and not self.pending:
             raise ValueError("no frames yet: add_frame() first")
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question must be a non-empty string")
         self._check_plain()
         prefix, suffix = self._split_prompt(question)
         start = time.perf_counter()
-        newline = self.model.model.image_newline[None].to(self.model.device, self.model.dtype)
-        tail = torch.cat([newline, self._embed(suffix)])  # at the positions right after the video
+        q = self._question_input(prefix.numel(), suffix)
         if self.cache is None:
-            tokens, length = self._ask_from_scratch(prefix, tail, max_new_tokens)
+            tokens, length = self._ask_from_scratch(prefix, q, max_new_tokens)
         elif self.retrieve_frames is not None:
-            tokens, length = self._ask_retrieved(prefix, question, tail, max_new_tokens)
+            tokens, length = self._ask_retrieved(prefix, question, q.embeds, max_new_tokens)
         else:
-            tokens, length = self._ask_on_cache(prefix, tail, max_new_tokens)
+            tokens, length = self._ask_on_cache(prefix, q, max_new_tokens)
         elapsed = time.perf_counter() - start
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        kept = self._tokens_seen_by_question() + 1
-        return Answer(text, self._stats(length, kept, elapsed, len(tokens)), {"kind": "stream", "frames": self.frames})
+        trailing = self.units.trailing_tokens
+        kept, seen = self._tokens_seen_by_question() + q.kept + trailing, self.tokens_seen + q.seen + trailing
+        return Answer(text, self._stats(length, kept, seen, elapsed, len(tokens)), {"kind": "stream", "frames": self.frames})
 
-    def _ask_on_cache(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
-        """Decode after ``tail`` on the session cache, then crop it back. -> (tokens, prompt length)."""
+    def _question_input(self, n_prefix: int, suffix: torch.Tensor) -> "_QuestionInput":
+        """What a question prefills after the cached video: an unfinished unit (a Qwen pair's
+        first frame, paired with itself as the processor pads an odd video), the tokens that end
+        the video (LLaVA-OneVision's newline) and the prompt after the video marker."""
+        feats, positions, seen, span, grids = self._pending_unit()
+        after = span if self.position_policy == "compact" else self.units.text_after(span, self.units_seen, grids)
+        tail = torch.cat([self.units.tail(), self._embed(suffix)])
+        return _QuestionInput(torch.cat([feats, tail]),
+                              torch.cat([positions + n_prefix, self._text_positions(n_prefix + after, tail.shape[0])], 1),
+                              feats.shape[0], seen)
+
+    def _pending_unit(self):
+        """(kept features (k, D), their positions (R, k) from the video's start, the unit's token
+        count, and the video's span and unit grids counting it) for the frames
+        waiting for the rest of their unit, without changing the session; k = 0 without any."""
+        if not self.pending:
+            empty = self._embed(torch.zeros(0, dtype=torch.long))
+            return empty, torch.zeros(self.units.rows, 0, dtype=torch.long), 0, self.video_span, self.grids
+        frames = np.stack(self.pending + self.pending[-1:] * (self.units.frames_per_unit - len(self.pending)))
+        feats, grid = self.units.encode(frames)
+        index = self._select(feats, list(self.memory))
+        positions, span = self._place(feats.shape[0], grid, index)
+        return feats[index], positions, feats.shape[0], span, self.grids + [grid]
+
+    def _ask_on_cache(self, prefix, q: "_QuestionInput", max_new_tokens: int) -> tuple[list[int], int]:
+        """Decode after the question's input on the session cache, then crop it back.
+        -> (tokens, prompt length)."""
         if not torch.equal(prefix, self.prefix_ids):
             raise ValueError("the chat template's text before the video changed")
         before = self.cached
         try:
-            return self._decode(tail, prefix.numel() + self.video_span, max_new_tokens), before + tail.shape[0]
+            return self._decode(q.embeds, q.positions, max_new_tokens), before + q.embeds.shape[0]
         finally:
             if self.cached > before:  # transformers 5: a negative count removes the newest tokens
                 self.cache.crop(before - self.cached)
@@ -314,11 +392,12 @@ class StreamSession:
     def _inv_freq(self) -> torch.Tensor:
         return self.model.model.language_model.rotary_emb.inv_freq
 
-    def _ask_from_scratch(self, prefix, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
-        """Question-dependent prefix: prefill prefix + kept tokens + tail in a throwaway cache."""
-        embeds = torch.cat([self._embed(prefix), *self.kept, tail])
-        positions = torch.cat([torch.arange(prefix.numel()), *[p + prefix.numel() for p in self.kept_positions],
-                               prefix.numel() + self.video_span + torch.arange(tail.shape[0])])
+    def _ask_from_scratch(self, prefix, q: "_QuestionInput", max_new_tokens: int) -> tuple[list[int], int]:
+        """Question-dependent prefix: prefill prefix + kept tokens + the question's input in a
+        throwaway cache."""
+        n = prefix.numel()
+        embeds = torch.cat([self._embed(prefix), *self.kept, q.embeds])
+        positions = torch.cat([self._text_positions(0, n), *[p + n for p in self.kept_positions], q.positions], 1)
         self.cache = self._new_cache()
         try:
             return self._decode(embeds, positions, max_new_tokens), embeds.shape[0]
@@ -326,13 +405,16 @@ class StreamSession:
             self.cache, self.cached = None, 0
 
     def _decode(self, embeds: torch.Tensor, positions, max_new_tokens: int) -> list[int]:
-        """Greedy tokens after ``embeds`` (n, D) at ``positions`` ((n,), or an int: the first of
-        n consecutive ones), stopping at an end-of-sequence id."""
+        """Greedy tokens after ``embeds`` (n, D) at ``positions`` ((R, n), or an int: the first of
+        n consecutive ones), stopping at an end-of-sequence id. Generated tokens follow the
+        prompt's last token, as ``generate`` numbers them (on Qwen a video's temporal positions
+        can lie past the question's; ``generate`` does not skip to them)."""
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, (list, tuple)) else [eos])
         tokens: list[int] = []
         if isinstance(positions, int):
-            positions = positions + torch.arange(embeds.shape[0])
+            positions = self._text_positions(positions, embeds.shape[0])
+        next_position = int(positions[:, -1].max()) + 1
         for step in range(max_new_tokens):
             start = time.perf_counter()
             logits = self.model.lm_head(self._forward(embeds, positions)[-1])
@@ -343,13 +425,14 @@ class StreamSession:
             if nxt in stop:
                 break
             tokens.append(nxt)
-            embeds, positions = self._embed(torch.tensor([nxt])), positions[-1:] + 1
+            embeds, positions = self._embed(torch.tensor([nxt])), self._text_positions(next_position, 1)
+            next_position += 1
         return tokens
 
-    def _stats(self, length: int, kept: int, seconds: float, new_tokens: int) -> Stats:
+    def _stats(self, length: int, kept: int, seen: int, seconds: float, new_tokens: int) -> Stats:
         cfg = self.model.config.text_config
-        full_length = length - kept + self.tokens_seen + 1
-        return Stats(method="stc-stream", batch_size=1, visual_tokens_in=self.tokens_seen + 1,
+        full_length = length - kept + seen
+        return Stats(method="stc-stream", batch_size=1, visual_tokens_in=seen,
                      visual_tokens_per_layer=[kept] * cfg.num_hidden_layers,
                      tokens_per_layer=[length] * cfg.num_hidden_layers,
                      prefill_flops=prefill_flops(cfg, [[length]] * cfg.num_hidden_layers),
@@ -357,3 +440,14 @@ class StreamSession:
                      new_tokens=int(new_tokens),
                      timings={"vision": self.vision_seconds, "append": self.append_seconds,
                               "prefill": self._prefill_seconds, "total": seconds})
+
+
+@dataclass
+class _QuestionInput:
+    """A question's input after the cached video: ``embeds`` (n, D) at absolute ``positions``
+    (R, n); ``kept`` / ``seen`` the visual tokens of an unfinished unit in it (kept / before
+    pruning)."""
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    kept: int
+    seen: int

@@ -144,6 +144,41 @@ def test_qwen_preserve_decode_positions_equal_unpruned(tiny_models, fam, method)
     assert torch.equal(kept_len + deltas, full[1][0, :, 0])
 
 
+@pytest.mark.parametrize("fam, frames, fps", [("qwen2_vl", 27, None), ("qwen2_5_vl", 7, 1.0)])
+def test_qwen_video_decode_follows_the_question_not_the_latest_frame(tiny_models, fam, frames, fps):
+    """A long video (or Qwen2.5-VL at 1 fps) puts its last slice's time past the question's
+    positions. ``generate`` numbers the answer after the question's last token, so a pruned
+    prefill must too (it once skipped to the largest position of the prompt)."""
+    from transformers.video_utils import VideoMetadata
+
+    from conftest import prompt, video
+
+    model, proc = tiny_models(fam)
+    clip = video(3, frames=frames)
+    extra = {} if fps is None else {"video_metadata": [VideoMetadata(total_num_frames=frames, fps=fps,
+                                                                      frames_indices=list(range(frames)))]}
+    inputs = proc(text=[prompt(proc, "what ?", ("video",))], videos=[clip], return_tensors="pt", **extra)
+
+    def decode_positions():
+        seen = []
+        probe = capture(model.model.language_model, seen, lambda k: k["position_ids"][-3:].clone())
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        finally:
+            probe.remove()
+        return seen
+
+    full = decode_positions()
+    assert full[0].max() > full[0][:, 0, -1].max()  # the video reaches past the question
+    with accelerate_vlm(model, method="stc", retention=0.5) as handle:
+        pruned = decode_positions()
+        assert handle.stats.visual_tokens_kept < handle.stats.visual_tokens_in
+    assert len(full) == len(pruned) == 3
+    for a, b in zip(full[1:], pruned[1:]):
+        assert torch.equal(a, b)
+
+
 def test_padded_batch_matches_single_samples(deep_tower_models, family):
     """Per-sample budgets, every method: a sample keeps the same tokens and answer alone and in
     a padded batch, with images of other shapes (other crop grids) and 4-block towers, so the

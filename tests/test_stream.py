@@ -44,8 +44,8 @@ def test_sessions_do_not_share_state(tiny_models):
 
 
 def test_stream_rejects_other_families_and_bad_frames(tiny_models):
-    model, proc = tiny_models("qwen2_vl")
-    with pytest.raises(ValueError, match="LlavaOnevision"):
+    model, proc = tiny_models("llava")
+    with pytest.raises(ValueError, match="supports LlavaOnevision.*Qwen2VL.*not LlavaForConditionalGeneration"):
         StreamSession(model, proc)
     ov, ov_proc = tiny_models("llava_onevision")
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
@@ -361,7 +361,7 @@ def test_max_frames_holds_only_the_newest_frames_in_the_cache(tiny_models, polic
     with torch.no_grad():
         embeds = torch.cat([embed(prefix), *full.kept, model.model.image_newline[None], embed(suffix)])
         tail = prefix.numel() + full.video_span + torch.arange(1 + suffix.numel())
-        positions = torch.cat([torch.arange(prefix.numel()), *[p + prefix.numel() for p in full.kept_positions], tail])
+        positions = torch.cat([torch.arange(prefix.numel()), *[p[0] + prefix.numel() for p in full.kept_positions], tail])
         n = embeds.shape[0]
         edges = (prefix.numel() + torch.tensor([0] + [k.shape[0] for k in full.kept]).cumsum(0)).tolist()
         allowed = torch.ones(n, n).tril().bool()

@@ -89,7 +89,7 @@ def test_chosen_frames_are_all_the_question_sees(tiny_models, monkeypatch):
     embed, p = model.get_input_embeddings(), prefix.numel()
     with torch.no_grad():
         embeds = torch.cat([embed(prefix), *full.kept, model.model.image_newline[None], embed(suffix)])
-        positions = torch.cat([torch.arange(p), *[q + p for q in full.kept_positions],
+        positions = torch.cat([torch.arange(p), *[q[0] + p for q in full.kept_positions],
                                p + full.video_span + torch.arange(1 + suffix.numel())])
         n = embeds.shape[0]
         edges = (p + torch.tensor([0] + [k.shape[0] for k in full.kept]).cumsum(0)).tolist()
