@@ -129,10 +129,15 @@ def _streamed(loaded, media, question: str, retention, options: dict, max_new_to
     the answer dict with the tokens each frame kept."""
     from .stream import StreamSession
 
+    from .stream_units import uses_frame_rate
+
+    if uses_frame_rate(loaded[0]) and "sampled_fps" in media.info:
+        options = {**options, "fps": media.info["sampled_fps"]}
     session = StreamSession(*loaded, **({} if retention is None else {"retention": retention}), **options)
     kept = [session.add_frame(frame) for frame in media.items[0]]
     answer = session.ask(question, max_new_tokens).to_dict()
-    answer["media"] = {**media.info, **answer["media"], "kept_per_frame": kept}
+    answer["media"] = {**media.info, **answer["media"], "kept_per_frame": kept,
+                       "frames_per_unit": session.units.frames_per_unit}
     if session.last_retrieved is not None:
         answer["media"]["retrieved_frames_per_layer"] = session.last_retrieved
     return answer
@@ -174,6 +179,9 @@ def _print_video_qa(result: dict) -> None:
         when = (f"prefilled as they arrived ({appended * 1e3:.1f} ms)" if appended
                 else "prefilled at the question (the chat template puts the question before the video)")
         typer.echo(f"streamed: tokens kept per frame {result['media']['kept_per_frame']}, {when}")
+        if result["media"].get("frames_per_unit", 1) > 1:
+            typer.echo(f"          (the tower encodes {result['media']['frames_per_unit']} frames at a time: a group's "
+                       "tokens count at its last frame; an unfinished group is encoded with the question)")
     if "retrieved_frames_per_layer" in result["media"]:
         chosen = result["media"]["retrieved_frames_per_layer"]
         first = ", ".join(map(str, chosen[0][:8])) + (", ..." if len(chosen[0]) > 8 else "")

@@ -118,13 +118,26 @@ class Pipeline:
     def _encode(self, texts, prepared):
         images = [im for p in prepared if p.kind == "image" for im in p.items]
         videos = [v for p in prepared if p.kind == "video" for v in p.items]
-        kwargs = {"images": images or None, "videos": videos or None}
+        kwargs = {"images": images or None, "videos": videos or None, "video_metadata": self._video_metadata(prepared)}
         inputs = self.processor(text=texts, padding=True, return_tensors="pt",
                                 **{k: v for k, v in kwargs.items() if v is not None})
         if videos and "pixel_values_videos" not in inputs:  # the processor dropped them without a word
             raise ValueError(f"{type(self.model).__name__} takes images, not videos: pass the frames as a list of "
                              "images, or use a video model (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)")
         return inputs
+
+    def _video_metadata(self, prepared) -> list | None:
+        """Qwen2.5-VL spaces its temporal positions by the frames' real rate; without metadata the
+        processor assumes 24 fps, which puts the slices of a few frames sampled from a long video
+        at one time. The rate of frames sampled from a file is known: pass it on."""
+        from .stream_units import uses_frame_rate
+
+        videos = [p for p in prepared if p.kind == "video"]
+        if not videos or not uses_frame_rate(self.model) or any("sampled_fps" not in p.info for p in videos):
+            return None
+        from transformers.video_utils import VideoMetadata
+
+        return [VideoMetadata(total_num_frames=p.info["frames"], fps=p.info["sampled_fps"]) for p in videos]
 
     def restore(self):
         """Remove the acceleration; the model is returned untouched."""
@@ -152,7 +165,8 @@ def prepare_media(media, num_frames: int | None = 8, fps: float | None = None, b
         return media
     if isinstance(media, (str, os.PathLike)) and is_video_path(media):
         clip = read_video(media, num_frames=None if fps else num_frames, fps=fps, backend=backend)
-        info = {"kind": "video", "frames": len(clip.indices), "indices": clip.indices, "backend": clip.backend}
+        info = {"kind": "video", "frames": len(clip.indices), "indices": clip.indices, "backend": clip.backend,
+                "sampled_fps": len(clip.indices) / max(clip.total_frames, 1) * clip.fps}
         return Media("video", [clip.frames], info)
     if isinstance(media, np.ndarray) and media.ndim == 4:
         return Media("video", [check_frames(media)], {"kind": "video", "frames": int(media.shape[0])})

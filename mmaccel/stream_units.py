@@ -89,6 +89,11 @@ class QwenUnits(FrameUnits):
         return self.model.get_input_embeddings().weight[:0]
 
 
+def uses_frame_rate(model) -> bool:
+    """Whether ``model``'s temporal positions depend on the video's frame rate (Qwen2.5-VL)."""
+    return type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
 def stream_units(model, processor, fps: float | None = None) -> FrameUnits:
     """The units of ``model``'s family, or a ValueError naming the families a stream supports."""
     name = type(model).__name__
@@ -97,7 +102,7 @@ def stream_units(model, processor, fps: float | None = None) -> FrameUnits:
             raise ValueError("fps sets Qwen2.5-VL's temporal positions; LLaVA-OneVision's do not use it")
         return FrameUnits(model, processor)
     if name in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
-        if fps is not None and (not fps > 0 or name == "Qwen2VLForConditionalGeneration"):
+        if fps is not None and (not fps > 0 or not uses_frame_rate(model)):
             raise ValueError(f"fps must be a positive frame rate and only Qwen2.5-VL uses it, got {fps} for {name}")
         return QwenUnits(model, processor, fps)
     raise ValueError("StreamSession supports LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration "

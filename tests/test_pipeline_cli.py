@@ -188,3 +188,42 @@ def test_a_video_for_an_image_only_model_is_refused(tmp_path):
 
 def test_an_empty_batch_answers_nothing(saved_model):
     assert Pipeline(str(saved_model), method="fastv", retention=0.25).ask_batch([]) == []
+
+
+def test_qwen2_5_video_time_follows_the_sampled_frame_rate(tmp_path, monkeypatch):
+    """Qwen2.5-VL spaces its temporal positions by the frames' rate. 4 frames sampled from a
+    2-second clip are 2 a second, so a slice of 2 frames spans 1 s (the processor's 24 fps for
+    bare frames would give 1/12 s and put every slice at time 0). The offline pipeline and the
+    streaming command line both pass that rate on."""
+    from mmaccel.pipeline import load_model, prepare_media
+    from mmaccel.stream import StreamSession
+
+    model_dir = save_tiny("qwen2_5_vl", tmp_path / "q25")
+    video = write_video(tmp_path / "clip.mp4", frames=12)  # 6 fps: 2 seconds
+    media = prepare_media(str(video), 4)
+    assert media.info["sampled_fps"] == pytest.approx(2.0)
+    pipe = Pipeline(str(model_dir), method="none")
+    inputs = pipe._encode([pipe._prompt(media, "what ?")], [media])
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]  # the 4 frames, not resampled
+    import mmaccel.stream
+
+    rates = []
+
+    class Recording(StreamSession):
+        def __init__(self, *args, **kwargs):
+            rates.append(kwargs.get("fps"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(mmaccel.stream, "StreamSession", Recording)
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "what ?", "--model", str(model_dir), "--frames", "4",
+                                   "--stream", "--json", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    assert rates == [pytest.approx(2.0)]
+    model, processor = load_model(str(model_dir))
+    session = StreamSession(model, processor, fps=2.0)
+    for frame in media.items[0]:
+        session.add_frame(frame)
+    assert json.loads(res.stdout)["answer"] == session.ask("what ?", 3).text
+    # slice 1 at 1 s: tokens_per_second positions after slice 0
+    assert session.kept_positions[1][0, 0] - session.kept_positions[0][0, 0] == model.config.vision_config.tokens_per_second
