@@ -135,7 +135,7 @@ class StreamSession:
         frame = check_frames(frame, "a frame")
         if self.pending and frame.shape != self.pending[0].shape:
             raise ValueError(f"the frames of one unit must share a size: got {frame.shape} after {self.pending[0].shape}")
-        self.pending.append(frame)
+        self.pending.append(np.array(frame))  # a copy: a camera may reuse its buffer for the next frame
         self.frames_seen += 1
         if len(self.pending) < self.units.frames_per_unit:
             return 0
