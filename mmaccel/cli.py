@@ -185,8 +185,10 @@ def _print_video_qa(result: dict) -> None:
     if "retrieved_frames_per_layer" in result["media"]:
         chosen = result["media"]["retrieved_frames_per_layer"]
         first = ", ".join(map(str, chosen[0][:8])) + (", ..." if len(chosen[0]) > 8 else "")
+        per_unit = result["media"].get("frames_per_unit", 1)
+        blocks = "frames" if per_unit == 1 else f"slices of {per_unit} frames"
         typer.echo(f"retrieved: each of {len(chosen)} layers answered from {len(chosen[0])} of "
-                   f"{len(result['media']['kept_per_frame'])} frames (layer 0: {first})")
+                   f"{len(result['media']['kept_per_frame']) // per_unit} {blocks} (layer 0: {first})")
 
 
 @app.command("caption")

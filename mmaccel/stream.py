@@ -16,7 +16,9 @@ Long streams: ``max_frames=N`` holds only the newest N frames (a sliding window 
 cache: each new frame is encoded seeing the prompt and the frames held, the oldest is then
 dropped; the prompt prefix stays as a sink), so memory stays bounded. The official STC stream
 keeps every frame and answers from ReKV's retrieval of the frame blocks most relevant to the
-question: ``retrieve_frames=K`` (official ``topk=64``) does that (``mmaccel/stream_retrieval.py``):
+question: ``retrieve_frames=K`` (official ``topk=64``; on Qwen a block is a slice of 2 frames,
+so K frames are K/2 slices, and the slices' keys are turned back through M-RoPE's three rows)
+does that (``mmaccel/stream_retrieval.py``):
 every frame's KV is kept as a block, and at each question every decoder layer attends to the
 prompt prefix and the K frames it finds most relevant, so a question costs K frames however long
 the stream. A frame's KV is read from the cache while the cache holds it and copied out when
@@ -42,7 +44,7 @@ import torch
 from .methods.stc import stc_scores
 from .pipeline import Answer
 from .stats import Stats, prefill_flops
-from .stream_retrieval import FrameBlock, Retriever
+from .stream_retrieval import FrameBlock, Retriever, Rotary
 from .stream_units import stream_units
 
 
@@ -76,13 +78,11 @@ class StreamSession:
                              "(the frames' KV must not depend on it); this processor's template does not")
 
     def _check_family_options(self, cacher: bool, max_frames: int | None, retrieve_frames: int | None) -> None:
-        """Options that only LLaVA-OneVision's frame-by-frame units support, refused elsewhere."""
+        """Frame counts must fill whole units; STC-Cacher only runs on LLaVA-OneVision's tower."""
         per_unit = self.units.frames_per_unit
-        if max_frames is not None and max_frames % per_unit:
-            raise ValueError(f"max_frames must be a multiple of {per_unit}: this model encodes frames {per_unit} at a time")
-        if self.units.rows != 1 and retrieve_frames is not None:
-            raise ValueError("retrieve_frames works on 1-D rotary positions (LLaVA-OneVision); undoing Qwen's M-RoPE "
-                             "on the cached keys is not implemented")
+        for name, count in (("max_frames", max_frames), ("retrieve_frames", retrieve_frames)):
+            if count is not None and count % per_unit:
+                raise ValueError(f"{name} must be a multiple of {per_unit}: this model encodes frames {per_unit} at a time")
         if self.units.rows != 1 and cacher:
             raise ValueError("STC-Cacher restates the CLIP/SigLIP encoder layer (LLaVA-OneVision); Qwen's vision "
                              "blocks are not supported")
@@ -110,7 +110,7 @@ class StreamSession:
         self.video_span = 0  # positions the video takes so far (its kept tokens when compact)
         self._incremental = None
         self.blocks: list[FrameBlock] = []  # with retrieve_frames: every frame's KV, oldest first
-        self.last_retrieved: list[list[int]] | None = None  # per layer: the frames the latest question used
+        self.last_retrieved: list[list[int]] | None = None  # per layer: the blocks (frames; Qwen: slices) used
         self.first_logits = None  # (vocab,) the latest answer's first-token logits (e.g. for a KL)
         self._prefill_seconds = 0.0  # the latest question's prefill (the whole prompt when not incremental)
         from .vision.stc_cacher import CacherState
@@ -169,11 +169,13 @@ class StreamSession:
         scores, _ = stc_scores(feats, memory)
         return scores.topk(k, largest=False).indices.sort().values.cpu()
 
-    def _place(self, n: int, grid, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _place(self, n: int, grid, index: torch.Tensor, base: int | None = None) -> tuple[torch.Tensor, int]:
         """Positions (R, k) from the video's start of the kept tokens ``index`` of the next unit of
-        ``n`` tokens, and the video's span once it is added."""
+        ``n`` tokens, and the video's span once it is added (``base``: the span before it under
+        compact positions; None: the session's)."""
         if self.position_policy == "compact":
-            return (self.video_span + torch.arange(index.numel())).expand(self.units.rows, -1), self.video_span + index.numel()
+            base = self.video_span if base is None else base
+            return (base + torch.arange(index.numel())).expand(self.units.rows, -1), base + index.numel()
         positions = self.units.unit_positions(self.units_seen, self.video_span, n, grid)[:, index]
         return positions, self.video_span + n
 
@@ -210,7 +212,7 @@ class StreamSession:
         self._forward(feats, positions)
         self.cache_spans.append(video_positions.shape[1])
         if self.retrieve_frames is not None:
-            self.blocks.append(FrameBlock.summarize(self.cache, positions[0, -video_positions.shape[1]:], self._inv_freq))
+            self.blocks.append(FrameBlock.summarize(self.cache, positions[:, -video_positions.shape[1]:], self._rotary))
         self.append_seconds += time.perf_counter() - start
 
     def _text_positions(self, start: int, n: int) -> torch.Tensor:
@@ -279,11 +281,13 @@ class StreamSession:
         self._check_plain()
         prefix, suffix = self._split_prompt(question)
         start = time.perf_counter()
-        q = self._question_input(prefix.numel(), suffix)
+        retrieving = self.retrieve_frames is not None and self.cache is not None
+        span = self._retrieved_span(min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks))) if retrieving else None
+        q = self._question_input(prefix.numel(), suffix, span if self.position_policy == "compact" else None)
         if self.cache is None:
             tokens, length = self._ask_from_scratch(prefix, q, max_new_tokens)
-        elif self.retrieve_frames is not None:
-            tokens, length = self._ask_retrieved(prefix, question, q.embeds, max_new_tokens)
+        elif retrieving:
+            tokens, length = self._ask_retrieved(prefix, question, q, span, max_new_tokens)
         else:
             tokens, length = self._ask_on_cache(prefix, q, max_new_tokens)
         elapsed = time.perf_counter() - start
@@ -292,28 +296,32 @@ class StreamSession:
         kept, seen = self._tokens_seen_by_question() + q.kept + trailing, self.tokens_seen + q.seen + trailing
         return Answer(text, self._stats(length, kept, seen, elapsed, len(tokens)), {"kind": "stream", "frames": self.frames})
 
-    def _question_input(self, n_prefix: int, suffix: torch.Tensor) -> "_QuestionInput":
+    def _question_input(self, n_prefix: int, suffix: torch.Tensor, compact_span: int | None = None) -> "_QuestionInput":
         """What a question prefills after the cached video: an unfinished unit (a Qwen pair's
         first frame, paired with itself as the processor pads an odd video), the tokens that end
-        the video (LLaVA-OneVision's newline) and the prompt after the video marker."""
-        feats, positions, seen, span, grids = self._pending_unit()
+        the video (LLaVA-OneVision's newline) and the prompt after the video marker.
+        ``compact_span``: the video tokens before it when compact positions do not count the
+        session's (retrieval: the retrieved frames')."""
+        feats, positions, seen, span, grids = self._pending_unit(compact_span)
         after = span if self.position_policy == "compact" else self.units.text_after(span, self.units_seen, grids)
         tail = torch.cat([self.units.tail(), self._embed(suffix)])
         return _QuestionInput(torch.cat([feats, tail]),
                               torch.cat([positions + n_prefix, self._text_positions(n_prefix + after, tail.shape[0])], 1),
-                              feats.shape[0], seen)
+                              feats.shape[0], seen, n_prefix + after)
 
-    def _pending_unit(self):
+    def _pending_unit(self, base: int | None = None):
         """(kept features (k, D), their positions (R, k) from the video's start, the unit's token
-        count, and the video's span and unit grids counting it) for the frames
-        waiting for the rest of their unit, without changing the session; k = 0 without any."""
+        count, and the video's span and unit grids counting it) for the frames waiting for the
+        rest of their unit, without changing the session; k = 0 without any. ``base``: the span
+        before it under compact positions (None: the session's)."""
+        base = self.video_span if base is None else base
         if not self.pending:
             empty = self._embed(torch.zeros(0, dtype=torch.long))
-            return empty, torch.zeros(self.units.rows, 0, dtype=torch.long), 0, self.video_span, self.grids
+            return empty, torch.zeros(self.units.rows, 0, dtype=torch.long), 0, base, self.grids
         frames = np.stack(self.pending + self.pending[-1:] * (self.units.frames_per_unit - len(self.pending)))
         feats, grid = self.units.encode(frames)
         index = self._select(feats, list(self.memory))
-        positions, span = self._place(feats.shape[0], grid, index)
+        positions, span = self._place(feats.shape[0], grid, index, base)
         return feats[index], positions, feats.shape[0], span, self.grids + [grid]
 
     def _ask_on_cache(self, prefix, q: "_QuestionInput", max_new_tokens: int) -> tuple[list[int], int]:
@@ -329,15 +337,15 @@ class StreamSession:
                 self.cache.crop(before - self.cached)
             self.cached = before
 
-    def _ask_retrieved(self, prefix, question: str, tail: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int]:
+    def _ask_retrieved(self, prefix, question: str, q: "_QuestionInput", span: int,
+                       max_new_tokens: int) -> tuple[list[int], int]:
         """ReKV: a pass over the question's own tokens picks each layer's frames (its KV is then
-        dropped), and the answer is decoded on the prefix and those frames; the session's cache
-        is left as it was. -> (tokens, prompt length)."""
+        dropped), and the answer is decoded on the prefix and those frames (``span`` tokens; an
+        unfinished unit comes in the question's input); the session's cache is left as it was.
+        -> (tokens, prompt length)."""
         if not torch.equal(prefix, self.prefix_ids):
             raise ValueError("the chat template's text before the video changed")
-        k, n_prefix = min(self.retrieve_frames, len(self.blocks)), prefix.numel()
-        span = self._retrieved_span(k)
-        after = n_prefix + (span if self.position_policy == "compact" else self.video_span)
+        k, n_prefix = min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks)), prefix.numel()
         blocks = self.frame_blocks()
         prefix_kv, retrieved = self._retrieval_cache(n_prefix, span)
         ids = self.processor.tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -346,11 +354,11 @@ class StreamSession:
         try:
             compact_from = n_prefix if self.position_policy == "compact" else None
             with Retriever(self.model.model.language_model, retrieved, prefix_kv, blocks, k, compact_from) as r:
-                self._forward(self._embed(ids), after + torch.arange(ids.numel()))
+                self._forward(self._embed(ids), self._text_positions(q.text_start, ids.numel()))
             self.last_retrieved = r.chosen
             retrieved.crop(-ids.numel())
             self.cached -= ids.numel()
-            return self._decode(tail, after, max_new_tokens), n_prefix + span + tail.shape[0]
+            return self._decode(q.embeds, q.positions, max_new_tokens), n_prefix + span + q.embeds.shape[0]
         finally:
             self.cache, self.cached = session_cache, session_cached
 
@@ -377,7 +385,7 @@ class StreamSession:
     def _retrieved_span(self, k: int) -> int:
         """Tokens in the ``k`` frames a question retrieves: every layer must hold as many (one
         attention mask serves them all), which equal frame sizes give."""
-        sizes = {b.positions.numel() for b in self.blocks}
+        sizes = {b.size for b in self.blocks}
         if len(sizes) != 1:
             raise RuntimeError(f"retrieval needs frames of one token count, got {sorted(sizes)}")
         return k * sizes.pop()
@@ -385,12 +393,12 @@ class StreamSession:
     def _tokens_seen_by_question(self) -> int:
         """Visual tokens the latest question attended to."""
         if self.retrieve_frames is not None and self.cache is not None:
-            return self._retrieved_span(min(self.retrieve_frames, len(self.blocks)))
+            return self._retrieved_span(min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks)))
         return sum(k.shape[0] for k in self.kept)
 
     @property
-    def _inv_freq(self) -> torch.Tensor:
-        return self.model.model.language_model.rotary_emb.inv_freq
+    def _rotary(self) -> Rotary:
+        return Rotary.of(self.model.model.language_model)
 
     def _ask_from_scratch(self, prefix, q: "_QuestionInput", max_new_tokens: int) -> tuple[list[int], int]:
         """Question-dependent prefix: prefill prefix + kept tokens + the question's input in a
@@ -446,8 +454,9 @@ class StreamSession:
 class _QuestionInput:
     """A question's input after the cached video: ``embeds`` (n, D) at absolute ``positions``
     (R, n); ``kept`` / ``seen`` the visual tokens of an unfinished unit in it (kept / before
-    pruning)."""
+    pruning); ``text_start`` the position of the first text token after the video."""
     embeds: torch.Tensor
     positions: torch.Tensor
     kept: int
     seen: int
+    text_start: int

@@ -23,11 +23,34 @@ from dataclasses import dataclass
 import torch
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary rotation of ``x`` (..., n, Dh) by ``positions`` (n,) (negative undoes it), in the
-    half-split convention of Llama / Qwen2 (``rotate_half``)."""
-    angles = positions.to(x.device, torch.float32)[:, None] * inv_freq.to(x.device, torch.float32)[None]
-    angles = torch.cat([angles, angles], -1)
+@dataclass(frozen=True)
+class Rotary:
+    """A decoder's rotary embedding: ``inv_freq`` (F,) and, for M-RoPE (Qwen2-VL, Qwen2.5-VL),
+    the ``sections`` of the F frequencies that turn with the temporal, height and width rows of
+    the positions (in turn, as the library's ``recomposition_frequencies`` lays them out)."""
+    inv_freq: torch.Tensor
+    sections: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, lm) -> "Rotary":
+        emb = lm.rotary_emb
+        sections = getattr(emb, "mrope_section", None)
+        return cls(emb.inv_freq, tuple(sections) if sections else None)
+
+    def angles(self, positions: torch.Tensor, device) -> torch.Tensor:
+        """(n, 2F) rotation angles at ``positions`` (n,) or (R, n) (one row: the same in all)."""
+        pos = (positions[None] if positions.dim() == 1 else positions).to(device, torch.float32)
+        rows = torch.zeros(self.inv_freq.numel(), dtype=torch.long)
+        if self.sections is not None:
+            rows = torch.cat([torch.full((size,), j % 3) for j, size in enumerate(self.sections)])
+        angles = pos[rows.clamp(max=pos.shape[0] - 1).to(device)].T * self.inv_freq.to(device, torch.float32)[None]
+        return torch.cat([angles, angles], -1)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotary rotation of ``x`` (..., n, Dh) by ``positions`` ((n,), or (3, n) for M-RoPE;
+    negative undoes it), in the half-split convention of Llama / Qwen2 (``rotate_half``)."""
+    angles = rotary.angles(positions, x.device)
     cos, sin = angles.cos(), angles.sin()
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x[..., half:], x[..., :half]], -1)
@@ -54,7 +77,7 @@ def select_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
 
 @dataclass
 class FrameBlock:
-    """One frame for retrieval: its tokens' ``positions`` (n,) (absolute, as cached), the mean
+    """One frame for retrieval: its tokens' ``positions`` (R, n) (absolute, as cached), the mean
     pre-RoPE key per layer (Hkv, Dh), and, once the frame has left the session's cache, copies
     of its keys/values (1, Hkv, n, Dh) per layer (rotated at ``positions``). While the frame is
     still in the cache its KV is read from there (:meth:`view`), so it is never held twice."""
@@ -64,17 +87,17 @@ class FrameBlock:
     values: list[torch.Tensor] | None = None
 
     @classmethod
-    def summarize(cls, cache, positions: torch.Tensor, inv_freq: torch.Tensor) -> "FrameBlock":
-        """The frame made of the newest ``positions.numel()`` tokens of ``cache``."""
-        n = positions.numel()
-        return cls(positions, [rotate(layer.keys[0, :, -n:, :], -positions, inv_freq).float().mean(1)
+    def summarize(cls, cache, positions: torch.Tensor, rotary: Rotary) -> "FrameBlock":
+        """The frame made of the newest ``n`` tokens of ``cache``, at ``positions`` (R, n)."""
+        n = positions.shape[-1]
+        return cls(positions, [rotate(layer.keys[0, :, -n:, :], -positions, rotary).float().mean(1)
                                for layer in cache.layers])
 
     def view(self, cache, start: int) -> "FrameBlock":
         """This frame with its KV: its copies, or a view of ``cache`` from token ``start``."""
         if self.keys is not None:
             return self
-        end = start + self.positions.numel()
+        end = start + self.size
         return FrameBlock(self.positions, self.mean_keys, [layer.keys[..., start:end, :] for layer in cache.layers],
                           [layer.values[..., start:end, :] for layer in cache.layers])
 
@@ -83,11 +106,18 @@ class FrameBlock:
         held = self.view(cache, start)
         self.keys, self.values = [k.clone() for k in held.keys], [v.clone() for v in held.values]
 
-    def at(self, layer: int, positions: torch.Tensor | None, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
-        """This block's (keys, values) at ``layer``, re-rotated to ``positions`` (None: as cached)."""
+    @property
+    def size(self) -> int:
+        """The frame's token count."""
+        return self.positions.shape[-1]
+
+    def at(self, layer: int, positions: torch.Tensor | None, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's (keys, values) at ``layer``, re-rotated to ``positions`` ((n,): the same in
+        every M-RoPE row; None: as cached). Rotations compose, so turning by the difference
+        moves every frequency from its old row's position to the new one."""
         keys = self.keys[layer]
         if positions is not None:
-            keys = rotate(keys, positions - self.positions, inv_freq)
+            keys = rotate(keys, positions - self.positions, rotary)
         return keys, self.values[layer]
 
 
@@ -104,6 +134,7 @@ class Retriever:
     def __init__(self, lm, cache, prefix_kv, blocks: list[FrameBlock], topk: int, compact_from: int | None):
         self.lm, self.cache, self.prefix_kv, self.blocks, self.topk = lm, cache, prefix_kv, blocks, topk
         self.compact_from = compact_from  # first position of the retrieved blocks under "compact"
+        self.rotary = Rotary.of(lm)
         self.chosen: list[list[int]] = [[] for _ in lm.layers]
         self._thread, self._handles = threading.get_ident(), []
 
@@ -132,8 +163,8 @@ class Retriever:
         start = self.compact_from  # None: every frame stays at its own positions
         for b in chosen:
             block = self.blocks[b]
-            n = block.positions.numel()
-            k, v = block.at(idx, None if start is None else start + torch.arange(n), self.lm.rotary_emb.inv_freq)
+            n = block.size
+            k, v = block.at(idx, None if start is None else start + torch.arange(n), self.rotary)
             keys.append(k)
             values.append(v)
             if start is not None:

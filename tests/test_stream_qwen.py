@@ -123,8 +123,10 @@ def test_max_frames_holds_the_newest_pairs(tiny_models):
 
 def test_qwen_stream_refuses_what_it_cannot_do(tiny_models):
     model, proc = tiny_models("qwen2_vl")
-    for options, message in [({"retrieve_frames": 2}, "M-RoPE"), ({"cacher": True}, "CLIP/SigLIP"),
-                             ({"max_frames": 3}, "multiple of 2"), ({"fps": 2.0}, "only Qwen2.5-VL")]:
+    for options, message in [({"cacher": True}, "CLIP/SigLIP"),
+                             ({"max_frames": 3}, "max_frames must be a multiple of 2"),
+                             ({"retrieve_frames": 3}, "retrieve_frames must be a multiple of 2"),
+                             ({"fps": 2.0}, "only Qwen2.5-VL")]:
         with pytest.raises(ValueError, match=message):
             StreamSession(model, proc, **options)
     q25, q25_proc = tiny_models("qwen2_5_vl")
@@ -138,3 +140,58 @@ def test_qwen_stream_refuses_what_it_cannot_do(tiny_models):
     with pytest.raises(ValueError, match="share a size"):
         session.add_frame(video(1, frames=1, size=(84, 84))[0])
     assert session.frames == 1 and session.ask(QUESTION, 1).stats.visual_tokens_in == 4
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("policy", ["preserve", "compact"])
+def test_retrieving_every_slice_answers_as_the_plain_session(tiny_models, family, policy):
+    """ReKV on Qwen with K = 6 frames (3 slices) of 7 seen, the 7th waiting for its pair: every
+    layer takes every slice at the positions it was encoded at, and the question sees what a
+    session without retrieval shows it."""
+    model, proc = tiny_models(family)
+    clip = video(41, frames=7, size=(84, 84))
+    plain = _stream(model, proc, clip, retention=0.5, position_policy=policy)
+    retrieving = _stream(model, proc, clip, retention=0.5, position_policy=policy, retrieve_frames=6)
+    expected = plain.ask(QUESTION, max_new_tokens=3)
+    answer = retrieving.ask(QUESTION, max_new_tokens=3)
+    torch.testing.assert_close(retrieving.first_logits, plain.first_logits, atol=1e-4, rtol=1e-4)
+    assert answer.text == expected.text and answer.stats.visual_tokens_kept == expected.stats.visual_tokens_kept
+    assert retrieving.last_retrieved == [[0, 1, 2]] * model.config.text_config.num_hidden_layers
+
+
+@pytest.mark.parametrize("policy", ["preserve", "compact"])
+def test_chosen_slices_sit_where_the_policy_puts_them(tiny_models, monkeypatch, policy):
+    """``retrieve_frames=4`` (2 slices), every layer forced to slices 0 and 2 of 4: the answer's logits equal a forward on a cache
+    of the prompt prefix and those two slices' KV, as cached (preserve) or turned by the model's
+    own M-RoPE to consecutive positions right after the prompt (compact, the official ReKV)."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from mmaccel import stream_retrieval
+
+    model, proc = tiny_models("qwen2_5_vl")
+    clip = video(42, frames=8, size=(84, 84))
+    session = _stream(model, proc, clip, retention=0.5, position_policy=policy, retrieve_frames=4, fps=1.0)
+    monkeypatch.setattr(stream_retrieval, "select_blocks", lambda scores, k: torch.tensor([0, 2]))
+    session.ask(QUESTION, max_new_tokens=1)
+    prefix, suffix = session._split_prompt(QUESTION)
+    p, rotary, blocks = prefix.numel(), model.model.language_model.rotary_emb, session.frame_blocks()
+    reference = StreamSession(model, proc, position_policy=policy, fps=1.0)
+    with torch.no_grad():
+        reference.cache = reference._new_cache()
+        start = p
+        for layer, cached in enumerate(session.cache.layers):
+            k, v = cached.keys[..., :p, :], cached.values[..., :p, :]
+            for b in (0, 2):
+                keys = blocks[b].keys[layer]
+                if policy == "compact":
+                    delta = p + (0 if b == 0 else blocks[0].size) + torch.arange(blocks[b].size) - blocks[b].positions
+                    cos, sin = rotary(keys, delta[:, None])
+                    keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+                k, v = torch.cat([k, keys], -2), torch.cat([v, blocks[b].values[layer]], -2)
+            reference.cache.update(k, v, layer)
+        after = p + (blocks[0].size + blocks[2].size if policy == "compact" else 3)  # 3x3 grid: max(rows, cols)
+        tail = model.get_input_embeddings()(suffix)
+        hidden = reference._forward(tail, after + torch.arange(tail.shape[0]))
+    torch.testing.assert_close(session.first_logits, model.lm_head(hidden[-1]), atol=1e-4, rtol=1e-4)
+    if policy == "preserve":  # slice 2 at 2 s (1 fps, 2 frames a slice): 2 x 2 x tokens_per_second later
+        assert blocks[2].positions[0, 0] - blocks[0].positions[0, 0] == 4 * model.config.vision_config.tokens_per_second

@@ -6,7 +6,7 @@ import torch
 
 from mmaccel import stream_retrieval
 from mmaccel.stream import StreamSession
-from mmaccel.stream_retrieval import block_scores, rotate, select_blocks
+from mmaccel.stream_retrieval import Rotary, block_scores, rotate, select_blocks
 from conftest import run_in_threads, video
 from test_stream import QUESTION_FIRST
 
@@ -38,8 +38,29 @@ def test_rotate_matches_the_models_rotary_embedding_and_undoes_itself(tiny_model
     x, positions = torch.randn(1, 2, 5, head_dim), torch.tensor([0, 3, 7, 8, 40])
     cos, sin = rotary(x, positions[None])
     expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
-    torch.testing.assert_close(rotate(x, positions, rotary.inv_freq), expected)
-    torch.testing.assert_close(rotate(rotate(x, positions, rotary.inv_freq), -positions, rotary.inv_freq), x)
+    spec = Rotary.of(model.model.language_model)
+    assert spec.sections is None
+    torch.testing.assert_close(rotate(x, positions, spec), expected)
+    torch.testing.assert_close(rotate(rotate(x, positions, spec), -positions, spec), x)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_rotate_matches_m_rope_and_undoes_itself(tiny_models, family):
+    """M-RoPE: each frequency turns with its section's row (temporal, height, width), as the
+    model's own rotary embedding lays them out; one row stands for three equal ones."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    model, _ = tiny_models(family)
+    lm = model.model.language_model
+    x = torch.randn(1, 2, 5, lm.layers[0].self_attn.head_dim)
+    positions = torch.tensor([[0, 3, 7, 7, 40], [0, 1, 2, 9, 11], [0, 5, 1, 4, 2]])
+    cos, sin = lm.rotary_emb(x, positions[:, None])
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    spec = Rotary.of(lm)
+    assert spec.sections is not None and len(set(spec.sections)) > 1  # rows really differ in width
+    torch.testing.assert_close(rotate(x, positions, spec), expected)
+    torch.testing.assert_close(rotate(rotate(x, positions, spec), -positions, spec), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotate(x, positions[0], spec), rotate(x, positions[0].expand(3, -1), spec))
 
 
 @pytest.mark.parametrize("policy", ["preserve", "compact"])
@@ -57,12 +78,14 @@ def test_retrieving_every_frame_answers_as_the_plain_session(tiny_models, policy
     assert retrieving.last_retrieved == [[0, 1, 2, 3]] * model.config.text_config.num_hidden_layers
 
 
-def test_layer_zero_picks_the_frame_whose_mean_key_meets_the_question(tiny_models):
+@pytest.mark.parametrize("family, frames", [("llava_onevision", 5), ("qwen2_vl", 10), ("qwen2_5_vl", 10)])
+def test_layer_zero_picks_the_frame_whose_mean_key_meets_the_question(tiny_models, family, frames):
     """Layer 0's choice, recomputed from scratch: its input is the token embeddings, so the
-    pre-RoPE keys of a frame are k_proj(norm(frame features)) and the question's queries
-    q_proj(norm(question embeddings))."""
-    model, proc = tiny_models("llava_onevision")
-    session = _stream(model, proc, video(32, frames=5), retrieve_frames=2)
+    pre-RoPE keys of a frame (Qwen: a slice of 2, its keys turned by M-RoPE's three rows) are
+    k_proj(norm(frame features)) and the question's queries q_proj(norm(question embeddings))."""
+    model, proc = tiny_models(family)
+    per_unit = 2 if family.startswith("qwen") else 1  # Qwen's blocks are slices of 2 frames
+    session = _stream(model, proc, video(32, frames=frames), retrieve_frames=2 * per_unit)
     session.ask(QUESTION, max_new_tokens=1)
     layer = model.model.language_model.layers[0]
     heads, kv_heads = model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads
@@ -71,6 +94,7 @@ def test_layer_zero_picks_the_frame_whose_mean_key_meets_the_question(tiny_model
         queries = layer.self_attn.q_proj(layer.input_layernorm(model.get_input_embeddings()(ids)))
         keys = torch.stack([layer.self_attn.k_proj(layer.input_layernorm(f)).mean(0).view(kv_heads, -1)
                             for f in session.kept])
+    torch.testing.assert_close(torch.stack([b.mean_keys[0] for b in session.blocks]), keys, atol=1e-5, rtol=1e-4)
     expected = select_blocks(block_scores(keys, queries, heads), 2).tolist()
     assert session.last_retrieved[0] == expected and len(expected) == 2
 
@@ -125,11 +149,11 @@ def test_compact_retrieval_renumbers_the_chosen_frames_after_the_prompt(tiny_mod
     with torch.no_grad():
         reference.cache = reference._new_cache()
         blocks = session.frame_blocks()
-        new_start = {0: p, 2: p + blocks[0].positions.numel()}
+        new_start = {0: p, 2: p + blocks[0].size}
         for layer, (k, v) in enumerate(prefix_kv):
             for b in (0, 2):
                 block = blocks[b]
-                delta = new_start[b] + torch.arange(block.positions.numel()) - block.positions
+                delta = new_start[b] + torch.arange(block.size) - block.positions[0]
                 cos, sin = rotary(block.keys[layer], delta[None])
                 turned, _ = apply_rotary_pos_emb(block.keys[layer], block.keys[layer], cos, sin)
                 k, v = torch.cat([k, turned], -2), torch.cat([v, block.values[layer]], -2)
@@ -138,7 +162,7 @@ def test_compact_retrieval_renumbers_the_chosen_frames_after_the_prompt(tiny_mod
         start = reference.cache.get_seq_length()
         hidden = reference._forward(tail, start + torch.arange(tail.shape[0]))
     torch.testing.assert_close(session.first_logits, model.lm_head(hidden[-1]), atol=1e-4, rtol=1e-4)
-    assert torch.equal(session.blocks[2].positions, p + torch.arange(2 * 2, 3 * 2))  # compact: frame 2 was at 4..5
+    assert torch.equal(session.blocks[2].positions[0], p + torch.arange(2 * 2, 3 * 2))  # compact: frame 2 was at 4..5
 
 
 def test_questions_leave_the_session_as_it_was(tiny_models):
