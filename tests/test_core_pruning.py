@@ -113,25 +113,26 @@ def test_position_policy_llava(tiny_models, policy):
         assert pos[-1] == inputs["input_ids"].shape[1] - 1 and pos.numel() < inputs["input_ids"].shape[1]
 
 
+def _decode_positions(model, inputs, steps: int) -> list[torch.Tensor]:
+    """The M-RoPE position ids the language model gets at each forward of a greedy generate."""
+    seen = []
+    probe = capture(model.model.language_model, seen, lambda k: k["position_ids"][-3:].clone())
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    finally:
+        probe.remove()
+    return seen
+
+
 @pytest.mark.parametrize("fam", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("method", ["fastv", "pool"])
 def test_qwen_preserve_decode_positions_equal_unpruned(tiny_models, fam, method):
     model, proc = tiny_models(fam)
     inputs = make_inputs(proc, batch=2)
-
-    def decode_positions():
-        seen = []
-        probe = capture(model.model.language_model, seen, lambda k: k["position_ids"][-3:].clone())
-        try:
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        finally:
-            probe.remove()
-        return seen
-
-    full = decode_positions()
+    full = _decode_positions(model, inputs, 4)
     with accelerate_vlm(model, method=method, retention=0.25) as handle:
-        pruned = decode_positions()
+        pruned = _decode_positions(model, inputs, 4)
         kept_len = handle._runtime.request.stages[0].valid.sum(1)
         deltas = model.model.rope_deltas.flatten()
         assert handle.stats.visual_tokens_kept < handle.stats.visual_tokens_in
@@ -158,21 +159,10 @@ def test_qwen_video_decode_follows_the_question_not_the_latest_frame(tiny_models
     extra = {} if fps is None else {"video_metadata": [VideoMetadata(total_num_frames=frames, fps=fps,
                                                                       frames_indices=list(range(frames)))]}
     inputs = proc(text=[prompt(proc, "what ?", ("video",))], videos=[clip], return_tensors="pt", **extra)
-
-    def decode_positions():
-        seen = []
-        probe = capture(model.model.language_model, seen, lambda k: k["position_ids"][-3:].clone())
-        try:
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        finally:
-            probe.remove()
-        return seen
-
-    full = decode_positions()
+    full = _decode_positions(model, inputs, 3)
     assert full[0].max() > full[0][:, 0, -1].max()  # the video reaches past the question
     with accelerate_vlm(model, method="stc", retention=0.5) as handle:
-        pruned = decode_positions()
+        pruned = _decode_positions(model, inputs, 3)
         assert handle.stats.visual_tokens_kept < handle.stats.visual_tokens_in
     assert len(full) == len(pruned) == 3
     for a, b in zip(full[1:], pruned[1:]):

@@ -68,14 +68,15 @@ def offline_point(model, proc, frames, question):
         return time.perf_counter() - start
 
 
-def main(threads: int = 2) -> None:
+def main(threads: int = 2, make=build, size: int = 384, out: str = "results/stream/stream_latency.json") -> None:
+    """Time ``make()``'s model on 4, 16 and 64 random ``size`` px frames; write ``out``."""
     torch.set_num_threads(threads)
-    model, proc = build()
+    model, proc = make()
     question = "what is the color ?"
     rng = np.random.default_rng(0)
     rows = []
     for n in (4, 16, 64):
-        frames = rng.integers(0, 255, (n, 384, 384, 3), dtype=np.uint8)
+        frames = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
         stream = [stream_point(model, proc, frames, question) for _ in range(3)]
         offline = [offline_point(model, proc, frames, question) for _ in range(3)]
         rows.append({"frames": n, "stream_per_frame_s": statistics.median(s[0] for s in stream),
@@ -84,7 +85,7 @@ def main(threads: int = 2) -> None:
         print(json.dumps(rows[-1]), flush=True)
     env = dict(machine=platform.machine(), threads=threads, torch=torch.__version__,
                transformers=transformers.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
-    json.dump({"env": env, "rows": rows}, open("results/stream/stream_latency.json", "w"), indent=1)
+    json.dump({"env": env, "rows": rows}, open(out, "w"), indent=1)
 
 
 if __name__ == "__main__":

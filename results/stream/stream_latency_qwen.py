@@ -10,19 +10,13 @@ per-frame cost (vision + append, averaged over all N frames) and its question la
 (prefill of the question on the cache + 1 token), against offline `stc` through
 accelerate_vlm (everything at question time), median of 3.
 Run: python results/stream/stream_latency_qwen.py [threads]"""
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stream_latency import offline_point, stream_point  # noqa: E402
+from stream_latency import main as run  # noqa: E402
 
 
 def build():
@@ -53,22 +47,7 @@ def build():
 
 
 def main(threads: int = 2) -> None:
-    torch.set_num_threads(threads)
-    model, proc = build()
-    question = "what is the color ?"
-    rng = np.random.default_rng(0)
-    rows = []
-    for n in (4, 16, 64):
-        frames = rng.integers(0, 255, (n, 336, 336, 3), dtype=np.uint8)
-        stream = [stream_point(model, proc, frames, question) for _ in range(3)]
-        offline = [offline_point(model, proc, frames, question) for _ in range(3)]
-        rows.append({"frames": n, "stream_per_frame_s": statistics.median(s[0] for s in stream),
-                     "stream_question_s": statistics.median(s[1] for s in stream),
-                     "offline_question_s": statistics.median(offline)})
-        print(json.dumps(rows[-1]), flush=True)
-    env = dict(machine=platform.machine(), threads=threads, torch=torch.__version__,
-               transformers=transformers.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
-    json.dump({"env": env, "rows": rows}, open("results/stream/stream_latency_qwen.json", "w"), indent=1)
+    run(threads, build, 336, "results/stream/stream_latency_qwen.json")
 
 
 if __name__ == "__main__":
