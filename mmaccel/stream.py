@@ -10,7 +10,9 @@ session object: sessions never share anything, so several streams can run side b
 model. LLaVA-OneVision (the official target), Qwen2-VL and Qwen2.5-VL: Qwen's tower encodes
 frames in pairs (``temporal_patch_size``), so a Qwen session encodes a pair when its second frame
 arrives, and a question asked on an odd frame sees it paired with itself, as the processor pads
-an odd video (:mod:`mmaccel.stream_units`).
+an odd video (:mod:`mmaccel.stream_units`; that pair is encoded in full, without STC-Cacher,
+and forgotten after the question). ``cacher=True`` runs STC-Cacher on the tower, one unit a
+chunk (``mmaccel/vision/stc_cacher.py``, ``stc_cacher_qwen.py``).
 
 Long streams: ``max_frames=N`` holds only the newest N frames (a sliding window over the KV
 cache: each new frame is encoded seeing the prompt and the frames held, the oldest is then
@@ -66,7 +68,7 @@ class StreamSession:
             raise ValueError(f"max_frames must be a positive frame count or None, got {max_frames}")
         if retrieve_frames is not None and retrieve_frames < 1:
             raise ValueError(f"retrieve_frames must be a positive frame count or None, got {retrieve_frames}")
-        self._check_family_options(cacher, max_frames, retrieve_frames)
+        self._check_family_options(max_frames, retrieve_frames)
         self.max_frames, self.retrieve_frames = max_frames, retrieve_frames
         self.model, self.processor, self.retention = model, processor, retention
         self.position_policy = position_policy
@@ -77,15 +79,12 @@ class StreamSession:
             raise ValueError("retrieve_frames needs a chat template that puts the video before the question "
                              "(the frames' KV must not depend on it); this processor's template does not")
 
-    def _check_family_options(self, cacher: bool, max_frames: int | None, retrieve_frames: int | None) -> None:
-        """Frame counts must fill whole units; STC-Cacher only runs on LLaVA-OneVision's tower."""
+    def _check_family_options(self, max_frames: int | None, retrieve_frames: int | None) -> None:
+        """Frame counts must fill whole units."""
         per_unit = self.units.frames_per_unit
         for name, count in (("max_frames", max_frames), ("retrieve_frames", retrieve_frames)):
             if count is not None and count % per_unit:
                 raise ValueError(f"{name} must be a multiple of {per_unit}: this model encodes frames {per_unit} at a time")
-        if self.units.rows != 1 and cacher:
-            raise ValueError("STC-Cacher restates the CLIP/SigLIP encoder layer (LLaVA-OneVision); Qwen's vision "
-                             "blocks are not supported")
 
     def _check_plain(self) -> None:
         """The session prunes frames itself and runs the model's parts directly; an
@@ -251,11 +250,9 @@ class StreamSession:
         """None, or a wrapper that runs a tower call under this session's STC-Cacher."""
         if self.cacher_state is None:
             return None
-        from .models import get_adapter
-        from .vision.stc_cacher import STCCacher
 
         def encoder(encode):
-            with STCCacher(get_adapter(self.model).vision_layers, self.cacher_state):
+            with self.units.cacher(self.cacher_state):
                 return encode()
 
         return encoder

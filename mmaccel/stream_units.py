@@ -43,6 +43,13 @@ class FrameUnits:
         """(t, D) embeddings that end the video before the text after it: the newline."""
         return self.model.model.image_newline[None].to(self.model.device, self.model.dtype)
 
+    def cacher(self, state):
+        """STC-Cacher over this family's tower for one unit's encoding (a context manager)."""
+        from .models import get_adapter
+        from .vision.stc_cacher import STCCacher
+
+        return STCCacher(get_adapter(self.model).vision_layers, state)
+
 
 class QwenUnits(FrameUnits):
     """Qwen2-VL / Qwen2.5-VL: the tower embeds ``temporal_patch_size`` (2) frames into one
@@ -87,6 +94,11 @@ class QwenUnits(FrameUnits):
 
     def tail(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight[:0]
+
+    def cacher(self, state):
+        from .vision.stc_cacher_qwen import QwenSTCCacher
+
+        return QwenSTCCacher(self.model.model.visual.blocks, state)
 
 
 def uses_frame_rate(model) -> bool:
