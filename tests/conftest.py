@@ -46,16 +46,28 @@ def make_inputs(proc, batch: int = 1, media=("image",), seed: int = 0):
     return proc(text=texts, padding=True, return_tensors="pt", **kwargs)
 
 
-@pytest.fixture(scope="session")
-def tiny_models():
+def _cached_builder(**options):
+    """family -> (model, processor), each family built once with ``options``."""
     cache = {}
 
     def get(family):
         if family not in cache:
-            cache[family] = build(family)
+            cache[family] = build(family, **options)
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return _cached_builder()
+
+
+@pytest.fixture(scope="session")
+def deep_tower_models():
+    """Tiny models with 4-block towers (in-tower merges act; Qwen2.5-VL: blocks 0, 2 and 3
+    attend per window, block 1 over the whole image or slice)."""
+    return _cached_builder(seed=2, vision_layers=4)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -374,18 +374,6 @@ def test_beam_search_and_static_cache(tiny_models):
             model.generate(**inputs, max_new_tokens=3, cache_implementation="static")
 
 
-@pytest.fixture(scope="module")
-def deep_tower_models():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = build(family, seed=2, vision_layers=4)
-        return cache[family]
-
-    return get
-
-
 @pytest.mark.parametrize("method", ["random", "fastv", "aim", "hired", "visionzip", "mustdrop", "stc", "tome"])
 def test_beam_copies_keep_what_their_prompt_keeps(deep_tower_models, family, method):
     """generate() encodes the media once and repeats each prompt's media group per beam and

@@ -5,26 +5,11 @@ import pytest
 import torch
 
 from mmaccel.stream import StreamSession
-from mmaccel.testing.tiny import build
 from mmaccel.vision.stc_cacher import CacherState
 from mmaccel.vision.stc_cacher_qwen import QwenSTCCacher
 from conftest import run_in_threads, video
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def towers():
-    """Qwen models with 3-block towers (Qwen2.5-VL: blocks 0 and 2 attend per 56 px window,
-    block 1 over the whole slice) and a function: frames (2, 112, 112, 3) -> (pixels, grid)."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = build(family, seed=3, vision_layers=3)
-        return cache[family]
-
-    return get
 
 
 def _slice(proc, seed: int):
@@ -41,18 +26,18 @@ def _encode(model, pixels, grid, state=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_reference_slice_equals_the_library_tower(towers, family):
+def test_reference_slice_equals_the_library_tower(deep_tower_models, family):
     """The reference pass re-states the block (attention under a mask per ``cu_seqlens`` chunk:
     the slice, or Qwen2.5-VL's 4 attention windows of a 112 px slice)."""
-    model, proc = towers(family)
+    model, proc = deep_tower_models(family)
     pixels, grid = _slice(proc, 1)
     torch.testing.assert_close(_encode(model, pixels, grid, CacherState()), _encode(model, pixels, grid),
                                atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_static_slices_are_reused_exactly_and_a_quarter_recomputed(towers, family):
-    model, proc = towers(family)
+def test_static_slices_are_reused_exactly_and_a_quarter_recomputed(deep_tower_models, family):
+    model, proc = deep_tower_models(family)
     pixels, grid = _slice(proc, 2)
     state = CacherState(cache_interval=4, update_ratio=0.25)
     expected = _encode(model, pixels, grid)
@@ -63,10 +48,10 @@ def test_static_slices_are_reused_exactly_and_a_quarter_recomputed(towers, famil
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_moving_slices_reuse_a_quarter_or_recompute_everything(towers, family):
+def test_moving_slices_reuse_a_quarter_or_recompute_everything(deep_tower_models, family):
     """On changing slices a quarter recomputed is an approximation (the output moves), and the
     full update ratio is the plain encoding again."""
-    model, proc = towers(family)
+    model, proc = deep_tower_models(family)
     quarter, full = CacherState(update_ratio=0.25), CacherState(update_ratio=1.0)
     for seed in (3, 4):
         pixels, grid = _slice(proc, seed)
@@ -76,8 +61,8 @@ def test_moving_slices_reuse_a_quarter_or_recompute_everything(towers, family):
     assert not torch.allclose(approximate, expected, atol=1e-3)
 
 
-def test_a_slice_of_another_size_is_refused(towers):
-    model, proc = towers("qwen2_vl")
+def test_a_slice_of_another_size_is_refused(deep_tower_models):
+    model, proc = deep_tower_models("qwen2_vl")
     state = CacherState()
     _encode(model, *_slice(proc, 5), state)
     out = proc.video_processor(videos=[video(6, frames=2, size=(56, 56))], return_tensors="pt")
@@ -87,10 +72,10 @@ def test_a_slice_of_another_size_is_refused(towers):
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_cached_streams_in_threads_get_what_they_get_alone(towers, family):
+def test_cached_streams_in_threads_get_what_they_get_alone(deep_tower_models, family):
     """Streams with the cacher on one Qwen model from several threads: each keeps the tokens and
     gives the answer of a sequential run; at update ratio 1 a cached stream is the plain one."""
-    model, proc = towers(family)
+    model, proc = deep_tower_models(family)
     clips = [video(50 + i, frames=6, size=(84, 84)) for i in range(3)]
 
     def run(i, **options):
@@ -112,7 +97,7 @@ def test_cached_streams_in_threads_get_what_they_get_alone(towers, family):
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_changed_tokens_are_recomputed_at_their_own_positions(towers, family):
+def test_changed_tokens_are_recomputed_at_their_own_positions(deep_tower_models, family):
     """One block, a slice whose last 6 tokens changed and ``update_ratio`` 6/N: exactly those
     are dynamic (the others' pre-rotary keys match the reference), their rows are the library
     attention's (the block's own qkv, its rotary embedding at their positions, the reference's
@@ -122,7 +107,7 @@ def test_changed_tokens_are_recomputed_at_their_own_positions(towers, family):
 
     from mmaccel.vision.stc_cacher_qwen import qwen_cached_block, qwen_reference_block
 
-    model, _ = towers(family)
+    model, _ = deep_tower_models(family)
     block = model.model.visual.blocks[0]
     torch.manual_seed(7)
     n, dim = 16, block.norm1.weight.shape[0]
