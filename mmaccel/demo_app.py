@@ -1,6 +1,8 @@
 """The mmaccel Gradio demo: baseline and accelerated answers side by side, with latencies and a
-picture of the visual tokens that were kept. ``build_demo(model, processor)`` is a pure factory;
-``mmaccel demo`` launches it on 127.0.0.1 unless told otherwise."""
+picture of the visual tokens that were kept. With "Stream" ticked, a video's frames go one by
+one into an STC ``StreamSession`` (pruned and prefilled as they arrive) and the accelerated
+answer is the session's. ``build_demo(model, processor)`` is a pure factory; ``mmaccel demo``
+launches it on 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import gradio as gr
@@ -19,13 +21,37 @@ class DemoBackend:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
 
-    def answer(self, image, video, question, method, retention, max_new_tokens=24):
+    def answer(self, image, video, question, method, retention, stream=False, max_new_tokens=24):
         media = self._media(image, video)
         if not question or not question.strip():
             raise gr.Error("Type a question.")
+        if stream and media.kind != "video":
+            raise gr.Error("Streaming answers about a video: upload one, or untick Stream.")
         base = self._ask("none", None, media, question, max_new_tokens)
-        fast, pictures = self._ask(method, retention, media, question, max_new_tokens, pictures=True)
-        return base.text, fast.text, _speed(base.stats, fast.stats), pictures, fast.stats.to_dict()
+        if stream:
+            fast, pictures, note = self._stream(retention, media, question, max_new_tokens)
+        else:
+            (fast, pictures), note = self._ask(method, retention, media, question, max_new_tokens, pictures=True), ""
+        return base.text, fast.text, _speed(base.stats, fast.stats) + note, pictures, fast.stats.to_dict()
+
+    def _stream(self, retention, media, question, max_new_tokens):
+        """STC's streaming session over the video's frames: (answer, kept-token pictures, a line
+        on what the frames cost as they arrived)."""
+        from mmaccel.stream import StreamSession
+        from mmaccel.vis import stream_pictures
+
+        try:
+            session = StreamSession(self.model, self.processor, retention=retention)
+            frames = media.items[0]
+            for frame in frames:
+                session.add_frame(frame)
+            ans = session.ask(question, max_new_tokens)
+        except ValueError as err:  # e.g. a family without streaming: shown, not a stack trace
+            raise gr.Error(str(err)) from None
+        arrived = ans.stats.timings["vision"] + ans.stats.timings["append"]
+        note = (f"\n\nStreamed: {len(frames)} frames encoded, pruned and prefilled as they arrived "
+                f"({arrived * 1e3:.1f} ms in all); the question then took {ans.stats.timings['total'] * 1e3:.1f} ms.")
+        return ans, stream_pictures(session, frames), note
 
     def _media(self, image, video):
         try:
@@ -73,6 +99,8 @@ def build_demo(model, processor) -> gr.Blocks:
         with gr.Row():
             method = gr.Dropdown([m for m in list_methods() if m != "none"], value=DEFAULT_METHOD, label="Method")
             retention = gr.Slider(0.05, 1.0, value=0.25, step=0.01, label="Retention")
+            stream = gr.Checkbox(False, label="Stream the video (STC session: frames pruned as they arrive; "
+                                 "the method is stc)", elem_id="stream")
         run = gr.Button("Run", variant="primary")
         with gr.Row():
             base_out = gr.Textbox(label="Baseline answer", elem_id="baseline")
@@ -81,7 +109,7 @@ def build_demo(model, processor) -> gr.Blocks:
         kept = gr.Gallery(label="Kept visual tokens (dimmed = dropped)", elem_id="kept", columns=4, height=300,
                           object_fit="contain")
         stats = gr.JSON(label="Stats")
-        run.click(backend.answer, [image, video, question, method, retention],
+        run.click(backend.answer, [image, video, question, method, retention, stream],
                   [base_out, fast_out, speed, kept, stats], api_name="answer", concurrency_limit=1)
     return demo
 

@@ -101,6 +101,7 @@ class StreamSession:
         self.memory: list[torch.Tensor] = []  # STC temporal memory: raw unit means seen so far
         self.pending: list[np.ndarray] = []  # frames waiting for the rest of their unit (Qwen: a pair's first)
         self.grids: list = []  # per unit: its token grid (Qwen's text after the video depends on it)
+        self.tokens_per_unit: list[int] = []  # per unit seen: its tokens before pruning
         self.tokens_seen = self.frames_seen = self.units_seen = 0
         self.cache_spans: list[int] = []  # per held unit: its tokens in the KV cache (incremental mode)
         self.vision_seconds = self.append_seconds = 0.0
@@ -151,6 +152,7 @@ class StreamSession:
         self.kept_index.append(index)
         self.kept_positions.append(positions)
         self.grids.append(grid)
+        self.tokens_per_unit.append(feats.shape[0])
         self.tokens_seen += feats.shape[0]
         self.units_seen += 1
         self.vision_seconds += time.perf_counter() - start

@@ -63,3 +63,21 @@ def _sample_frames(frames: np.ndarray, n: int) -> list[np.ndarray]:
     """``n`` frames spread over ``frames`` (Qwen2-VL merges frame pairs into one grid)."""
     idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
     return [frames[i] for i in idx]
+
+
+def stream_pictures(session, frames: np.ndarray) -> list[Image.Image]:
+    """One picture per unit a ``StreamSession`` holds (a frame; Qwen: a pair, drawn on its last
+    frame) with the cells STC-Pruner did not keep dimmed. frames: the (T, H, W, 3) frames fed to
+    it, in order; units ``max_frames`` dropped are left out."""
+    from .models.base import square_grid
+
+    per_unit = session.units.frames_per_unit
+    first = session.units_seen - len(session.kept_index)  # the oldest unit still held
+    pictures = []
+    for unit, index in enumerate(session.kept_index, start=first):
+        n = session.tokens_per_unit[unit]
+        rows, cols = session.grids[unit] or square_grid(n) or (1, n)
+        grid = np.zeros(rows * cols, dtype=bool)
+        grid[index.numpy()] = True
+        pictures.append(overlay(Image.fromarray(frames[(unit + 1) * per_unit - 1]), grid.reshape(rows, cols)))
+    return pictures

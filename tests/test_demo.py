@@ -114,3 +114,28 @@ def test_demo_answers_about_a_video(demo_url, tmp_path):
         None, handle_file(str(clip)), "which direction ?", "pool", 0.25, api_name="/answer")
     assert isinstance(fast, str) and stats["visual_tokens_kept"] < stats["visual_tokens_in"]
     assert len(gallery) == 8  # one kept-token picture per sampled frame
+
+
+def test_demo_streams_a_video_through_an_stc_session(demo_url, picture, tmp_path):
+    """"Stream" ticked: the frames go one by one into a StreamSession and the accelerated answer,
+    its counts and its pictures (one per frame, the pruned cells dimmed) are the session's."""
+    from gradio_client import Client, handle_file
+
+    from mmaccel.pipeline import prepare_media
+    from mmaccel.stream import StreamSession
+    from test_pipeline_cli import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", frames=8)
+    client = Client(demo_url, verbose=False)
+    base, fast, speed, gallery, stats = client.predict(None, handle_file(str(clip)), "which direction ?", "fastv",
+                                                       0.5, True, api_name="/answer")
+    model, proc = build("llava_onevision", seed=4)
+    session = StreamSession(model, proc, retention=0.5)
+    for frame in prepare_media(str(clip), num_frames=8).items[0]:
+        session.add_frame(frame)
+    expected = session.ask("which direction ?", 24)
+    assert fast == expected.text and stats["method"] == "stc-stream"
+    assert stats["visual_tokens_kept"] == expected.stats.visual_tokens_kept < stats["visual_tokens_in"]
+    assert "Streamed: 8 frames" in speed and "| stc-stream |" in speed and len(gallery) == 8
+    with pytest.raises(Exception, match="Streaming answers about a video"):
+        client.predict(handle_file(str(picture)), None, "what ?", "fastv", 0.5, True, api_name="/answer")

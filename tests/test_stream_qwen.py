@@ -194,3 +194,27 @@ def test_chosen_slices_sit_where_the_policy_puts_them(tiny_models, monkeypatch, 
     torch.testing.assert_close(session.first_logits, model.lm_head(hidden[-1]), atol=1e-4, rtol=1e-4)
     if policy == "preserve":  # slice 2 at 2 s (1 fps, 2 frames a slice): 2 x 2 x tokens_per_second later
         assert blocks[2].positions[0, 0] - blocks[0].positions[0, 0] == 4 * model.config.vision_config.tokens_per_second
+
+
+@pytest.mark.parametrize("family, frames, units", [("llava_onevision", 3, 3), ("qwen2_vl", 5, 2)])
+def test_stream_pictures_dim_the_cells_the_session_dropped(tiny_models, family, frames, units):
+    """One picture per held unit (Qwen: on a pair's second frame; the waiting frame has none): a
+    kept cell shows the frame as it is, a dropped cell is dimmed."""
+    from mmaccel.vis import stream_pictures
+
+    model, proc = tiny_models(family)
+    clip = video(60, frames=frames, size=(84, 84))
+    session = _stream(model, proc, clip, retention=0.5)
+    pictures = stream_pictures(session, clip)
+    assert len(pictures) == units
+    per_unit = session.units.frames_per_unit
+    for unit, (picture, index) in enumerate(zip(pictures, session.kept_index)):
+        shown, frame = np.asarray(picture).astype(int), clip[(unit + 1) * per_unit - 1].astype(int)
+        n = session.tokens_per_unit[unit]
+        side = int(n ** 0.5)
+        cell = 84 // side
+        for token in range(n):
+            r, c = divmod(token, side)
+            centre = (r * cell + cell // 2, c * cell + cell // 2)
+            same = (shown[centre] == frame[centre]).all()
+            assert same == (token in index.tolist()), (unit, token)
