@@ -66,18 +66,33 @@ def test_full_retention_stream_decodes_as_generate_on_the_whole_video(tiny_model
     assert len(session.pending) == frames % 2
 
 
+QUESTION_FIRST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}\n{% endif %}{% endfor %}"
+                  "{% for c in m['content'] %}{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+                  "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                  "{% endif %}")
+
+
 @pytest.mark.parametrize("family", QWEN)
-@pytest.mark.parametrize("policy, frames", [("preserve", 6), ("compact", 6), ("preserve", 5)])
-def test_pruned_stream_matches_offline_stc(tiny_models, family, policy, frames):
+@pytest.mark.parametrize("policy, frames, question_first", [("preserve", 6, False), ("compact", 6, False),
+                                                            ("preserve", 5, False), ("preserve", 5, True)])
+def test_pruned_stream_matches_offline_stc(tiny_models, family, policy, frames, question_first):
     """A pruned Qwen stream keeps offline stc's tokens per temporal slice and places them where
     offline stc does (3-D positions kept, or renumbered one after another): the answer's first
-    logits match the offline forward's. A third of 9 tokens a slice: the stream's budget per
-    slice and offline stc's per video, shared out over its slices, agree."""
+    logits match the offline forward's, also when the template puts the question first (the
+    whole prompt is prefilled at the question). A third of 9 tokens a slice: the stream's budget
+    per slice and offline stc's per video, shared out over its slices, agree."""
+    import copy
+
     from mmaccel import accelerate_vlm
 
     model, proc = tiny_models(family)
+    if question_first:
+        proc = copy.deepcopy(proc)
+        proc.chat_template = QUESTION_FIRST
     clip = video(8, frames=frames, size=(84, 84))
     session = _stream(model, proc, clip, retention=1 / 3, position_policy=policy)
+    assert session.incremental != question_first
     inputs = _processed(proc, clip)
     with accelerate_vlm(model, method="stc", retention=1 / 3, position_policy=policy) as handle, torch.no_grad():
         offline = model(**inputs).logits[0, -1]
