@@ -233,3 +233,22 @@ def test_stream_pictures_dim_the_cells_the_session_dropped(tiny_models, family, 
             centre = (r * cell + cell // 2, c * cell + cell // 2)
             same = (shown[centre] == frame[centre]).all()
             assert same == (token in index.tolist()), (unit, token)
+
+
+def test_a_long_qwen_stream_holds_a_window_and_archives_the_rest(tiny_models):
+    """``max_frames=4, retrieve_frames=4`` over 13 frames: the cache holds the prompt prefix and
+    the 2 newest slices, the 4 older slices are archived copies, a question (with the 13th
+    frame waiting) picks 2 slices per layer and leaves the session as it was."""
+    model, proc = tiny_models("qwen2_vl")
+    clip = video(70, frames=13, size=(84, 84))
+    session = _stream(model, proc, clip, retention=0.5, max_frames=4, retrieve_frames=4)
+    prefix, _ = session._split_prompt(QUESTION)
+    assert len(session.kept) == 2 and len(session.blocks) == 6 and len(session.pending) == 1
+    assert [b.keys is not None for b in session.blocks] == [True] * 4 + [False] * 2
+    assert session.cached == session.cache.get_seq_length() == prefix.numel() + sum(k.shape[0] for k in session.kept)
+    keys = [layer.keys.clone() for layer in session.cache.layers]
+    first = session.ask(QUESTION, max_new_tokens=2)
+    assert all(len(chosen) == 2 and chosen == sorted(chosen) for chosen in session.last_retrieved)
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, session.cache.layers))
+    assert first.stats.visual_tokens_kept == 3 * round(0.5 * 9)  # two slices and the waiting frame's pair
+    assert session.ask(QUESTION, max_new_tokens=2).text == first.text
