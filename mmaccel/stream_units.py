@@ -57,7 +57,12 @@ class QwenUnits(FrameUnits):
     moment its second frame arrives, exactly as offline. Tokens of slice ``t`` sit at
     (t * interval, row, column) from the video's start, where ``interval`` is 1 (Qwen2-VL) or
     ``tokens_per_second * temporal_patch_size / fps`` (Qwen2.5-VL); the text after the video
-    starts at max(rows, columns), as the library's ``get_rope_index`` numbers it."""
+    starts at max(rows, columns), as the library's ``get_rope_index`` numbers it.
+
+    Each pair goes through the processor as a 2-frame video. A processor that bounds a whole
+    video's pixels (``cap_pixels_per_frame=True``, qwen-vl-utils' rule) shares that budget over
+    the frames, so it would size a long offline video's frames below a stream's, whose length is
+    unknown; with the default (no total bound) both size every frame alike."""
 
     rows = 3
     trailing_tokens = 0
