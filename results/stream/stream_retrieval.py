@@ -32,11 +32,12 @@ def ask_seconds(session, question: str) -> float:
     return statistics.median(times)
 
 
-def main(threads: int = 2) -> None:
+def main(threads: int = 2, make=build, size: int = 384, out: str = "results/stream/stream_retrieval.json") -> None:
+    """Feed ``make()``'s model 160 random ``size`` px frames; write ``out``."""
     from mmaccel.stream import StreamSession
 
     torch.set_num_threads(threads)
-    model, proc = build()
+    model, proc = make()
     question, points = "what is the color ?", (16, 64, 160)
     sessions = {"plain": StreamSession(model, proc),
                 "retrieval": StreamSession(model, proc, max_frames=16, retrieve_frames=16)}
@@ -44,7 +45,7 @@ def main(threads: int = 2) -> None:
     frame_times = {name: [] for name in sessions}
     rows = []
     for n in range(1, points[-1] + 1):
-        frame = rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)
+        frame = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
         for name, session in sessions.items():
             start = time.perf_counter()
             session.add_frame(frame)
@@ -60,7 +61,7 @@ def main(threads: int = 2) -> None:
             print(json.dumps(row), flush=True)
     env = dict(machine=platform.machine(), threads=threads, torch=torch.__version__,
                transformers=transformers.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
-    json.dump({"env": env, "rows": rows}, open("results/stream/stream_retrieval.json", "w"), indent=1)
+    json.dump({"env": env, "rows": rows}, open(out, "w"), indent=1)
 
 
 if __name__ == "__main__":
