@@ -61,8 +61,9 @@ def video_qa(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     compare: bool = typer.Option(False, "--compare", help="also run the unaccelerated model, side by side"),
     stream: bool = typer.Option(False, "--stream", help="feed the frames one by one to an STC streaming session "
-                                "(LLaVA-OneVision), then ask"),
-    cacher: bool = typer.Option(False, "--cacher", help="with --stream: STC-Cacher reuses static ViT work"),
+                                "(LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL), then ask"),
+    cacher: bool = typer.Option(False, "--cacher", help="STC-Cacher reuses static ViT work (with --stream, or "
+                                "offline with --method stc)"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="with --stream: hold only the newest N frames"),
     retrieve_frames: Optional[int] = typer.Option(None, "--retrieve-frames",
                                                   help="with --stream: each LLM layer answers from the K frames "
@@ -72,11 +73,11 @@ def video_qa(
     """Answer a question about a video (no arguments: the embedded model on a bundled sample)."""
     try:
         options = {"cacher": cacher, "max_frames": max_frames, "retrieve_frames": retrieve_frames}
-        if not stream and (cacher or max_frames is not None or retrieve_frames is not None):
-            raise UserError("--cacher, --max-frames and --retrieve-frames need --stream (they set the streaming session)")
+        if not stream and (max_frames is not None or retrieve_frames is not None):
+            raise UserError("--max-frames and --retrieve-frames need --stream (they set the streaming session)")
         session = options if stream else None
         result = _run_video_qa(video, question, model, method, retention, preset, frames, fps, backend,
-                               max_new_tokens, compare, session)
+                               max_new_tokens, compare, session, offline_cacher=cacher and not stream)
     except (UserError, ValueError, FileNotFoundError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     if as_json:
@@ -86,8 +87,9 @@ def video_qa(
 
 
 def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
-                  max_new_tokens, compare, stream: dict | None = None) -> dict:
-    """``stream``: None, or the ``StreamSession`` options to answer from a stream instead."""
+                  max_new_tokens, compare, stream: dict | None = None, offline_cacher: bool = False) -> dict:
+    """``stream``: None, or the ``StreamSession`` options to answer from a stream instead;
+    ``offline_cacher``: run stc with STC-Cacher on the tower."""
     if frames is not None and fps is not None:
         raise UserError("give either --frames or --fps, not both")
     reference = None
@@ -105,6 +107,10 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     if stream is not None and cfg.method != "stc":
         raise UserError(f"--stream runs STC's streaming session, not {cfg.method}: use --method stc or "
                         "--preset stc-stream (or neither)")
+    if offline_cacher:
+        if cfg.method != "stc":
+            raise UserError(f"--cacher is STC-Cacher, part of stc, not {cfg.method}: use --method stc (or --stream)")
+        cfg = AccelConfig.load(cfg, params={**cfg.params, "cacher": True})
     media = prepare_media(str(video), None if fps else (frames or 8), fps, backend)  # fail before loading a model
     _quiet_transformers()
     loaded = load_model(model_dir) if model_dir else _default_model()

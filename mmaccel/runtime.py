@@ -99,6 +99,7 @@ class Runtime:
         self._pack_calls: list[dict] = []
         self.vision_maps: dict = {}  # per-row maps a tower-stage method leaves for the pre-LLM step
         self.current_kind = "image"
+        self.current_call = None  # (kind, args, kwargs) of the feature call running, if any
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "Runtime":
@@ -272,7 +273,11 @@ class Runtime:
             if self._records_used:
                 self.records, self._records_used = [], False
             start = clock()
-            out = fn(*args, **kwargs)
+            self.current_call = (kind, args, kwargs)  # what a tower-stage method may read while it runs
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.current_call = None
             self.stats.add_time("vision", clock() - start)
             call = dict(kwargs)
             if self.vision_tap is not None or self.vision_maps:

@@ -93,7 +93,8 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     (["--retention", "2"], "retention"),
     (["--preset", "nope"], "no config file or preset"),
     (["--frames", "4", "--fps", "2"], "either --frames or --fps"),
-    (["--cacher"], "need --stream"),
+    (["--cacher"], "--cacher is STC-Cacher, part of stc, not none"),
+    (["--cacher", "--method", "fastv"], "not fastv: use --method stc"),
     (["--max-frames", "2"], "need --stream"),
     (["--stream", "--max-frames", "0"], "max_frames must be a positive"),
     (["--retrieve-frames", "2"], "need --stream"),
@@ -227,3 +228,18 @@ def test_qwen2_5_video_time_follows_the_sampled_frame_rate(tmp_path, monkeypatch
     assert json.loads(res.stdout)["answer"] == session.ask("what ?", 3).text
     # slice 1 at 1 s: tokens_per_second positions after slice 0
     assert session.kept_positions[1][0, 0] - session.kept_positions[0][0, 0] == model.config.vision_config.tokens_per_second
+
+
+def test_cli_offline_cacher_runs_stc_with_stc_cacher(saved_model, tmp_path):
+    """--cacher without --stream: offline stc with STC-Cacher on the tower, the answer of
+    ``accelerate_vlm(..., method="stc", cacher=True)`` through the Pipeline."""
+    from mmaccel.pipeline import load_model
+
+    video = write_video(tmp_path / "clip.mp4")
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                                   "--frames", "4", "--method", "stc", "--cacher", "--json", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["config"]["method"] == "stc" and data["config"]["params"] == {"cacher": True}
+    pipe = Pipeline(*load_model(str(saved_model)), method="stc", cacher=True)
+    assert data["answer"] == pipe.ask(str(video), "which direction ?", max_new_tokens=3, num_frames=4).text

@@ -132,3 +132,54 @@ def test_changed_tokens_are_recomputed_at_their_own_positions(deep_tower_models,
     assert n_dyn == 6
     torch.testing.assert_close(out[10:], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:10], x[:10] + store["attn"][:10] + store["mlp"][:10])
+
+
+@pytest.mark.parametrize("family, side, retention", [("llava_onevision", 84, 0.5), ("qwen2_vl", 112, 0.25),
+                                                     ("qwen2_5_vl", 112, 0.25)])
+def test_offline_stc_with_cacher_gives_the_streams_answer(deep_tower_models, family, side, retention):
+    """``accelerate_vlm(model, method="stc", cacher=True)``: each video's frames (Qwen: slices)
+    chain references and cached units as a stream's do, so the first logits equal a cached
+    stream's (budgets whole per unit); the cacher really acts (the plain stc forward differs),
+    and at update ratio 1 it is the plain forward again."""
+    from mmaccel import accelerate_vlm
+    from conftest import prompt
+
+    model, proc = deep_tower_models(family)
+    clip, question = video(8, frames=6, size=(side, side)), "what is the color ?"
+    inputs = proc(text=[prompt(proc, question, ("video",))], videos=[clip], return_tensors="pt")
+
+    def offline(**options):
+        with accelerate_vlm(model, method="stc", retention=retention, **options), torch.no_grad():
+            return model(**inputs).logits[0, -1]
+
+    session = StreamSession(model, proc, retention=retention, cacher=True)
+    for frame in clip:
+        session.add_frame(frame)
+    session.ask(question, max_new_tokens=1)
+    cached = offline(cacher=True)
+    torch.testing.assert_close(cached, session.first_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(cached, offline(), atol=1e-3)
+    torch.testing.assert_close(offline(cacher=True, update_ratio=1.0), offline(), atol=1e-5, rtol=1e-5)
+
+
+def test_offline_cacher_chains_each_video_of_a_batch_on_its_own(deep_tower_models):
+    """Two videos in a padded batch: each one's logits equal its own run (its chain starts at
+    its own first frame), and images never go through the cacher."""
+    from mmaccel import accelerate_vlm
+    from mmaccel.vision.stc_offline import chains
+    from conftest import image, prompt
+
+    assert chains([3, 4], 2) == [0, 0, 2, 3, 3, 5, 5]
+    model, proc = deep_tower_models("llava_onevision")
+    clips = [video(9, frames=4, size=(84, 84)), video(10, frames=4, size=(84, 84))]
+    texts = [prompt(proc, "what is the color ?", ("video",)), prompt(proc, "how many circle are there ?", ("video",))]
+    with accelerate_vlm(model, method="stc", retention=0.5, cacher=True), torch.no_grad():
+        both = model(**proc(text=texts, videos=clips, padding=True, return_tensors="pt")).logits[:, -1]
+        alone = [model(**proc(text=[t], videos=[c], return_tensors="pt")).logits[0, -1] for t, c in zip(texts, clips)]
+        pic = proc(text=[prompt(proc, "what is the color ?")], images=[image(1)], return_tensors="pt")
+        with_cacher = model(**pic).logits[0, -1]
+    with accelerate_vlm(model, method="stc", retention=0.5), torch.no_grad():
+        without = model(**pic).logits[0, -1]
+    for row, single in zip(both, alone):
+        torch.testing.assert_close(row, single, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(with_cacher, without)

@@ -16,8 +16,8 @@ available); on the shipped model compact positions cost 14-15 points of video ac
 reset between videos; its reset in the benchmark scripts rebinds an alias), and a streaming
 session owns it; images are treated as one-frame videos; structural newline
 tokens are always kept. STC-Cacher (ViT reuse across frames, ``mmaccel/vision/stc_cacher.py``)
-and the streaming session (``mmaccel/stream.py``, frames appended to a per-session KV cache)
-are separate pieces.
+is the ``cacher`` option here and in the streaming session (``mmaccel/stream.py``, frames
+appended to a per-session KV cache).
 """
 from __future__ import annotations
 
@@ -55,9 +55,30 @@ def stc_scores(frame: torch.Tensor, memory: list[torch.Tensor]) -> tuple[torch.T
 
 @dataclass
 class STCPruner(PreLLMReducer):
+    """``cacher=True`` adds STC-Cacher to the tower for videos (official ``cache_interval=2``,
+    ``update_ratio=0.25``; ``similarity_threshold`` switches to the README's rule): each video's
+    frames (Qwen: temporal slices) form a chain of references and cached units, as a stream's
+    (:mod:`mmaccel.vision.stc_offline`). Images are never cached."""
     name = "stc"
     description = "keep per-frame tokens least similar to the frame and temporal anchors (STC-Pruner, pre-LLM)"
     retention: float | None = 60 / 196
+    cacher: bool = False
+    cache_interval: int = 2
+    update_ratio: float = 0.25
+    similarity_threshold: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        from ..vision.stc_cacher import CacherState
+
+        CacherState(self.cache_interval, self.update_ratio, self.similarity_threshold)  # the same checks
+
+    def install_tower(self, runtime) -> list:
+        if not self.cacher:
+            return []
+        from ..vision.stc_offline import install_offline_cacher
+
+        return install_offline_cacher(runtime, self.cache_interval, self.update_ratio, self.similarity_threshold)
 
     def reduce_media(self, features, segments, budget):
         from ..runtime import allocate
