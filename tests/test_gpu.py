@@ -88,11 +88,18 @@ def test_speed_bench_runs_on_cuda_in_bf16(tmp_path):
     assert "bfloat16, batch 2" in (tmp_path / "speed.md").read_text()
 
 
-def test_stream_session_on_cuda_equals_cpu(cuda_models):
+@pytest.mark.parametrize("family_video", VIDEO_FAMILIES)
+@pytest.mark.parametrize("options", [{}, {"cacher": True}, {"retrieve_frames": 2, "max_frames": 2}],
+                         ids=["plain", "cacher", "retrieval"])
+def test_stream_session_on_cuda_equals_cpu(cuda_models, family_video, options):
+    """Every stream family and option on CUDA: the kept tokens and the answer of the CPU run
+    (5 frames: on Qwen the last one waits for its pair and joins the question)."""
     from mmaccel.stream import StreamSession
 
-    cpu_model, gpu_model, proc = cuda_models("llava_onevision")
-    sessions = [StreamSession(m, proc, retention=0.5) for m in (cpu_model, gpu_model)]
+    cpu_model, gpu_model, proc = cuda_models(family_video)
+    per_unit = 2 if family_video.startswith("qwen") else 1
+    options = {k: v * per_unit if k.endswith("frames") else v for k, v in options.items()}
+    sessions = [StreamSession(m, proc, retention=0.5, **options) for m in (cpu_model, gpu_model)]
     for frame in video(1, frames=5):
         for s in sessions:
             s.add_frame(frame)
