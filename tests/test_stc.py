@@ -1,4 +1,5 @@
 """STC-Pruner: novelty scoring on hand-checkable frames, per-frame budgets in a real video run."""
+import pytest
 import torch
 
 from mmaccel import accelerate_vlm
@@ -63,3 +64,23 @@ def test_temporal_anchor_is_the_normalised_mean_of_raw_frame_means():
         expected = gaussian_similarity(x, x.mean(0)) + gaussian_similarity(x, temporal)
         assert torch.allclose(scores, expected, atol=1e-6)
     assert len(memory) == len(frames)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_stc_cacher_leaves_images_alone(deep_tower_models, family):
+    """``cacher=True`` swaps the tower's block forwards, but only a video's feature call goes
+    through the cache: an image batch's logits are bit for bit those of plain stc."""
+    from mmaccel import accelerate_vlm
+    from conftest import make_inputs
+
+    model, proc = deep_tower_models(family)
+    inputs = make_inputs(proc, batch=2)
+    with torch.no_grad():
+        with accelerate_vlm(model, method="stc", retention=0.5):
+            plain = model(**inputs).logits
+        with accelerate_vlm(model, method="stc", retention=0.5, cacher=True):
+            cached = model(**inputs).logits
+    assert torch.equal(plain, cached)
+    from mmaccel.models import get_adapter
+
+    assert all("forward" not in vars(block) for block in get_adapter(model).vision_layers)  # put back
