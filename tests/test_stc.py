@@ -69,7 +69,8 @@ def test_temporal_anchor_is_the_normalised_mean_of_raw_frame_means():
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def test_stc_cacher_leaves_images_alone(deep_tower_models, family):
     """``cacher=True`` swaps the tower's block forwards, but only a video's feature call goes
-    through the cache: an image batch's logits are bit for bit those of plain stc."""
+    through the cache: an image batch's logits are bit for bit those of plain stc; and at
+    retention 1.0 a video's are the untouched model's."""
     from mmaccel import accelerate_vlm
     from conftest import make_inputs
 
@@ -81,6 +82,11 @@ def test_stc_cacher_leaves_images_alone(deep_tower_models, family):
         with accelerate_vlm(model, method="stc", retention=0.5, cacher=True):
             cached = model(**inputs).logits
     assert torch.equal(plain, cached)
+    video_inputs = make_inputs(proc, media=("video",)) if family in ("llava_onevision", "qwen2_vl", "qwen2_5_vl") else inputs
+    with torch.no_grad():
+        untouched = model(**video_inputs).logits
+        with accelerate_vlm(model, method="stc", retention=1.0, cacher=True):
+            assert torch.equal(model(**video_inputs).logits, untouched)  # retention 1.0: no stage acts
     from mmaccel.models import get_adapter
 
     assert all("forward" not in vars(block) for block in get_adapter(model).vision_layers)  # put back

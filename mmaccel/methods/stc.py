@@ -58,7 +58,8 @@ class STCPruner(PreLLMReducer):
     """``cacher=True`` adds STC-Cacher to the tower for videos (official ``cache_interval=2``,
     ``update_ratio=0.25``; ``similarity_threshold`` switches to the README's rule): each video's
     frames (Qwen: temporal slices) form a chain of references and cached units, as a stream's
-    (:mod:`mmaccel.vision.stc_offline`). Images are never cached."""
+    (:mod:`mmaccel.vision.stc_offline`). Images are never cached. At ``retention=1.0`` the
+    cacher is off too, as every stage of every method is there (the model is left exact)."""
     name = "stc"
     description = "keep per-frame tokens least similar to the frame and temporal anchors (STC-Pruner, pre-LLM)"
     retention: float | None = 60 / 196
@@ -74,7 +75,7 @@ class STCPruner(PreLLMReducer):
         CacherState(self.cache_interval, self.update_ratio, self.similarity_threshold)  # the same checks
 
     def install_tower(self, runtime) -> list:
-        if not self.cacher:
+        if not self.cacher or self.keep_fraction() >= 1.0:
             return []
         from ..vision.stc_offline import install_offline_cacher
 
