@@ -436,6 +436,11 @@ class StreamSession:
             next_position += 1
         return tokens
 
+    def _held_kv_tokens(self) -> int:
+        """Tokens whose K/V the session holds per layer: its cache, and the archived copies of
+        the frames ``max_frames`` dropped (with retrieval)."""
+        return self.cached + sum(b.size for b in self.blocks if b.keys is not None)
+
     def _stats(self, length: int, kept: int, seen: int, seconds: float, new_tokens: int) -> Stats:
         cfg = self.model.config.text_config
         full_length = length - kept + seen
@@ -445,6 +450,7 @@ class StreamSession:
                      prefill_flops=prefill_flops(cfg, [[length]] * cfg.num_hidden_layers),
                      prefill_flops_full=prefill_flops(cfg, [[full_length]] * cfg.num_hidden_layers),
                      new_tokens=int(new_tokens),
+                     kv_cache_tokens=self._held_kv_tokens() * cfg.num_hidden_layers,
                      timings={"vision": self.vision_seconds, "append": self.append_seconds,
                               "prefill": self._prefill_seconds, "total": seconds})
 

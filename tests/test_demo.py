@@ -139,3 +139,27 @@ def test_demo_streams_a_video_through_an_stc_session(demo_url, picture, tmp_path
     assert "Streamed: 8 frames" in speed and "| stc-stream |" in speed and len(gallery) == 8
     with pytest.raises(Exception, match="Streaming answers about a video"):
         client.predict(handle_file(str(picture)), None, "what ?", "fastv", 0.5, True, api_name="/answer")
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not shutil.which("/usr/bin/chromium"),
+                    reason="Debian chromium is not installed (apt-get install -y chromium)")
+def test_demo_streams_in_a_real_browser(demo_url, tmp_path):
+    """The Stream checkbox in the page: a video uploaded, Stream ticked, Run: the streamed line,
+    the stc-stream row and one kept-token picture per frame appear."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_pipeline_cli import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", frames=8)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1800})
+        page.goto(demo_url)
+        page.locator("#video input[type=file]").set_input_files(str(clip))
+        page.get_by_label("Question").fill("which direction ?")
+        page.locator("#stream input[type=checkbox]").check()
+        page.get_by_role("button", name="Run").click()
+        expect(page.locator("#speed")).to_contain_text("Streamed: 8 frames", timeout=60_000)
+        expect(page.locator("#speed")).to_contain_text("stc-stream")
+        expect(page.locator("#kept img")).to_have_count(8, timeout=30_000)
+        browser.close()

@@ -251,4 +251,6 @@ def test_a_long_qwen_stream_holds_a_window_and_archives_the_rest(tiny_models):
     assert all(len(chosen) == 2 and chosen == sorted(chosen) for chosen in session.last_retrieved)
     assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, session.cache.layers))
     assert first.stats.visual_tokens_kept == 3 * round(0.5 * 9)  # two slices and the waiting frame's pair
+    layers = model.config.text_config.num_hidden_layers  # held K/V: the cache and 4 archived slices
+    assert first.stats.kv_cache_tokens == layers * (session.cached + 4 * round(0.5 * 9))
     assert session.ask(QUESTION, max_new_tokens=2).text == first.text
