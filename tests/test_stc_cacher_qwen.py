@@ -162,16 +162,18 @@ def test_offline_stc_with_cacher_gives_the_streams_answer(deep_tower_models, fam
     torch.testing.assert_close(offline(cacher=True, update_ratio=1.0), offline(), atol=1e-5, rtol=1e-5)
 
 
-def test_offline_cacher_chains_each_video_of_a_batch_on_its_own(deep_tower_models):
-    """Two videos in a padded batch: each one's logits equal its own run (its chain starts at
-    its own first frame), and images never go through the cacher."""
+@pytest.mark.parametrize("family, first_frames", [("llava_onevision", 4), ("qwen2_vl", 6), ("qwen2_5_vl", 6)])
+def test_offline_cacher_chains_each_video_of_a_batch_on_its_own(deep_tower_models, family, first_frames):
+    """Two videos in a padded batch (of different lengths on Qwen; LLaVA-OneVision's processor
+    stacks equal ones only): each one's logits equal its own run (its chain starts at its own
+    first frame or slice), and images never go through the cacher."""
     from mmaccel import accelerate_vlm
     from mmaccel.vision.stc_offline import chains
     from conftest import image, prompt
 
     assert chains([3, 4], 2) == [0, 0, 2, 3, 3, 5, 5]
-    model, proc = deep_tower_models("llava_onevision")
-    clips = [video(9, frames=4, size=(84, 84)), video(10, frames=4, size=(84, 84))]
+    model, proc = deep_tower_models(family)
+    clips = [video(9, frames=first_frames, size=(84, 84)), video(10, frames=4, size=(84, 84))]
     texts = [prompt(proc, "what is the color ?", ("video",)), prompt(proc, "how many circle are there ?", ("video",))]
     with accelerate_vlm(model, method="stc", retention=0.5, cacher=True), torch.no_grad():
         both = model(**proc(text=texts, videos=clips, padding=True, return_tensors="pt")).logits[:, -1]
