@@ -302,7 +302,7 @@ class StreamSession:
         ``compact_span``: the video tokens before it when compact positions do not count the
         session's (retrieval: the retrieved frames')."""
         feats, positions, seen, span, grids = self._pending_unit(compact_span)
-        after = span if self.position_policy == "compact" else self.units.text_after(span, self.units_seen, grids)
+        after = span if self.position_policy == "compact" else self.units.text_after(span, grids)
         tail = torch.cat([self.units.tail(), self._embed(suffix)])
         return _QuestionInput(torch.cat([feats, tail]),
                               torch.cat([positions + n_prefix, self._text_positions(n_prefix + after, tail.shape[0])], 1),

@@ -34,7 +34,7 @@ class FrameUnits:
         """(1, n): a unit's tokens one after another from ``start`` (its first token's position)."""
         return (start + torch.arange(n))[None]
 
-    def text_after(self, span: int, units: int, grids: list) -> int:
+    def text_after(self, span: int, grids: list) -> int:
         """Position of the first text token after the video (preserve), from the video's start:
         right after its last token."""
         return span
@@ -94,7 +94,7 @@ class QwenUnits(FrameUnits):
         return torch.stack([t.expand(rows * cols), torch.arange(rows).repeat_interleave(cols),
                             torch.arange(cols).repeat(rows)])
 
-    def text_after(self, span: int, units: int, grids: list) -> int:
+    def text_after(self, span: int, grids: list) -> int:
         return max(max(grid) for grid in grids)
 
     def tail(self) -> torch.Tensor:
