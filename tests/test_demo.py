@@ -43,6 +43,20 @@ def picture(tmp_path_factory):
     return path
 
 
+def ask_in_browser(p, url: str, media_box: str, media, question: str, stream: bool = False):
+    """Open the demo in headless chromium, upload ``media`` into ``media_box``, type the
+    question, tick Stream if asked and press Run. -> (browser, page)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1200, "height": 1800})
+    page.goto(url)
+    page.locator(f"{media_box} input[type=file]").set_input_files(str(media))
+    page.get_by_label("Question").fill(question)
+    if stream:
+        page.locator("#stream input[type=checkbox]").check()
+    page.get_by_role("button", name="Run").click()
+    return browser, page
+
+
 def test_demo_binds_loopback_and_answers_through_the_api(demo_url, picture):
     from gradio_client import Client, handle_file
 
@@ -69,12 +83,7 @@ def test_demo_in_a_real_browser(demo_url, picture, tmp_path):
 
     shot = tmp_path / "demo.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1600})
-        page.goto(demo_url)
-        page.locator("#image input[type=file]").set_input_files(str(picture))
-        page.get_by_label("Question").fill("what is the color ?")
-        page.get_by_role("button", name="Run").click()
+        browser, page = ask_in_browser(p, demo_url, "#image", picture, "what is the color ?")
         expect(page.locator("#speed")).to_contain_text("visual tokens kept", timeout=60_000)
         kept = page.locator("#kept img").first
         expect(kept).to_be_visible(timeout=30_000)
@@ -152,13 +161,7 @@ def test_demo_streams_in_a_real_browser(demo_url, tmp_path):
 
     clip = write_video(tmp_path / "clip.mp4", frames=8)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1800})
-        page.goto(demo_url)
-        page.locator("#video input[type=file]").set_input_files(str(clip))
-        page.get_by_label("Question").fill("which direction ?")
-        page.locator("#stream input[type=checkbox]").check()
-        page.get_by_role("button", name="Run").click()
+        browser, page = ask_in_browser(p, demo_url, "#video", clip, "which direction ?", stream=True)
         expect(page.locator("#speed")).to_contain_text("Streamed: 8 frames", timeout=60_000)
         expect(page.locator("#speed")).to_contain_text("stc-stream")
         expect(page.locator("#kept img")).to_have_count(8, timeout=30_000)
