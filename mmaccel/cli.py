@@ -134,7 +134,6 @@ def _streamed(loaded, media, question: str, retention, options: dict, max_new_to
     """Frames into an STC ``StreamSession`` (with ``options``) one at a time, then the question:
     the answer dict with the tokens each frame kept."""
     from .stream import StreamSession
-
     from .stream_units import uses_frame_rate
 
     if uses_frame_rate(loaded[0]) and "sampled_fps" in media.info:

@@ -102,7 +102,6 @@ class StreamSession:
         self.pending: list[np.ndarray] = []  # frames waiting for the rest of their unit (Qwen: a pair's first)
         self.grids: list = []  # per unit: its token grid (Qwen's text after the video depends on it)
         self.tokens_per_unit: list[int] = []  # per unit seen: its tokens before pruning
-        self.tokens_seen = self.frames_seen = self.units_seen = 0
         self.cache_spans: list[int] = []  # per held unit: its tokens in the KV cache (incremental mode)
         self.vision_seconds = self.append_seconds = 0.0
         self.cache, self.prefix_ids = None, None  # the KV cache of prompt prefix + kept frame tokens
@@ -118,9 +117,19 @@ class StreamSession:
         self.cacher_state = CacherState(*self._cacher_args) if self.cacher else None
 
     @property
+    def units_seen(self) -> int:
+        """Units (frames; Qwen: pairs) encoded so far."""
+        return len(self.tokens_per_unit)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Visual tokens of every unit encoded so far, before pruning."""
+        return sum(self.tokens_per_unit)
+
+    @property
     def frames(self) -> int:
         """Frames seen so far (with ``max_frames``, only the newest ones are still held)."""
-        return self.frames_seen
+        return self.units_seen * self.units.frames_per_unit + len(self.pending)
 
     @torch.inference_mode()
     def add_frame(self, frame: np.ndarray) -> int:
@@ -136,7 +145,6 @@ class StreamSession:
         if self.pending and frame.shape != self.pending[0].shape:
             raise ValueError(f"the frames of one unit must share a size: got {frame.shape} after {self.pending[0].shape}")
         self.pending.append(np.array(frame))  # a copy: a camera may reuse its buffer for the next frame
-        self.frames_seen += 1
         if len(self.pending) < self.units.frames_per_unit:
             return 0
         frames, self.pending = np.stack(self.pending), []
@@ -153,8 +161,6 @@ class StreamSession:
         self.kept_positions.append(positions)
         self.grids.append(grid)
         self.tokens_per_unit.append(feats.shape[0])
-        self.tokens_seen += feats.shape[0]
-        self.units_seen += 1
         self.vision_seconds += time.perf_counter() - start
         self._append(feats[index], positions)
         if self.max_frames is not None and len(self.kept) > self.max_frames // self.units.frames_per_unit:
