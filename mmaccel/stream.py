@@ -287,7 +287,7 @@ class StreamSession:
         prefix, suffix = self._split_prompt(question)
         start = time.perf_counter()
         retrieving = self.retrieve_frames is not None and self.cache is not None
-        span = self._retrieved_span(min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks))) if retrieving else None
+        span = self._retrieved_span(self._retrieve_count) if retrieving else None
         q = self._question_input(prefix.numel(), suffix, span if self.position_policy == "compact" else None)
         if self.cache is None:
             tokens, length = self._ask_from_scratch(prefix, q, max_new_tokens)
@@ -350,7 +350,7 @@ class StreamSession:
         -> (tokens, prompt length)."""
         if not torch.equal(prefix, self.prefix_ids):
             raise ValueError("the chat template's text before the video changed")
-        k, n_prefix = min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks)), prefix.numel()
+        k, n_prefix = self._retrieve_count, prefix.numel()
         blocks = self.frame_blocks()
         prefix_kv, retrieved = self._retrieval_cache(n_prefix, span)
         ids = self.processor.tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -387,6 +387,12 @@ class StreamSession:
             retrieved.update(keys.new_empty(shape), values.new_empty(shape), idx)
         return prefix_kv, retrieved
 
+    @property
+    def _retrieve_count(self) -> int:
+        """Blocks (frames; Qwen: slices of 2) a question retrieves: ``retrieve_frames`` worth, or
+        every block there is."""
+        return min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks))
+
     def _retrieved_span(self, k: int) -> int:
         """Tokens in the ``k`` frames a question retrieves: every layer must hold as many (one
         attention mask serves them all), which equal frame sizes give."""
@@ -398,7 +404,7 @@ class StreamSession:
     def _tokens_seen_by_question(self) -> int:
         """Visual tokens the latest question attended to."""
         if self.retrieve_frames is not None and self.cache is not None:
-            return self._retrieved_span(min(self.retrieve_frames // self.units.frames_per_unit, len(self.blocks)))
+            return self._retrieved_span(self._retrieve_count)
         return sum(k.shape[0] for k in self.kept)
 
     @property
