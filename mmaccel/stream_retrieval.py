@@ -17,6 +17,7 @@ default "preserve" leaves each block at the positions it had in the full video (
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -37,13 +38,18 @@ class Rotary:
         sections = getattr(emb, "mrope_section", None)
         return cls(emb.inv_freq, tuple(sections) if sections else None)
 
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """(F,) the position row each frequency turns with (all 0 without sections); built once,
+        since every block and layer a question touches rotates with it."""
+        if self.sections is None:
+            return torch.zeros(self.inv_freq.numel(), dtype=torch.long)
+        return torch.cat([torch.full((size,), j % 3) for j, size in enumerate(self.sections)])
+
     def angles(self, positions: torch.Tensor, device) -> torch.Tensor:
         """(n, 2F) rotation angles at ``positions`` (n,) or (R, n) (one row: the same in all)."""
         pos = (positions[None] if positions.dim() == 1 else positions).to(device, torch.float32)
-        rows = torch.zeros(self.inv_freq.numel(), dtype=torch.long)
-        if self.sections is not None:
-            rows = torch.cat([torch.full((size,), j % 3) for j, size in enumerate(self.sections)])
-        angles = pos[rows.clamp(max=pos.shape[0] - 1).to(device)].T * self.inv_freq.to(device, torch.float32)[None]
+        angles = pos[self.rows.clamp(max=pos.shape[0] - 1).to(device)].T * self.inv_freq.to(device, torch.float32)[None]
         return torch.cat([angles, angles], -1)
 
 
