@@ -99,7 +99,7 @@ class Runtime:
         self._pack_calls: list[dict] = []
         self.vision_maps: dict = {}  # per-row maps a tower-stage method leaves for the pre-LLM step
         self.current_kind = "image"
-        self.current_call = None  # (kind, args, kwargs) of the feature call running, if any
+        self.current_call = None  # (kind, its inputs by name) of the feature call running, if any
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "Runtime":
@@ -272,22 +272,22 @@ class Runtime:
             self._pack_calls, self.vision_maps, self.current_kind = [], {}, kind
             if self._records_used:
                 self.records, self._records_used = [], False
+            call = dict(kwargs)
+            if args:
+                call.setdefault("pixel_values_videos" if kind == "video" else "pixel_values", args[0])
+                if len(args) > 1:
+                    call.setdefault("video_grid_thw" if kind == "video" else "image_grid_thw", args[1])
             start = clock()
-            self.current_call = (kind, args, kwargs)  # what a tower-stage method may read while it runs
+            self.current_call = (kind, call)  # what a tower-stage method may read while it runs
             try:
                 out = fn(*args, **kwargs)
             finally:
                 self.current_call = None
             self.stats.add_time("vision", clock() - start)
-            call = dict(kwargs)
             if self.vision_tap is not None or self.vision_maps:
                 taps = self.vision_tap.scores.items() if self.vision_tap is not None else []
                 call["_vision_scores"] = {k: list(v) for k, v in taps} | self.vision_maps
                 call["_pack"] = self._pack_calls
-            if args:
-                call.setdefault("pixel_values_videos" if kind == "video" else "pixel_values", args[0])
-                if len(args) > 1:
-                    call.setdefault("video_grid_thw" if kind == "video" else "image_grid_thw", args[1])
             feats = self.adapter.pooler_list(out)
             self._check_placeholders(kind, feats)
             self.records.append((kind, feats, call))

@@ -36,10 +36,10 @@ def install_offline_cacher(runtime, interval: int, ratio: float, threshold: floa
     return [_swap_forward(block, make(runtime, block, (interval, ratio, threshold))) for block in blocks]
 
 
-def _video_call(runtime):
-    """(args, kwargs) of the running video feature call, or None outside one."""
+def _video_call(runtime) -> dict | None:
+    """The running video feature call's inputs by name, or None outside one."""
     call = runtime.current_call
-    return None if call is None or call[0] != "video" else call[1:]
+    return None if call is None or call[0] != "video" else call[1]
 
 
 def _siglip_forward(runtime, layer, setting):
@@ -50,8 +50,7 @@ def _siglip_forward(runtime, layer, setting):
         call = _video_call(runtime)
         if call is None:
             return plain(hidden_states, attention_mask, *args, **kwargs)
-        pixels = call[0][0] if call[0] else call[1]["pixel_values_videos"]
-        batch, frames = pixels.shape[:2]
+        batch, frames = call["pixel_values_videos"].shape[:2]
         ref_of = torch.tensor(chains([frames] * batch, interval))
         return _cached_rows(layer, hidden_states, ref_of, ratio, threshold)
 
@@ -82,7 +81,7 @@ def _qwen_forward(runtime, block, setting):
         if call is None:
             return plain(hidden_states, cu_seqlens=cu_seqlens, rotary_pos_emb=rotary_pos_emb,
                          position_embeddings=position_embeddings, **kwargs)
-        grid = call[0][1] if len(call[0]) > 1 else call[1]["video_grid_thw"]
+        grid = call["video_grid_thw"]
         sizes = [int(h * w) for t, h, w in grid.tolist() for _ in range(int(t))]
         ref_of = chains([int(t) for t in grid[:, 0].tolist()], interval)
         return _qwen_units(block, hidden_states, cu_seqlens, position_embeddings, sizes, ref_of, ratio, threshold)
