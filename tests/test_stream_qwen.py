@@ -6,6 +6,7 @@ import torch
 
 from mmaccel.stream import StreamSession
 from conftest import prompt, video
+from test_stream import QUESTION_FIRST as OV_QUESTION_FIRST
 
 QUESTION = "which direction does the red square move ?"
 QWEN = ("qwen2_vl", "qwen2_5_vl")
@@ -66,11 +67,7 @@ def test_full_retention_stream_decodes_as_generate_on_the_whole_video(tiny_model
     assert len(session.pending) == frames % 2
 
 
-QUESTION_FIRST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}\n{% endif %}{% endfor %}"
-                  "{% for c in m['content'] %}{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-                  "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                  "{% endif %}")
+QUESTION_FIRST = OV_QUESTION_FIRST.replace("<video>", "<|vision_start|><|video_pad|><|vision_end|>")
 
 
 @pytest.mark.parametrize("family", QWEN)
