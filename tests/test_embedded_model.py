@@ -465,6 +465,72 @@ def test_stop_rows_config_is_checked_at_start_up(kw, message):
     assert TrainConfig(stop_rows=0.25, background_dropout=0.9).stop_rows == 0.25
 
 
+def test_content_dropout_hides_object_tokens_and_keeps_every_label(shipped):
+    """``--content-dropout 0.6``: about half the rows get a content share in [0, 0.6), the others
+    0; labels and the background plan are those of a run without it; the mask hides that share
+    of a row's content tokens and never its last one."""
+    from mmaccel.embedded.dropout import background_mask, media_token_ids
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    model, processor = shipped
+    plain_cfg = TrainConfig(seed=4, batch_size=8, background_dropout=0.9, followups=2,
+                            content_from=_shipped_detector())
+    groups = {"image": GROUPS["image"]}
+    _, plain = step_batch(processor, plain_cfg, 3, groups)
+    _, batch = step_batch(processor, TrainConfig(**{**asdict(plain_cfg), "content_dropout": 0.6}), 3, groups)
+    fraction = batch["content_fraction"]
+    assert 0 < (fraction > 0).sum() < 8 and (fraction < 0.6).all()
+    for key in ("labels", "drop_fraction", "drop_priority", "input_ids"):
+        assert torch.equal(batch[key], plain[key]), key
+    content = _content_of(model, batch)
+    ids = batch["input_ids"]
+    mask = background_mask(ids, batch["attention_mask"], media_token_ids(model), content, batch["drop_fraction"],
+                           batch["drop_priority"], fraction)
+    filled = torch.zeros_like(ids, dtype=torch.bool)
+    filled[torch.isin(ids, torch.tensor(media_token_ids(model)))] = content
+    shown, total = (filled & (mask == 1)).sum(1), filled.sum(1)
+    assert shown.tolist() == [n - min(round(float(f) * int(n)), int(n) - 1) for f, n in zip(fraction, total)]
+    assert (shown < total).any() and (shown >= 1).all()
+
+
+def test_content_dropout_starts_at_its_schedule_position_and_yields_to_stop_rows(shipped):
+    """Before ``content_dropout_from`` a batch is that of a run without content dropout; a row that
+    stop rows pick takes the stop-row plan, the other rows keep content dropout's."""
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    _, processor = shipped
+    groups = {"image": GROUPS["image"]}
+    plain_cfg = TrainConfig(seed=4, batch_size=8, background_dropout=0.9, followups=2)
+    always = TrainConfig(**{**asdict(plain_cfg), "content_dropout": 0.6, "content_dropout_share": 1.0})
+    late = TrainConfig(**{**asdict(always), "content_dropout_from": 0.8})
+    _, plain = step_batch(processor, plain_cfg, 3, groups, 0.5)
+    _, before = step_batch(processor, late, 3, groups, 0.79)
+    _, after = step_batch(processor, late, 3, groups, 0.8)
+    _, ref = step_batch(processor, always, 3, groups, 0.0)
+    assert (ref["content_fraction"] > 0).all()
+    assert torch.equal(before["content_fraction"], plain["content_fraction"])
+    assert torch.equal(after["content_fraction"], ref["content_fraction"])
+    _, stops = step_batch(processor, TrainConfig(**{**asdict(plain_cfg), "stop_rows": 0.5}), 3, groups)
+    _, both = step_batch(processor, TrainConfig(**{**asdict(always), "stop_rows": 0.5}), 3, groups)
+    stopped = stops["drop_fraction"] != plain["drop_fraction"]
+    assert 0 < stopped.sum() < 8
+    assert torch.equal(both["content_fraction"][stopped], stops["content_fraction"][stopped])
+    assert torch.equal(both["content_fraction"][~stopped], ref["content_fraction"][~stopped])
+    assert torch.equal(both["labels"], stops["labels"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"content_dropout": 0.5}, "background dropout"),
+    ({"content_dropout": 1.0, "background_dropout": 0.9}, r"\[0, 1\)"),
+    ({"content_dropout": 0.5, "background_dropout": 0.9, "content_dropout_share": 1.5}, "content_dropout_share"),
+    ({"content_dropout": 0.5, "background_dropout": 0.9, "content_dropout_from": 1.0}, "content_dropout_from"),
+])
+def test_content_dropout_config_is_checked_at_start_up(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+    assert TrainConfig(content_dropout=0.5, background_dropout=0.9).content_dropout == 0.5
+
+
 def test_prefetched_batches_equal_inline_batches(processor):
     from mmaccel.embedded.train import CURRICULUM, phase_groups, prefetched, progress_of, step_batch
 

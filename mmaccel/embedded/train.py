@@ -42,8 +42,8 @@ import numpy as np
 from ..world.samples import SPLIT_KEY, make_sample, shuffled_turns
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
-from .dropout import (CONTENT_FROM, check_content_from, check_dropout, drop_visual, forward_with_background_dropout, plan_background_dropout,
-                      plan_stop_rows)
+from .dropout import (CONTENT_FROM, check_content_from, check_dropout, drop_visual, forward_with_background_dropout,
+                      plan_background_dropout, plan_content_dropout, plan_stop_rows)
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -244,6 +244,9 @@ class TrainConfig:
     stop_rows: float = 0.0
     stop_rows_from: float = 0.0
     stop_rows_media: str = "all"
+    content_dropout: float = 0.0
+    content_dropout_share: float = 0.5
+    content_dropout_from: float = 0.0
     shuffle_turns: bool = False
     early_steps: tuple = ()
     motion_stretch: tuple = ()
@@ -273,12 +276,22 @@ class TrainConfig:
             raise ValueError(f"stop_rows_from is a schedule position in [0, 1), got {self.stop_rows_from}")
         if self.stop_rows_media not in STOP_ROWS_MEDIA:
             raise ValueError(f"stop_rows_media must be one of {STOP_ROWS_MEDIA}, got {self.stop_rows_media!r}")
+        self._check_content_dropout()
         objective_kind(self.loss_mean)
         check_early_steps(self.early_steps)
         if self.early_steps and self.steps:
             raise ValueError("early_steps floors a wall-clock (--minutes) schedule; a --steps schedule is in steps already")
         for kind, spec in self.stretches():
             stretch_group(kind, spec)
+
+    def _check_content_dropout(self) -> None:
+        check_dropout(self.content_dropout)
+        if self.content_dropout and not self.background_dropout:
+            raise ValueError("content_dropout needs background dropout (its content detector plans the batch)")
+        if not 0.0 <= self.content_dropout_share <= 1.0:
+            raise ValueError(f"content_dropout_share is a share of rows in [0, 1], got {self.content_dropout_share}")
+        if not 0.0 <= self.content_dropout_from < 1.0:
+            raise ValueError(f"content_dropout_from is a schedule position in [0, 1), got {self.content_dropout_from}")
 
     def stretches(self) -> tuple[tuple[str, tuple], ...]:
         """(kind, spec) of each stretch set, motion, flash, caption (a later stretch scales an earlier one)."""
@@ -599,6 +612,9 @@ def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
         plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng,
                                 content_from=cfg.content_from)
+    if cfg.content_dropout and prog >= cfg.content_dropout_from:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 6]))
+        plan_content_dropout(batch, cfg.content_dropout, cfg.content_dropout_share, rng)
     if stop_rows_apply(cfg, batch, prog):
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 5]))
         plan_stop_rows(batch, processor.tokenizer.eos_token_id, cfg.stop_rows, rng)
@@ -779,6 +795,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="schedule position in [0, 1) from which --stop-rows applies (0: from the first step)")
     p.add_argument("--stop-rows-media", choices=STOP_ROWS_MEDIA, default=TrainConfig.stop_rows_media,
                    help="which batches get --stop-rows: all, or still images only (video rows keep their answers)")
+    p.add_argument("--content-dropout", type=float, default=TrainConfig.content_dropout,
+                   help="rows hide a random share in [0, P) of their object tokens and keep their answers "
+                        "(needs --background-dropout)")
+    p.add_argument("--content-dropout-share", type=float, default=TrainConfig.content_dropout_share,
+                   help="share of rows that get --content-dropout")
+    p.add_argument("--content-dropout-from", type=float, default=TrainConfig.content_dropout_from,
+                   help="schedule position in [0, 1) from which --content-dropout applies")
     p.add_argument("--summary-channels", type=int, default=TrainConfig.summary_channels,
                    help="the summary head reads only the first N channels of the projected tokens (0: all)")
     p.add_argument("--families", default=None,
@@ -804,7 +827,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       background_dropout=a.background_dropout, content_from=a.content_from,
                       stop_rows=a.stop_rows,
                       stop_rows_from=a.stop_rows_from, stop_rows_media=a.stop_rows_media,
-                      shuffle_turns=a.shuffle_turns,
+                      content_dropout=a.content_dropout, content_dropout_share=a.content_dropout_share,
+                      content_dropout_from=a.content_dropout_from, shuffle_turns=a.shuffle_turns,
                       early_steps=parse_early_steps(a.early_steps),
                       **{f"{k}_stretch": parse_stretch(getattr(a, f"{k}_stretch")) for k in STRETCH_GROUPS},
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),

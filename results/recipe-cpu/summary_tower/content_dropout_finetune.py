@@ -13,7 +13,8 @@ follow-ups with flash and caption turns, token-mean loss, tower frozen), with ba
 `--content-dropout C` adds content dropout: a share `--content-share` of the rows hide a fraction
 u ~ U(0, C) of their content tokens, lowest random priority first, always leaving one. The
 answers stay trained, so the model learns to answer from what is left. With `C = 0` it is the
-control: the same steps without content dropout.
+control: the same steps without content dropout. (The same plan is now `train.py
+--content-dropout`; this script keeps its own random stream, so it reproduces the probe.)
 
 Usage: python results/recipe-cpu/summary_tower/content_dropout_finetune.py OUT_DIR
        [--minutes 15 | --steps N] [--lr 3e-5] [--content-dropout 0.6] [--content-share 0.5]
@@ -26,16 +27,13 @@ import torch
 
 from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
 from mmaccel.embedded.data import assistant_id
+from mmaccel.embedded.dropout import plan_content_dropout
 from mmaccel.embedded.train import GROUPS, TrainConfig, make_optimizer, step_batch, train_step
 
 
 def add_content_dropout(batch, step: int, seed: int, max_fraction: float, share: float) -> None:
-    """Set the batch's planned ``content_fraction`` (B,): u ~ U(0, max_fraction) for a ``share`` of
-    the rows, 0 for the others (`mmaccel.embedded.dropout.background_mask` hides them, keeping one)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, step, 9]))
-    rows = batch["input_ids"].shape[0]
-    picked = rng.random(rows) < share
-    batch["content_fraction"] = torch.tensor(np.where(picked, rng.uniform(0.0, max_fraction, rows), 0.0))
+    """The library's content dropout (``plan_content_dropout``) on its own stream per step."""
+    plan_content_dropout(batch, max_fraction, share, np.random.default_rng(np.random.SeedSequence([seed, step, 9])))
 
 
 def main():
