@@ -401,20 +401,23 @@ def test_stop_rows_hide_content_tokens_and_keep_only_eos_labels(shipped):
     assert (shown[picked] < filled.sum(1)[picked]).any()
 
 
+def _batches_around_start(processor, plain_cfg, always, start_field: str) -> list:
+    """Step 3's still-image batch of: a run without the option (``plain_cfg``, at schedule
+    position 0.5); a run starting it at 0.8 (``start_field``), just before (0.79) and at 0.8;
+    and a run with it from the first step (``always``)."""
+    from mmaccel.embedded.train import GROUPS, step_batch
+
+    late = TrainConfig(**{**asdict(always), start_field: 0.8})
+    runs = ((plain_cfg, 0.5), (late, 0.79), (late, 0.8), (always, 0.0))
+    return [step_batch(processor, cfg, 3, {"image": GROUPS["image"]}, prog)[1] for cfg, prog in runs]
+
+
 def test_stop_rows_start_at_their_schedule_position(shipped):
     """``--stop-rows-from F``: before schedule position F a step's batch is that of a run
     without stop rows; from F on it is that of a run with them from the first step."""
-    from mmaccel.embedded.train import GROUPS, step_batch
-
-    _, processor = shipped
-    groups = {"image": GROUPS["image"]}
     plain_cfg = TrainConfig(seed=4, batch_size=8, background_dropout=0.9, followups=2)
     always = TrainConfig(**{**asdict(plain_cfg), "stop_rows": 0.5})
-    late = TrainConfig(**{**asdict(always), "stop_rows_from": 0.8})
-    _, plain = step_batch(processor, plain_cfg, 3, groups, 0.5)
-    _, before = step_batch(processor, late, 3, groups, 0.79)
-    _, after = step_batch(processor, late, 3, groups, 0.8)
-    _, ref = step_batch(processor, always, 3, groups, 0.0)
+    plain, before, after, ref = _batches_around_start(shipped[1], plain_cfg, always, "stop_rows_from")
     assert (ref["content_fraction"] > 0).any()
     for key in ("labels", "drop_fraction", "content_fraction"):
         assert torch.equal(before[key], plain[key]) and torch.equal(after[key], ref[key])
@@ -498,15 +501,10 @@ def test_content_dropout_starts_at_its_schedule_position_and_yields_to_stop_rows
     stop rows pick takes the stop-row plan, the other rows keep content dropout's."""
     from mmaccel.embedded.train import GROUPS, step_batch
 
-    _, processor = shipped
-    groups = {"image": GROUPS["image"]}
+    processor, groups = shipped[1], {"image": GROUPS["image"]}
     plain_cfg = TrainConfig(seed=4, batch_size=8, background_dropout=0.9, followups=2)
     always = TrainConfig(**{**asdict(plain_cfg), "content_dropout": 0.6, "content_dropout_share": 1.0})
-    late = TrainConfig(**{**asdict(always), "content_dropout_from": 0.8})
-    _, plain = step_batch(processor, plain_cfg, 3, groups, 0.5)
-    _, before = step_batch(processor, late, 3, groups, 0.79)
-    _, after = step_batch(processor, late, 3, groups, 0.8)
-    _, ref = step_batch(processor, always, 3, groups, 0.0)
+    plain, before, after, ref = _batches_around_start(processor, plain_cfg, always, "content_dropout_from")
     assert (ref["content_fraction"] > 0).all()
     assert torch.equal(before["content_fraction"], plain["content_fraction"])
     assert torch.equal(after["content_fraction"], ref["content_fraction"])
