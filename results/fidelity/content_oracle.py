@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mmaccel.api import accelerate_vlm
-from mmaccel.bench.fidelity import compare, environment, kept_interval, run_samples
+from mmaccel.bench.fidelity import compare, correctness, environment, kept_interval, run_samples
 from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
 from mmaccel.embedded.dropout import pixel_content
 from mmaccel.methods import REGISTRY, PreLLMReducer, Reduction
@@ -60,10 +60,14 @@ class ContentOracle(PreLLMReducer):
     retention: float | None = 0.25
     fill: bool = True  # fill the budget with evenly spread background tokens
 
-    def reduce_media(self, features, segments, budget):
+    def segment_flags(self, seg) -> torch.Tensor:
+        """(n,) content flags of a segment's tokens; the map is built once per prefill."""
         if getattr(self, "_request", None) is not self.runtime.request:
             self._request, self._flags = self.runtime.request, content_map(self.runtime, self.model)
-        content = torch.cat([self._flags[s.sample, s.positions.cpu()] for s in segments])
+        return self._flags[seg.sample, seg.positions.cpu()]
+
+    def reduce_media(self, features, segments, budget):
+        content = torch.cat([self.segment_flags(s) for s in segments])
         on, off = content.nonzero().flatten(), (~content).nonzero().flatten()
         keep = spread(on, budget)
         if self.fill:
@@ -115,9 +119,7 @@ class BlobOracle(ContentOracle):
     name = "blob_oracle"
 
     def reduce_media(self, features, segments, budget):
-        if getattr(self, "_request", None) is not self.runtime.request:
-            self._request, self._flags = self.runtime.request, content_map(self.runtime, self.model)
-        ranks = torch.cat([blob_ranks(self._flags[s.sample, s.positions.cpu()], s) for s in segments])
+        ranks = torch.cat([blob_ranks(self.segment_flags(s), s) for s in segments])
         on = (ranks >= 0).nonzero().flatten()
         keep = on[ranks[on].argsort(stable=True)][:budget]
         keep = torch.cat([keep, spread((ranks < 0).nonzero().flatten(), budget - keep.numel())])
@@ -143,9 +145,10 @@ def main():
     model, processor = load_model(DEFAULT_MODEL_DIR)
     samples = generate_samples(args.n, seed=0, split="test", families=MODEL_FAMILIES)
     base = run_samples(model, processor, samples)
-    full = sum(compare(samples, base, base)["correct"]) / len(samples)
-    result = {"environment": environment(), "n": len(samples), "baseline": {"all": full, "correct":
-              compare(samples, base, base)["correct"]}, "points": []}
+    correct = correctness(samples, base.answers)
+    full = sum(correct) / len(samples)
+    result = {"environment": environment(), "n": len(samples), "baseline": {"all": full, "correct": correct},
+              "points": []}
     print(f"full tokens: {full:.3f}", flush=True)
     for name in args.methods.split(","):
         for r in [float(x) for x in args.retentions.split(",")]:

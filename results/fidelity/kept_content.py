@@ -8,13 +8,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from content_oracle import DEFAULT_MODEL_DIR, accelerate_vlm, content_map, generate_samples, load_model  # noqa: E402
+from mmaccel.bench.fidelity import parse_method_spec  # noqa: E402
 from mmaccel.embedded.data import encode_prompts  # noqa: E402
 
 torch.set_num_threads(2)
 model, processor = load_model(DEFAULT_MODEL_DIR)
 samples = generate_samples(96, seed=0, split="test", families=["count", "caption", "color", "where"])
 for name in ("random", "hired", "visionzip", "stc", "mustdrop", "aim:prune=false", "fastv"):
-    mname, params = name.split(":")[0], ({"prune": False} if "prune" in name else {})  # aim: its merge only
+    mname, params = parse_method_spec(name)  # aim:prune=false: its merge only
     on = tot = allc = allv = 0
     with accelerate_vlm(model, method=mname, retention=0.25, **params) as h:
         for s in samples:
