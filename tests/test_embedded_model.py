@@ -1032,3 +1032,138 @@ def test_extra_words_leave_the_seeded_init_unchanged():
     rows = extra.get_input_embeddings().weight[n:]
     assert rows.shape[0] == len(extra_tok) - n and 0.03 < rows.std().item() < 0.09
     assert extra.get_output_embeddings().weight.data_ptr() == extra.get_input_embeddings().weight.data_ptr()
+
+
+# --- data parallelism for stage 2 (mmaccel/embedded/parallel.py) ---
+
+DP_GROUPS = {"image": (1.0, 1.0, {"hires": False}, {"count": 1.0, "color": 1.0})}
+
+
+def test_data_parallel_config_is_checked():
+    assert TrainConfig(data_parallel=2, batch_size=4).data_parallel == 2
+    with pytest.raises(ValueError, match="process count"):
+        TrainConfig(data_parallel=0)
+    with pytest.raises(ValueError, match="no --workers"):
+        TrainConfig(data_parallel=2, workers=1)
+    with pytest.raises(ValueError, match="device 'cpu'"):
+        TrainConfig(data_parallel=2, device="cuda")
+    with pytest.raises(ValueError, match="2 rows per rank"):
+        TrainConfig(data_parallel=2, batch_size=3)
+
+
+def test_ranks_share_out_the_samples_of_a_one_process_step(processor):
+    """Rank r encodes rows r, r + ranks, ... of the step's drawn samples; (0, 1) is the plain step."""
+    from mmaccel.embedded.train import step_batch
+
+    cfg = TrainConfig(seed=4, batch_size=6, followups=2)
+    fams, full = step_batch(processor, cfg, 7, DP_GROUPS)
+    fams_alone, alone = step_batch(processor, cfg, 7, DP_GROUPS, part=(0, 1))
+    assert fams_alone == fams and all(torch.equal(full[k], alone[k]) for k in full)
+    parts = [step_batch(processor, cfg, 7, DP_GROUPS, part=(r, 2)) for r in range(2)]
+    assert parts[0][0] == fams[0::2] and parts[1][0] == fams[1::2]
+    assert torch.equal(parts[1][1]["pixel_values"], full["pixel_values"][1::2])
+
+
+def test_split_objectives_with_global_totals_sum_to_the_one_batch_objective():
+    from mmaccel.embedded.train import objective
+
+    g = torch.Generator().manual_seed(0)
+    losses, count = torch.rand(6, 3, generator=g), torch.randint(0, 4, (6, 3), generator=g).float()
+    present = count > 0
+    for kind in ("turns", "tokens"):
+        whole = objective(losses, present, count, kind)
+        totals = (present.sum().float(), count.sum())
+        halves = [objective(losses[r::2], present[r::2], count[r::2], kind, totals) for r in range(2)]
+        assert torch.allclose(halves[0] + halves[1], whole)
+        assert not torch.allclose(halves[0] * 2, whole)  # the totals matter: a half alone is not it
+
+
+def _dp_step_params(rank, ranks, processor, seed):
+    """One SGD step (lr 1, no effective clip) of a tiny model on this rank's share of a step;
+    returns every rank's flattened parameters."""
+    import torch.distributed as dist
+
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import step_batch, train_step
+
+    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
+                        vision={"num_hidden_layers": 1}).train()
+    _, batch = step_batch(processor, TrainConfig(seed=seed, batch_size=4, followups=2), 0, DP_GROUPS,
+                          part=(rank, ranks))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_step(model, opt, batch, assistant_id(processor), 1.0, 1e9, "tokens", ranks=ranks)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    every = [torch.empty_like(flat) for _ in range(ranks)]
+    dist.all_gather(every, flat)
+    return every
+
+
+def test_a_data_parallel_step_is_the_one_process_step(processor):
+    """Two forked ranks on halves of a step's rows take the step one process takes on all of
+    them: the token-mean objective's denominator and the gradients are summed over the ranks."""
+    from mmaccel.embedded.parallel import fork_ranks
+
+    rank0, rank1 = fork_ranks(_dp_step_params, 2, processor, 5)
+    assert torch.equal(rank0, rank1)
+    (one,) = _dp_step_params_one_process(processor, 5)
+    start = torch.cat([p.detach().reshape(-1) for p in build_model(
+        processor.tokenizer, seed=5, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1}).parameters()])
+    moved = (one - start).abs().max()
+    assert moved > 1e-3
+    assert (rank0 - one).abs().max() < 1e-4 * moved
+
+
+def _dp_step_params_one_process(processor, seed):
+    from mmaccel.embedded.data import assistant_id
+    from mmaccel.embedded.train import step_batch, train_step
+
+    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
+                        vision={"num_hidden_layers": 1}).train()
+    _, batch = step_batch(processor, TrainConfig(seed=seed, batch_size=4, followups=2), 0, DP_GROUPS)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_step(model, opt, batch, assistant_id(processor), 1.0, 1e9, "tokens")
+    return [torch.cat([p.detach().reshape(-1) for p in model.parameters()])]
+
+
+def test_a_failing_rank_raises_instead_of_hanging():
+    from mmaccel.embedded.parallel import fork_ranks
+
+    def fail_on_rank_1(rank, ranks):
+        if rank == 1:
+            raise SystemExit(3)
+        import torch.distributed as dist
+        dist.barrier()  # waits on rank 1 forever: the parent must not
+
+    with pytest.raises(RuntimeError, match="ended without a result"):
+        fork_ranks(fail_on_rank_1, 2)
+
+
+def test_train_with_data_parallel_trains_and_saves(tmp_path):
+    cfg = TrainConfig(seed=2, steps=4, minutes=0, batch_size=4, warmup=1, log_every=2, eval_n=0, vision_steps=0,
+                      data_parallel=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    model, _, hist = train(cfg, tmp_path / "m", groups=DP_GROUPS)
+    assert [h["step"] for h in hist] == [2, 4]
+    saved = load_model(tmp_path / "m")[0]
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in saved.named_parameters())
+    fresh = build_model(build_tokenizer(cfg.order, cfg.extra_followups), seed=2, text={"num_hidden_layers": 1},
+                        vision={"num_hidden_layers": 1})  # the initialisation train() starts from
+    assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "language_model" in n)
+
+
+def _schedule_seen(rank, ranks):
+    from mmaccel.embedded.parallel import agreed_schedule
+    import torch.distributed as dist
+
+    seen = torch.tensor(agreed_schedule(rank, 0.1 * (rank + 1), stopping=rank == 1), dtype=torch.float64)
+    every = [torch.empty_like(seen) for _ in range(ranks)]
+    dist.all_gather(every, seen)
+    return every
+
+
+def test_every_rank_follows_rank_0s_wall_clock_schedule():
+    """Ranks read their own clocks; rank 0's position and stop decision are the ones applied."""
+    from mmaccel.embedded.parallel import fork_ranks
+
+    every = fork_ranks(_schedule_seen, 2)
+    assert all(torch.allclose(seen, torch.tensor([0.1, 0.0], dtype=torch.float64)) for seen in every)

@@ -257,6 +257,7 @@ class TrainConfig:
     order: str = "image-first"
     device: str = "cpu"
     workers: int = 0
+    data_parallel: int = 1
     log_every: int = 25
     eval_n: int = 100
     text: dict = field(default_factory=dict)
@@ -283,6 +284,19 @@ class TrainConfig:
             raise ValueError("early_steps floors a wall-clock (--minutes) schedule; a --steps schedule is in steps already")
         for kind, spec in self.stretches():
             stretch_group(kind, spec)
+        self._check_data_parallel()
+
+    def _check_data_parallel(self) -> None:
+        if self.data_parallel < 1:
+            raise ValueError(f"data_parallel is a process count >= 1, got {self.data_parallel}")
+        if self.data_parallel == 1:
+            return
+        if not self.device.startswith("cpu") or self.workers:
+            raise ValueError("data_parallel runs stage 2 in forked CPU processes: it needs device 'cpu' and no "
+                             "--workers (each rank builds its own share of a step's samples)")
+        if self.batch_size < 2 * self.data_parallel:
+            raise ValueError(f"data_parallel {self.data_parallel} needs a batch of at least 2 rows per rank, "
+                             f"got batch_size {self.batch_size}")
 
     def _check_content_dropout(self) -> None:
         check_dropout(self.content_dropout)
@@ -361,13 +375,17 @@ def turn_index(input_ids, marker_id: int):
 
 
 def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_mean: str = "turns",
-               bf16: bool = False):
+               bf16: bool = False, ranks: int = 1):
     """One optimiser step on the mean over all answered turns (``loss_mean="turns"``) or
     all answer tokens (``"tokens"``) of an encoded ``batch`` (see
     :func:`encode_for_training`); returns the main question's loss per sample (B,) and
     the follow-ups' mean loss (nan if none). ``bf16``: the forward pass under bfloat16
-    autocast (weights, gradients and the loss stay float32)."""
+    autocast (weights, gradients and the loss stay float32). ``ranks`` > 1: one rank of a data-
+    parallel group (:mod:`.parallel`): the objective's denominators and the gradients are summed
+    over the ranks before the clip and the step, so every rank takes the same step."""
     import torch
+
+    from .parallel import all_reduce_gradients, global_totals
 
     labels = batch.pop("labels")
     turns = turn_index(batch["input_ids"], marker_id).to(model.device)
@@ -379,7 +397,10 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_m
         else:
             out = model(**batch.to(model.device), use_cache=False)
     losses, present, count = per_turn_loss(out.logits, labels.to(model.device), turns, with_counts=True)
-    objective(losses, present, count, loss_mean).backward()
+    totals = global_totals(present, count) if ranks > 1 else None
+    objective(losses, present, count, loss_mean, totals).backward()
+    if ranks > 1:
+        all_reduce_gradients(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -399,11 +420,13 @@ def objective_kind(loss_mean: str) -> str:
     return loss_mean
 
 
-def objective(losses, present, count, loss_mean: str):
-    """The scalar to minimise from per-turn mean losses (B, T), see :func:`train_step`."""
+def objective(losses, present, count, loss_mean: str, totals=None):
+    """The scalar to minimise from per-turn mean losses (B, T), see :func:`train_step`.
+    ``totals``: (answered turns, answer tokens) over every rank's rows (data parallelism), so
+    that the ranks' objectives sum to the objective of all their rows in one batch."""
     if objective_kind(loss_mean) == "turns":
-        return losses[present].mean()
-    return (losses * count).sum() / count.sum()
+        return losses[present].sum() / (totals[0] if totals is not None else present.sum())
+    return (losses * count).sum() / (totals[1] if totals is not None else count.sum())
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -483,10 +506,15 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
             log(f"projector output scaled by {factor:.4f} to mean token norm {cfg.visual_norm}")
     if cfg.freeze_tower:  # stage 2 eroded the tower's shape features (RECIPE.md): keep stage 1's
         model.model.vision_tower.requires_grad_(False)
-    opt = make_optimizer(model, cfg)
     budget = cfg.minutes * 60.0 - (time.time() - t0) if cfg.minutes else None
-    with compiled_language_model(model, cfg.compile):
-        history = run_loop(model, opt, processor, cfg, log, groups, budget)
+    if cfg.data_parallel > 1:
+        from .parallel import run_stage2
+
+        history = run_stage2(model, processor, cfg, log, groups, budget)
+    else:
+        opt = make_optimizer(model, cfg)
+        with compiled_language_model(model, cfg.compile):
+            history = run_loop(model, opt, processor, cfg, log, groups, budget)
     model.eval()
     if out_dir:
         save(model, processor, cfg, out_dir, history)
@@ -593,30 +621,41 @@ def check_early_steps(spec: tuple) -> None:
         raise ValueError(f"early_steps needs STEPS:PROGRESS with STEPS >= 1 and 0 < PROGRESS < 1, got {spec!r}")
 
 
-def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float = 0.0):
+def step_batch(processor, cfg: TrainConfig, step: int, groups: dict, prog: float = 0.0, part: tuple = (0, 1)):
     """Families and encoded batch of training step ``step`` at schedule position ``prog``
-    (a pure function of its inputs)."""
+    (a pure function of its inputs). ``part`` = (rank, ranks): only rows rank, rank + ranks, ...
+    of the step's drawn samples (data parallelism: the ranks together see the samples of a
+    one-process step; their dropout plans draw from streams of their own)."""
     _, samples = draw_batch(step_rng(cfg.seed, step), cfg.batch_size, groups, cfg.followups,
                             cfg.extra_followups)
+    rank, ranks = part
+    samples = samples[rank::ranks]
+    if not samples:
+        raise ValueError(f"step {step} drew too few samples for {ranks} ranks")
+
+    def plan_rng(stream: int):  # a one-process run's streams unchanged; a rank's its own
+        salt = [] if ranks == 1 else [ranks, rank]
+        return np.random.default_rng(np.random.SeedSequence([cfg.seed, step, stream, *salt]))
+
     if cfg.shuffle_turns:  # its own stream, so the samples are those of a run without it
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 4]))
+        rng = plan_rng(4)
         samples = [shuffled_turns(s, rng) for s in samples]
     batch = encode_for_training(processor, samples)
     if cfg.visual_dropout:
         # from the tokenizer, not dropout.media_token_ids(model): batch workers hold no model
         media_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")]
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 2]))
+        rng = plan_rng(2)
         batch["attention_mask"] = drop_visual(batch["input_ids"], batch["attention_mask"], media_ids,
                                               cfg.visual_dropout, rng)
     if cfg.background_dropout:
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 3]))
+        rng = plan_rng(3)
         plan_background_dropout(processor, samples, batch, cfg.background_dropout, rng,
                                 content_from=cfg.content_from)
     if cfg.content_dropout and prog >= cfg.content_dropout_from:
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 6]))
+        rng = plan_rng(6)
         plan_content_dropout(batch, cfg.content_dropout, cfg.content_dropout_share, rng)
     if stop_rows_apply(cfg, batch, prog):
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 5]))
+        rng = plan_rng(5)
         plan_stop_rows(batch, processor.tokenizer.eos_token_id, cfg.stop_rows, rng)
     return [s.family for s in samples], batch
 
@@ -664,8 +703,13 @@ def prefetched(cfg: TrainConfig, phases, ahead: int = 4):
             yield pending.popleft().get()
 
 
-def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=None) -> list[dict]:
-    """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent."""
+def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=None, rank: int = 0) -> list[dict]:
+    """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent. With
+    ``cfg.data_parallel`` ranks (:mod:`.parallel`), this is rank ``rank``'s loop: it trains on its
+    share of each step's samples and follows rank 0's schedule position and stop."""
+    from .parallel import agreed_schedule
+
+    ranks = cfg.data_parallel
     t0, step, history = time.time(), 0, []
     fam_loss, window, follow = FamilyLoss(), [], []
     phases = training_phases(cfg, groups)
@@ -678,14 +722,18 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
         elapsed = time.time() - t0
         prog = progress_of(step, cfg) if cfg.steps else clock(step, elapsed)
         stop = stop_message(step, elapsed, prog, cfg, budget)
+        if ranks > 1:
+            prog, stopping = agreed_schedule(rank, prog, stop is not None)
+            stop = (stop or f"stage 2 stopped by rank 0 at step {step}") if stopping else None
         if stop:
             if window:  # the steps since the last log line, so the history ends at the last step
                 history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss))
             log(stop)
             break
-        fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog), prog)
+        fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog), prog,
+                                                             (rank, ranks))
         lr = lr_at(step, prog, cfg)
-        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean, cfg.bf16)
+        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean, cfg.bf16, ranks)
         fam_loss.add(fams, losses)
         window.append(float(losses.mean()))
         follow.append(follow_loss)
@@ -813,6 +861,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--init-std", type=float, default=None,
                    help="language-model init std (transformers' default 0.02)")
     p.add_argument("--workers", type=int, default=0, help="batch-building processes (with --steps only)")
+    p.add_argument("--data-parallel", type=int, default=1,
+                   help="stage 2 in N forked 1-thread CPU processes, each on its share of a step's rows, gradients "
+                        "summed (2 on a 2-core CPU: 1.2-1.4x the steps, results/recipe-cpu/step_breakdown.md)")
     p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     p.add_argument("--log", default=None, help="also append log lines to this file")
     a = p.parse_args(argv)
@@ -832,7 +883,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       early_steps=parse_early_steps(a.early_steps),
                       **{f"{k}_stretch": parse_stretch(getattr(a, f"{k}_stretch")) for k in STRETCH_GROUPS},
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
-                      workers=a.workers, summary=a.summary, summary_weight=a.summary_weight,
+                      workers=a.workers, data_parallel=a.data_parallel, summary=a.summary, summary_weight=a.summary_weight,
                       summary_channels=a.summary_channels, lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a
