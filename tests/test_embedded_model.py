@@ -1078,21 +1078,34 @@ def test_split_objectives_with_global_totals_sum_to_the_one_batch_objective():
         assert not torch.allclose(halves[0] * 2, whole)  # the totals matter: a half alone is not it
 
 
-def _dp_step_params(rank, ranks, processor, seed):
-    """One SGD step (lr 1, no effective clip) of a tiny model on this rank's share of a step;
-    returns every rank's flattened parameters."""
-    import torch.distributed as dist
+def _tiny_dp_model(processor, seed):
+    return build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
+                       vision={"num_hidden_layers": 1}).train()
 
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _sgd_step_params(processor, seed, rank=0, ranks=1):
+    """One SGD step (lr 1, no effective clip) of a tiny model on rank ``rank``'s share of a step
+    (all of it with one rank); its flattened parameters after the step."""
     from mmaccel.embedded.data import assistant_id
     from mmaccel.embedded.train import step_batch, train_step
 
-    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
-                        vision={"num_hidden_layers": 1}).train()
+    model = _tiny_dp_model(processor, seed)
     _, batch = step_batch(processor, TrainConfig(seed=seed, batch_size=4, followups=2), 0, DP_GROUPS,
                           part=(rank, ranks))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     train_step(model, opt, batch, assistant_id(processor), 1.0, 1e9, "tokens", ranks=ranks)
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return _flat(model)
+
+
+def _dp_step_params(rank, ranks, processor, seed):
+    """Every rank's parameters after :func:`_sgd_step_params` in a data-parallel group."""
+    import torch.distributed as dist
+
+    flat = _sgd_step_params(processor, seed, rank, ranks)
     every = [torch.empty_like(flat) for _ in range(ranks)]
     dist.all_gather(every, flat)
     return every
@@ -1105,24 +1118,10 @@ def test_a_data_parallel_step_is_the_one_process_step(processor):
 
     rank0, rank1 = fork_ranks(_dp_step_params, 2, processor, 5)
     assert torch.equal(rank0, rank1)
-    (one,) = _dp_step_params_one_process(processor, 5)
-    start = torch.cat([p.detach().reshape(-1) for p in build_model(
-        processor.tokenizer, seed=5, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1}).parameters()])
-    moved = (one - start).abs().max()
+    one = _sgd_step_params(processor, 5)
+    moved = (one - _flat(_tiny_dp_model(processor, 5))).abs().max()
     assert moved > 1e-3
     assert (rank0 - one).abs().max() < 1e-4 * moved
-
-
-def _dp_step_params_one_process(processor, seed):
-    from mmaccel.embedded.data import assistant_id
-    from mmaccel.embedded.train import step_batch, train_step
-
-    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
-                        vision={"num_hidden_layers": 1}).train()
-    _, batch = step_batch(processor, TrainConfig(seed=seed, batch_size=4, followups=2), 0, DP_GROUPS)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_step(model, opt, batch, assistant_id(processor), 1.0, 1e9, "tokens")
-    return [torch.cat([p.detach().reshape(-1) for p in model.parameters()])]
 
 
 def test_a_failing_rank_raises_instead_of_hanging():
@@ -1155,7 +1154,7 @@ def _schedule_seen(rank, ranks):
     from mmaccel.embedded.parallel import agreed_schedule
     import torch.distributed as dist
 
-    seen = torch.tensor(agreed_schedule(rank, 0.1 * (rank + 1), stopping=rank == 1), dtype=torch.float64)
+    seen = torch.tensor(agreed_schedule(0.1 * (rank + 1), stopping=rank == 1), dtype=torch.float64)
     every = [torch.empty_like(seen) for _ in range(ranks)]
     dist.all_gather(every, seen)
     return every

@@ -13,7 +13,6 @@ and sends the trained state back as safetensors bytes.
 from __future__ import annotations
 
 import socket
-import time
 
 
 def free_port() -> int:
@@ -94,7 +93,7 @@ def all_reduce_gradients(model) -> None:
         p.grad = g.view_as(p).clone() if any_rank > 0 else None
 
 
-def agreed_schedule(rank: int, prog: float, stopping: bool) -> tuple[float, bool]:
+def agreed_schedule(prog: float, stopping: bool) -> tuple[float, bool]:
     """Rank 0's schedule position and stop decision, on every rank (wall time differs per rank)."""
     import torch
     import torch.distributed as dist
@@ -125,10 +124,8 @@ def run_stage2(model, processor, cfg, log, groups, budget) -> list[dict]:
     """Stage 2 over ``cfg.data_parallel`` forked ranks; ``model`` gets the trained weights."""
     from safetensors.torch import load
 
-    t0 = time.time()
     log(f"stage 2 on {cfg.data_parallel} data-parallel ranks of 1 thread, "
         f"{cfg.batch_size} rows a step split between them")
-    budget = None if budget is None else budget - (time.time() - t0)
     state, history = fork_ranks(stage2_rank, cfg.data_parallel, model, processor, cfg, log, groups, budget)
     model.load_state_dict(load(state))
     return history

@@ -44,6 +44,7 @@ from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
 from .dropout import (CONTENT_FROM, check_content_from, check_dropout, drop_visual, forward_with_background_dropout,
                       plan_background_dropout, plan_content_dropout, plan_stop_rows)
+from .parallel import agreed_schedule, all_reduce_gradients, global_totals
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -385,8 +386,6 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_m
     over the ranks before the clip and the step, so every rank takes the same step."""
     import torch
 
-    from .parallel import all_reduce_gradients, global_totals
-
     labels = batch.pop("labels")
     turns = turn_index(batch["input_ids"], marker_id).to(model.device)
     for g in opt.param_groups:
@@ -707,8 +706,6 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
     """Stage 2 loop; stops after ``cfg.steps`` or when ``budget`` seconds are spent. With
     ``cfg.data_parallel`` ranks (:mod:`.parallel`), this is rank ``rank``'s loop: it trains on its
     share of each step's samples and follows rank 0's schedule position and stop."""
-    from .parallel import agreed_schedule
-
     ranks = cfg.data_parallel
     t0, step, history = time.time(), 0, []
     fam_loss, window, follow = FamilyLoss(), [], []
@@ -723,7 +720,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
         prog = progress_of(step, cfg) if cfg.steps else clock(step, elapsed)
         stop = stop_message(step, elapsed, prog, cfg, budget)
         if ranks > 1:
-            prog, stopping = agreed_schedule(rank, prog, stop is not None)
+            prog, stopping = agreed_schedule(prog, stop is not None)
             stop = (stop or f"stage 2 stopped by rank 0 at step {step}") if stopping else None
         if stop:
             if window:  # the steps since the last log line, so the history ends at the last step

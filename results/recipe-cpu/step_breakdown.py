@@ -60,9 +60,8 @@ def breakdown() -> dict:
     """Build vs step, tower and detector shares, graphs, padding: 2 threads, batch 16."""
     import torch._dynamo as dynamo
     from mmaccel.embedded import dropout
-    from mmaccel.embedded.train import compiled_language_model, step_batch, train_step
+    from mmaccel.embedded.train import compiled_language_model, phase_groups, step_batch, train_step
     model, processor, cfg, opt, marker, phases = setup(2, 16)
-    from mmaccel.embedded.train import phase_groups
     tower, detect = [0.0], [0.0]
     timed_hook(model.model.vision_tower, tower)
     plain = dropout.patch_content
