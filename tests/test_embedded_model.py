@@ -1166,3 +1166,38 @@ def test_every_rank_follows_rank_0s_wall_clock_schedule():
 
     every = fork_ranks(_schedule_seen, 2)
     assert all(torch.allclose(seen, torch.tensor([0.1, 0.0], dtype=torch.float64)) for seen in every)
+
+
+def _pooled_window(rank, ranks):
+    """Rank-specific log windows pooled by :func:`pool_log_window`: (family line, window, follow)."""
+    from mmaccel.embedded.parallel import pool_log_window
+    from mmaccel.embedded.train import FamilyLoss
+
+    fam_loss = FamilyLoss()
+    if rank == 0:
+        fam_loss.add(["color", "count"], [1.0, 3.0])
+        window, follow = [2.0, 4.0], [0.5, float("nan")]
+    else:
+        fam_loss.add(["color", "motion"], [2.0, 5.0])
+        window, follow = [4.0, 6.0], [1.5, 2.0]
+    pool_log_window(fam_loss, window, follow)
+    return fam_loss.flush(), window, follow
+
+
+def test_logged_losses_pool_every_ranks_rows():
+    """A data-parallel log line speaks for all rows of a step, not rank 0's half: per-family
+    means over both ranks' samples, the step's mean loss, follow-ups over the ranks that had any."""
+    from mmaccel.embedded.parallel import fork_ranks
+    import torch.distributed as dist
+
+    def both(rank, ranks):
+        mine = _pooled_window(rank, ranks)
+        every = [None] * ranks
+        dist.all_gather_object(every, mine)
+        return every
+
+    every = fork_ranks(both, 2)
+    assert every[0] == every[1]
+    line, window, follow = every[0]
+    assert line == "color=1.500 count=3.000 motion=5.000"
+    assert window == [3.0, 5.0] and follow == [1.0, 2.0]

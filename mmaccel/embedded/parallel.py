@@ -12,6 +12,7 @@ and sends the trained state back as safetensors bytes.
 """
 from __future__ import annotations
 
+import math
 import socket
 
 
@@ -101,6 +102,35 @@ def agreed_schedule(prog: float, stopping: bool) -> tuple[float, bool]:
     state = torch.tensor([prog, float(stopping)], dtype=torch.float64)
     dist.broadcast(state, src=0)
     return float(state[0]), bool(state[1])
+
+
+def pool_log_window(fam_loss, window: list, follow: list) -> None:
+    """Make a log window's figures every rank's rows, in place (every rank calls it at the same
+    steps): per-family loss sums and counts are summed, and each step's main-question and
+    follow-up losses averaged over the ranks that have them. The ranks hold equal shares of a
+    step's rows, so the main-question figure is the whole step's mean; the follow-up figure is
+    the mean of the ranks' means."""
+    import torch
+    import torch.distributed as dist
+
+    from ..world.spec import ALL_FAMILIES
+
+    unknown = set(fam_loss.n) - set(ALL_FAMILIES)
+    if unknown:
+        raise ValueError(f"families {sorted(unknown)} are not in the world's ALL_FAMILIES")
+    fams = torch.tensor([[fam_loss.sum.get(f, 0.0), fam_loss.n.get(f, 0)] for f in ALL_FAMILIES],
+                        dtype=torch.float64)
+    steps = torch.tensor([[w, 0.0 if math.isnan(f) else f, float(not math.isnan(f))] for w, f in zip(window, follow)],
+                         dtype=torch.float64).reshape(-1, 3)
+    dist.all_reduce(fams)
+    dist.all_reduce(steps)
+    fam_loss.sum.clear()
+    fam_loss.n.clear()
+    for name, (total, n) in zip(ALL_FAMILIES, fams.tolist()):
+        if n:
+            fam_loss.sum[name], fam_loss.n[name] = total, int(n)
+    window[:] = (steps[:, 0] / dist.get_world_size()).tolist()
+    follow[:] = [total / n if n else math.nan for total, n in steps[:, 1:].tolist()]
 
 
 def stage2_rank(rank: int, ranks: int, model, processor, cfg, log, groups, budget):

@@ -44,7 +44,7 @@ from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
 from .dropout import (CONTENT_FROM, check_content_from, check_dropout, drop_visual, forward_with_background_dropout,
                       plan_background_dropout, plan_content_dropout, plan_stop_rows)
-from .parallel import agreed_schedule, all_reduce_gradients, global_totals
+from .parallel import agreed_schedule, all_reduce_gradients, global_totals, pool_log_window
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -724,7 +724,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
             stop = (stop or f"stage 2 stopped by rank 0 at step {step}") if stopping else None
         if stop:
             if window:  # the steps since the last log line, so the history ends at the last step
-                history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss))
+                history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss, ranks))
             log(stop)
             break
         fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog), prog,
@@ -736,7 +736,7 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
         follow.append(follow_loss)
         step += 1
         if step % cfg.log_every == 0:
-            history.append(log_step(log, step, window, follow, lr, time.time() - t0, fam_loss))
+            history.append(log_step(log, step, window, follow, lr, time.time() - t0, fam_loss, ranks))
             window, follow = [], []
     return history
 
@@ -750,8 +750,12 @@ def stop_message(step: int, elapsed: float, prog: float, cfg: TrainConfig, budge
     return None
 
 
-def log_step(log, step: int, window, follow, lr: float, seconds: float, fam_loss: FamilyLoss) -> dict:
-    """Log one line (main-question loss, follow-up loss, per-family losses); return its record."""
+def log_step(log, step: int, window, follow, lr: float, seconds: float, fam_loss: FamilyLoss,
+             ranks: int = 1) -> dict:
+    """Log one line (main-question loss, follow-up loss, per-family losses); return its record.
+    With data-parallel ``ranks`` every rank calls it, and the figures are pooled over their rows."""
+    if ranks > 1:
+        pool_log_window(fam_loss, window, follow)
     follow = [f for f in follow if not math.isnan(f)]
     rec = {"step": step, "loss": float(np.mean(window)), "followups": float(np.mean(follow)) if follow else None,
            "lr": lr, "seconds": seconds}
