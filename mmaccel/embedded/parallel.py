@@ -107,9 +107,10 @@ def agreed_schedule(prog: float, stopping: bool) -> tuple[float, bool]:
 def pool_log_window(fam_loss, window: list, follow: list) -> None:
     """Make a log window's figures every rank's rows, in place (every rank calls it at the same
     steps): per-family loss sums and counts are summed, and each step's main-question and
-    follow-up losses averaged over the ranks that have them. The ranks hold equal shares of a
-    step's rows, so the main-question figure is the whole step's mean; the follow-up figure is
-    the mean of the ranks' means."""
+    follow-up losses averaged over the ranks that have them. Both are means of the ranks' means:
+    the main-question figure is the whole step's mean when the ranks hold equal shares of its
+    rows (the recipe's batch of 16 draws 16, 12 or 8 rows, split evenly over 2 ranks), and only
+    near it otherwise (an odd row count)."""
     import torch
     import torch.distributed as dist
 
