@@ -105,6 +105,56 @@ def test_window_similarity_and_groups_by_hand():
     assert torch.allclose(merged[0, assign[0, 1]], x[0]) and assign[0, 1] == assign[0, 1 + 2 * side + 2]
 
 
+def test_merge_rows_proportional_bias_is_log_size_by_hand():
+    from mmaccel.vision.window_merge import merge_rows
+
+    side = 6
+    x = torch.randn(side * side, 8)
+    x.view(side, side, 8)[:3, :3] = 1.0  # only the top-left window merges: 36 patches -> 28 tokens
+    batch = torch.stack([torch.cat([torch.zeros(1, 8), x]), torch.cat([torch.zeros(1, 8), torch.randn(36, 8)])])
+    plain = merge_rows(batch, cls=True, threshold=0.8)[2][:, 0, 0]
+    merged, assign, sized = merge_rows(batch, cls=True, threshold=0.8, proportional=True)
+    sized = sized[:, 0, 0]
+    slot = int(assign[0, 1])
+    assert torch.isclose(sized[0, slot], torch.tensor(9.0).log())
+    others = torch.ones(29, dtype=torch.bool)
+    others[slot] = False
+    assert torch.all(sized[0, :29][others] == 0) and torch.all(sized[1] == 0)  # unmerged tokens: size 1
+    assert torch.equal(torch.isinf(sized), torch.isinf(plain)) and torch.all(plain[torch.isfinite(plain)] == 0)
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_merged_windows_attend_as_their_copies_would(proportional):
+    """With proportional attention, ViT block 1 on the merged sequence gives each merged token
+    what the same block gives its nine copies standing in their cells; without it (the official
+    weighting) it does not."""
+    model, proc = _six_by_six_llava()
+    inputs = make_inputs(proc, batch=2)
+    layer = get_adapter(model).vision_layers[1]
+    seen = {}
+
+    def probe(module, args, out):
+        seen["x"], seen["out"] = args[0].detach(), (out[0] if isinstance(out, tuple) else out).detach()
+
+    handle = layer.register_forward_hook(probe)
+    try:
+        with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=-1.0,
+                            proportional_attention=proportional) as acc, torch.no_grad():
+            model(**inputs)
+            assert acc.stats.visual_tokens_per_layer[0] == 4 * 2  # every window merged: 4 tokens an image
+    finally:
+        handle.remove()
+    slots = torch.tensor([0] + [1 + (r // 3) * 2 + c // 3 for r in range(6) for c in range(6)])  # CLS, 4 windows
+    assert seen["x"].shape[1] == 5
+    with torch.no_grad():
+        copies = layer(seen["x"][:, slots], None)
+        copies = copies[0] if isinstance(copies, tuple) else copies
+    expected = torch.stack([copies[:, slots == j].mean(1) for j in range(5)], 1)
+    assert torch.allclose(copies, expected[:, slots], atol=1e-5)  # a window's copies agree
+    close = torch.allclose(seen["out"], expected, atol=1e-5, rtol=1e-4)
+    assert close == proportional
+
+
 def test_window_merge_shortens_the_tower_and_keeps_one_token_per_window():
     from mmaccel.models import get_adapter
 
@@ -377,3 +427,26 @@ def test_siglip_tower_merged_to_the_end_counts_only_real_queries_in_a_batch():
     flat_tiles = key_scores[1].shape[0]
     torch.testing.assert_close(key_scores[0][:flat_tiles], key_scores[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_qwen_window_merge_weighs_merged_blocks_by_size(proportional):
+    """On Qwen2-VL the merged 3x3 blocks get log(9) in the attention of the blocks after the
+    merge when ``proportional_attention`` is on (the official weighting: no bias)."""
+    from mmaccel.testing.tiny import tiny_qwen2_vl
+
+    model, proc = tiny_qwen2_vl(vision_depth=4)
+    attn = model.model.visual.blocks[1].attn
+    queued = []
+    probe = attn.register_forward_pre_hook(lambda m, a, k: queued.append(list(getattr(m, "_mmaccel_bias_queue", []))),
+                                           with_kwargs=True)
+    try:
+        with accelerate_vlm(model, method="mustdrop", retention=0.5, merge_threshold=0.5,
+                            proportional_attention=proportional), torch.no_grad():
+            model(**_blank_inputs(proc, 2))
+    finally:
+        probe.remove()
+    biases = torch.cat([b.flatten() for b in queued[0]]) if queued[0] else torch.zeros(0)
+    assert bool(queued[0]) == proportional
+    if proportional:
+        assert torch.isclose(biases.max(), torch.tensor(9.0).log()) and biases.min() == 0

@@ -26,7 +26,14 @@ than ``min`` over the batch and keeps spatial order. As in the official code, ev
 block runs on the merged tokens and the key set ranks them (CLS attention, or on SigLIP the
 mean attention received from the real, unpadded queries); the feature layer's output is copied
 back to the merged windows' cells for the model's projector and packing, and the pre-LLM step
-keeps one token per window. On
+keeps one token per window. Unlike the official code, the blocks after the merge weigh
+a merged window by its size (``proportional_attention``, default on: log(size) added to the
+attention logits, ToMe's proportional attention), so it attends and is attended as its nine
+copies would be; the official code propagates no sizes, so a merged background window counts as
+one token and every object token gains attention share. On the embedded model (seed 15's first
+300 caption scenes, retention 0.25) that shift made captions list objects twice ("a yellow
+square and a yellow square" for one square): 124 right of 300 with the official weighting, 192
+with sizes, 225 at full tokens (``results/fidelity/mustdrop_proportional.md``). On
 Qwen2-VL the cells are the tower's 2x2 merge windows (one language-model token each), so a
 merged 3x3 block is nine LLM tokens (:mod:`.tome_qwen`); on Qwen2.5-VL the 3x3 blocks tile
 each attention window on its own (4x4 merge windows in the real model: one block per full
@@ -77,6 +84,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
     key_ratio: float = 0.08
     window_merge: bool = True
     merge_threshold: float = 0.8
+    proportional_attention: bool = True  # not in the official code (False there); see the module docstring
     vision_mode = "auto"
 
     def vision_layers(self, adapter) -> list[int]:
@@ -117,7 +125,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         within each image (Qwen2-VL) or each attention window (Qwen2.5-VL)."""
         from .tome_qwen import mustdrop_installer
 
-        return mustdrop_installer(runtime, self.merge_threshold).install()
+        return mustdrop_installer(runtime, self.merge_threshold, proportional=self.proportional_attention).install()
 
     def _merge_hook(self, runtime, state):
         from ..vision.window_merge import merge_rows
@@ -126,7 +134,8 @@ class MustDrop(PreLLMReducer, InLLMPruner):
             if runtime.current_kind != "image":
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            merged, state["assign"], bias = merge_rows(x, runtime.adapter.vision_has_cls, self.merge_threshold)
+            merged, state["assign"], bias = merge_rows(x, runtime.adapter.vision_has_cls, self.merge_threshold,
+                                                       proportional=self.proportional_attention)
             for layer in runtime.adapter.vision_layers:
                 runtime.adapter.attention_of(layer)._mmaccel_bias = bias
             return ((merged,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})

@@ -277,11 +277,12 @@ def tome_installer(runtime, keep_fraction) -> QwenWindowMerger:
     return QwenWindowMerger(runtime, plan, proportional=True, enabled=lambda: keep_fraction() < 1.0, in_block=True)
 
 
-def mustdrop_installer(runtime, threshold: float, window: int = 3) -> QwenWindowMerger:
+def mustdrop_installer(runtime, threshold: float, window: int = 3, proportional: bool = False) -> QwenWindowMerger:
     """MustDrop's local merge after block 0: each 3x3 block of 2x2 windows whose mean pairwise
     cosine similarity (window features: the mean of their patches) reaches ``threshold``
     collapses into its first window; copied back before the last block (the key-set layer).
-    On Qwen2.5-VL the blocks tile each attention window on its own."""
+    On Qwen2.5-VL the blocks tile each attention window on its own. ``proportional``: merged
+    windows weigh log(size) in attention (``MustDrop.proportional_attention``)."""
     from ..vision.window_merge import window_groups
 
     def plan(index, block, x, st):
@@ -292,4 +293,5 @@ def mustdrop_installer(runtime, threshold: float, window: int = 3) -> QwenWindow
         feats = x.reshape(-1, unit, x.shape[-1]).mean(1)
         return window_groups(feats, rows, threshold, window, cols)
 
-    return QwenWindowMerger(runtime, plan, expand_before=len(runtime.adapter.vision_tower.blocks) - 1)
+    return QwenWindowMerger(runtime, plan, expand_before=len(runtime.adapter.vision_tower.blocks) - 1,
+                            proportional=proportional)

@@ -4,7 +4,9 @@ tokens whose mean pairwise cosine similarity (self excluded) reaches the thresho
 rows of a batch get different lengths, padded and masked out of attention, so an image gets the
 same result alone or in a batch (the official code merges ``min`` over the batch). Tokens stay in
 spatial order, the merged token at its window's first cell (the official order puts merged
-windows first)."""
+windows first). With ``proportional`` the attention bias carries log(size) for every token (ToMe's
+proportional attention): a merged window attends and is attended as its nine copies would be.
+The official code does not propagate sizes, so later blocks weigh a merged window as one token."""
 from __future__ import annotations
 
 import math
@@ -41,9 +43,10 @@ def window_groups(x: torch.Tensor, side: int, threshold: float, window: int = 3,
     return groups
 
 
-def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3):
+def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3, proportional: bool = False):
     """x: (B, N0, D) after ViT layer 0. Returns (merged (B, L, D) padded, assign (B, N0) slot of
-    every original token, bias (B, 1, 1, L) with -inf on padding)."""
+    every original token, bias (B, 1, 1, L): -inf on padding, log(tokens merged) on the real
+    slots with ``proportional``, else 0)."""
     offset, dev = int(cls), x.device
     side = math.isqrt(x.shape[1] - offset)
     rows, assigns = [], []
@@ -61,4 +64,6 @@ def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3):
     for b, r in enumerate(rows):
         out[b, : r.shape[0]] = r
         bias[b, ..., r.shape[0]:] = float("-inf")
+        if proportional:
+            bias[b, 0, 0, : r.shape[0]] = torch.bincount(assigns[b], minlength=r.shape[0]).float().log()
     return out, torch.stack(assigns), bias

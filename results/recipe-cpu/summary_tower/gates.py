@@ -89,9 +89,12 @@ def shipped() -> tuple[dict, dict]:
     """Run 31's (shipped) full-token scores, caption set substituted, and its sweep's kept shares:
     the sweep made with aim's and mustdrop's official cut layers (twenty-third session), which is
     how every candidate from then on is swept; `fidelity_run31/` is the sweep before that fix,
-    the reference of runs 34-37 (`RUN31_SWEEP=fidelity_run31` reproduces their gates)."""
+    the reference of runs 34-37 (`RUN31_SWEEP=fidelity_run31` reproduces their gates). From the
+    thirty-first session mustdrop's tower weighs merged windows by size (proportional attention),
+    so the reference is run 31's sweep with that code, `fidelity_run31_proportional/`;
+    `RUN31_SWEEP=fidelity_run31_official_layers` reproduces the gates printed before it (runs to 41)."""
     ship = with_caption_set(full_token(HERE / "eval_seed15_n1800_run31.json"), HERE / "captions600_run31.json")
-    return ship, kept(HERE / os.environ.get("RUN31_SWEEP", "fidelity_run31_official_layers") / "fidelity.json")
+    return ship, kept(HERE / os.environ.get("RUN31_SWEEP", "fidelity_run31_proportional") / "fidelity.json")
 
 
 def beats_shipped(cand: dict, cand_mean: float) -> bool:
