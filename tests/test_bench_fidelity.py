@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmaccel.bench.fidelity import (RunResult, accuracy_at_cost, compare, cost_curve, equal_cost, kept_interval,
+from mmaccel.bench.fidelity import (CAPTION_ERRORS, RunResult, accuracy_at_cost, compare, cost_curve, equal_cost, kept_interval,
                                     kept_share, markdown_table)
 from mmaccel.cli import app
 
@@ -42,6 +42,26 @@ def test_compare_metrics_by_hand():
     assert res["agreement"] == 0.75 and res["aggregates"]["all"] == 0.75
     assert res["first_token_kl"] == pytest.approx(expected_kl)
     assert res["visual_tokens_per_layer_per_sample"] == [10, 5] and res["flop_ratio"] == 3.0
+
+
+def test_caption_errors_by_kind_by_hand():
+    from dataclasses import replace
+
+    from mmaccel.bench.fidelity import caption_errors, caption_error_lines, objects_listed
+    from mmaccel.world.samples import generate_samples
+
+    cap = generate_samples(1, seed=0, split="test", families=["caption"])[0]
+    gold = "a red circle, a blue square and a yellow triangle"
+    caps = [replace(cap, answer=gold)] * 4
+    other = generate_samples(1, seed=0, split="test", families=["color"])[0]
+    answers = [gold, "a red circle and a blue square",  # right; one object lost
+               "a red circle, a blue square, a blue square and a yellow triangle",  # one seen twice
+               "a red circle, a green square and a yellow triangle", "no"]  # a wrong colour; not a caption
+    assert objects_listed(gold) == 3 and objects_listed("a red circle") == 1
+    errors = caption_errors(caps + [other], answers)
+    assert errors == {"n": 4, "right": 1, "fewer objects": 1, "more objects": 1, "same count, wrong": 1}
+    table = caption_error_lines({"baseline": {"caption_errors": errors}, "points": [{"method": "aim", "retention": 0.25}]})
+    assert table[1] == "## Wrong captions by kind (of 4 captions)" and table[-1] == "| baseline | 1.0 | 1 | 1 | 1 | 1 |"
 
 
 def test_kept_interval_is_a_paired_bootstrap_of_the_kept_share():
@@ -95,6 +115,9 @@ def test_cli_sweep_writes_table_plot_and_json(world_model_dir, tmp_path):
     assert "kept 95% CI" in table.splitlines()[4]
     cost = 1.0 / points[("random", 0.25)]["flop_ratio"]
     assert "| pool | 0.25 |" in table and f"## At equal cost: {cost:.1%} of the full prefill FLOPs" in table
+    errors = points[("pool", 0.25)]["caption_errors"]
+    assert errors["n"] >= 1 and sum(errors[k] for k in ("right", *CAPTION_ERRORS)) == errors["n"]
+    assert "## Wrong captions by kind" in table and data["baseline"]["caption_errors"]["n"] == errors["n"]
     assert data["environment"]["torch"] == torch.__version__
     again = tmp_path / "again"  # a saved sweep re-renders without running the model
     res = CliRunner().invoke(app, ["bench", "fidelity", "--from-json", str(out / "fidelity.json"), "--out", str(again)])

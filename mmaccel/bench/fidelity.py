@@ -83,6 +83,31 @@ def correctness(samples, answers: list[str]) -> list[int]:
     return [int(a == s.answer) for s, a in zip(samples, answers)]
 
 
+CAPTION_ERRORS = ("fewer objects", "more objects", "same count, wrong")
+
+
+def objects_listed(caption: str) -> int:
+    """Objects a caption lists: "a red circle, a blue square and a yellow triangle" -> 3."""
+    return caption.count(",") + caption.count(" and ") + 1
+
+
+def caption_errors(samples, answers: list[str]) -> dict:
+    """The caption samples' wrong answers by kind: fewer or more objects listed than the gold
+    caption, or as many with a wrong colour, shape or order. A reduction that drops an object's
+    tokens shows as fewer; one that makes the model see an object twice, as more.
+    Returns {"n": captions, "right": ..., kind: count for each of CAPTION_ERRORS}."""
+    out = {"n": 0, "right": 0, **dict.fromkeys(CAPTION_ERRORS, 0)}
+    for sample, answer in zip(samples, answers):
+        if sample.family != "caption":
+            continue
+        out["n"] += 1
+        gold, said = objects_listed(sample.answer), objects_listed(answer)
+        kind = ("right" if answer == sample.answer else CAPTION_ERRORS[0] if said < gold
+                else CAPTION_ERRORS[1] if said > gold else CAPTION_ERRORS[2])
+        out[kind] += 1
+    return out
+
+
 def compare(samples, base: RunResult, run: RunResult) -> dict:
     """Accuracy per family, agreement with the baseline and mean first-token KL."""
     import torch
@@ -99,6 +124,7 @@ def compare(samples, base: RunResult, run: RunResult) -> dict:
         "subsets": {k: r["accuracy"] for k, r in summary["subsets"].items()},
         "first_word": first_word_accuracy(samples, run.answers),
         "correct": correctness(samples, run.answers),
+        "caption_errors": caption_errors(samples, run.answers),
         "agreement": agree,
         "first_token_kl": sum(kls) / n,
         "visual_tokens_in_per_sample": run.visual_tokens_in / n,
@@ -165,6 +191,7 @@ def sweep(model, processor, samples, methods: list[str], retentions: list[float]
                         "subset_n": {k: r["n"] for k, r in summary["subsets"].items()},
                         "first_word": first_word_accuracy(samples, base.answers),
                         "correct": correctness(samples, base.answers),
+                        "caption_errors": caption_errors(samples, base.answers),
                         "seconds": base.seconds}}
     for method in methods:
         for retention in retentions:
@@ -247,6 +274,19 @@ def versus_random(result: dict, retention: float) -> list[str]:
     return lines
 
 
+def caption_error_lines(result: dict) -> list[str]:
+    """A Markdown table of the wrong captions by kind, per point (the baseline first); empty for
+    a sweep saved before the kinds were recorded or without caption samples."""
+    rows = [("baseline", 1.0, result["baseline"])] + [(p["method"], p["retention"], p) for p in result["points"]]
+    rows = [(m, r, p["caption_errors"]) for m, r, p in rows if p.get("caption_errors", {}).get("n")]
+    if not rows:
+        return []
+    lines = ["", f"## Wrong captions by kind (of {rows[0][2]['n']} captions)", "",
+             "| method | retention | right | " + " | ".join(CAPTION_ERRORS) + " |", "|---" * (3 + len(CAPTION_ERRORS)) + "|"]
+    lines += [f"| {m} | {r} | {e['right']} | " + " | ".join(str(e[k]) for k in CAPTION_ERRORS) + " |" for m, r, e in rows]
+    return lines
+
+
 def cost_curve(result: dict, method: str) -> list[tuple[float, float]]:
     """[(prefill FLOP share of the full model, accuracy)] of ``method``'s points, cheapest first,
     with the unreduced model at share 1.0."""
@@ -325,7 +365,8 @@ def write_sweep(result: dict, out_dir: Path) -> dict[str, Path]:
     note = (f"Machine: {env['processor']}, {env['threads']} threads, torch {env['torch']}, "
             f"transformers {env['transformers']}, {env['date']}. n={result['n']} held-out samples.\n\n")
     summary = [line for r in sorted({p["retention"] for p in result["points"]}) if r < 1.0
-               for line in ["", f"## Retention {r}", *versus_random(result, r)]] + equal_cost(result)
+               for line in ["", f"## Retention {r}", *versus_random(result, r)]]
+    summary += caption_error_lines(result) + equal_cost(result)
     paths["md"].write_text("# Fidelity sweep\n\n" + note + markdown_table(result) + "\n" + "\n".join(summary) + "\n")
     plot(result, paths["png"])
     return paths

@@ -9,26 +9,20 @@ import os
 import sys
 
 from mmaccel.api import accelerate_vlm
+from mmaccel.bench.fidelity import caption_errors, objects_listed
 from mmaccel.embedded import load_model
 from mmaccel.embedded.evaluate import generate_answers
 from mmaccel.world import generate_samples
 
 
-def objects_in(caption: str) -> int:
-    """Objects a caption lists ("a red circle, a blue square and a yellow triangle" -> 3)."""
-    return caption.count(",") + caption.count(" and ") + 1
-
-
 def tally(samples, answers) -> dict:
-    kinds, by_n = collections.Counter(), collections.defaultdict(lambda: [0, 0])
+    """Wrong captions by kind (the sweep's ``caption_errors``) and accuracy by the scene's object count."""
+    by_n = collections.defaultdict(lambda: [0, 0])
     for s, pred in zip(samples, answers):
-        n_gold, right = objects_in(s.answer), pred == s.answer
-        by_n[n_gold][0] += right
-        by_n[n_gold][1] += 1
-        n_pred = objects_in(pred)
-        kinds["right" if right else "fewer objects" if n_pred < n_gold
-              else "more objects" if n_pred > n_gold else "same count, wrong"] += 1
-    return {"kinds": dict(kinds), "accuracy_by_objects": {k: round(r / t, 3) for k, (r, t) in sorted(by_n.items())},
+        by_n[objects_listed(s.answer)][0] += pred == s.answer
+        by_n[objects_listed(s.answer)][1] += 1
+    return {"kinds": caption_errors(samples, answers),
+            "accuracy_by_objects": {k: round(r / t, 3) for k, (r, t) in sorted(by_n.items())},
             "scenes_by_objects": {k: t for k, (r, t) in sorted(by_n.items())}}
 
 
