@@ -123,8 +123,9 @@ def pool_log_window(fam_loss, window: list, follow: list) -> None:
                         dtype=torch.float64)
     steps = torch.tensor([[w, 0.0 if math.isnan(f) else f, float(not math.isnan(f))] for w, f in zip(window, follow)],
                          dtype=torch.float64).reshape(-1, 3)
-    dist.all_reduce(fams)
-    dist.all_reduce(steps)
+    flat = torch.cat([fams.flatten(), steps.flatten()])  # one all-reduce for both
+    dist.all_reduce(flat)
+    fams, steps = flat[: fams.numel()].view_as(fams), flat[fams.numel():].view_as(steps)
     fam_loss.sum.clear()
     fam_loss.n.clear()
     for name, (total, n) in zip(ALL_FAMILIES, fams.tolist()):
