@@ -49,15 +49,16 @@ def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3, pr
     slots with ``proportional``, else 0)."""
     offset, dev = int(cls), x.device
     side = math.isqrt(x.shape[1] - offset)
-    rows, assigns = [], []
+    rows, assigns, sizes = [], [], []
     for b in range(x.shape[0]):
         groups = window_groups(x[b, offset:], side, threshold, window) + offset
         groups = torch.cat([torch.arange(offset, device=dev), groups])
         reps, slot = groups.unique(return_inverse=True)  # reps sorted: spatial order kept
+        size = torch.bincount(slot, minlength=reps.numel())
         merged = torch.zeros(reps.numel(), x.shape[-1], dtype=x.dtype, device=dev).index_add_(0, slot, x[b])
-        merged = merged / torch.bincount(slot, minlength=reps.numel())[:, None].to(x.dtype)
-        rows.append(merged)
+        rows.append(merged / size[:, None].to(x.dtype))
         assigns.append(slot)
+        sizes.append(size)
     length = max(r.shape[0] for r in rows)
     out = torch.zeros(x.shape[0], length, x.shape[-1], dtype=x.dtype, device=dev)
     bias = torch.zeros(x.shape[0], 1, 1, length, device=dev)
@@ -65,5 +66,5 @@ def merge_rows(x: torch.Tensor, cls: bool, threshold: float, window: int = 3, pr
         out[b, : r.shape[0]] = r
         bias[b, ..., r.shape[0]:] = float("-inf")
         if proportional:
-            bias[b, 0, 0, : r.shape[0]] = torch.bincount(assigns[b], minlength=r.shape[0]).float().log()
+            bias[b, 0, 0, : r.shape[0]] = sizes[b].float().log()
     return out, torch.stack(assigns), bias

@@ -19,8 +19,9 @@ def tally(samples, answers) -> dict:
     """Wrong captions by kind (the sweep's ``caption_errors``) and accuracy by the scene's object count."""
     by_n = collections.defaultdict(lambda: [0, 0])
     for s, pred in zip(samples, answers):
-        by_n[objects_listed(s.answer)][0] += pred == s.answer
-        by_n[objects_listed(s.answer)][1] += 1
+        tally_n = by_n[objects_listed(s.answer)]
+        tally_n[0] += pred == s.answer
+        tally_n[1] += 1
     return {"kinds": caption_errors(samples, answers),
             "accuracy_by_objects": {k: round(r / t, 3) for k, (r, t) in sorted(by_n.items())},
             "scenes_by_objects": {k: t for k, (r, t) in sorted(by_n.items())}}
