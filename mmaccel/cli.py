@@ -331,7 +331,8 @@ def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, meth
 
 @bench_app.command("speed")
 def bench_speed(
-    methods: str = typer.Option("fastv,pool,random,aim", "--methods"),
+    methods: str = typer.Option("fastv,pool,random,aim", "--methods",
+                                help="comma list; a method may carry knobs: aim:proportional_attention=false"),
     retentions: str = typer.Option("0.25,0.11", "--retentions"),
     repeats: int = typer.Option(5, "--repeats"),
     warmup: int = typer.Option(2, "--warmup"),
@@ -350,10 +351,13 @@ def bench_speed(
     try:
         from .config import AccelConfig
 
+        from .bench.fidelity import parse_method_spec
+
         names, rets = methods.split(","), _floats(retentions, "--retentions")
-        for name in names:
+        for name in names:  # a method may carry knobs, as in the fidelity sweep: aim:proportional_attention=false
+            method, params = parse_method_spec(name)
             for r in rets:
-                AccelConfig.load(None, method=name, retention=r)
+                AccelConfig.load(None, method=method, retention=r, params=params)
         _check_speed_target(device, dtype, batch, llm)
         if "tome" in names and vision_layers < 3:  # the tower's feature layer is block L-2
             raise UserError(f"tome merges in the CLIP blocks before the feature layer (block L-2); a tower of "

@@ -42,6 +42,7 @@ class Stage:
     protected: torch.Tensor | None = None  # (B, L) bool: tokens no later stage may drop
     layer_kwargs: dict = field(default_factory=dict)  # attention_mask, position_embeddings, position_ids
     counts: tuple | None = None  # (tokens per sample, visual tokens): read once per stage, see _count_layer
+    key_bias: torch.Tensor | None = None  # (B, L) log(size) of each token: proportional attention, or None
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Request:
     # per sample: (kept positions, segment positions, Reduction) of each merging reduction
     sources: list = field(default_factory=list)
     final: Stage | None = None  # the stage the last decoder layer saw
+    # (B, T) log of how many original tokens each input token stands for, where a method merged
+    # before the LLM and asked for proportional attention; None when no kept token is merged
+    log_size: torch.Tensor | None = None
 
 
 def _cache_len(cache, layer: int = 0) -> int:
@@ -82,6 +86,8 @@ class Runtime:
         method.check_model(adapter)
         self.adapter, self.method, self.policy = adapter, method, position_policy
         self.splicing = isinstance(method, (PreLLMReducer, InLLMPruner))
+        # merged tokens weigh log(size) in the LLM's attention (only methods that merge before it)
+        self.proportional = isinstance(method, PreLLMReducer) and bool(getattr(method, "proportional_attention", False))
         self.schedule = dict(method.schedule(len(adapter.layers))) if isinstance(method, InLLMPruner) else {}
         self.handles, self.patched, self.taps = [], [], {}
         self.request: Request | None = None
@@ -125,6 +131,8 @@ class Runtime:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        for layer in self.adapter.layers:
+            vars(layer.self_attn).pop("_mmaccel_key_bias", None)
         for obj, name, had, old in reversed(self.patched):
             if had:
                 setattr(obj, name, old)
@@ -169,7 +177,7 @@ class Runtime:
 
     def _install_taps(self) -> None:
         tap_layers = {self.method.tap_layer(k) for k in self.schedule}
-        if not tap_layers:
+        if not tap_layers and not self.proportional:
             return
         cfg = self.adapter.text_config
         self._saved_attn = cfg._attn_implementation_internal
@@ -413,7 +421,8 @@ class Runtime:
         index, new_valid = pack_kept(keep)
         stage = Stage(0, new_valid, gather_tokens(visual, index) & new_valid,
                       self._new_positions(positions, index, new_valid), index,
-                      gather_tokens(self._protected, index) & new_valid)
+                      gather_tokens(self._protected, index) & new_valid,
+                      key_bias=None if req.log_size is None else gather_tokens(req.log_size, index))
         req.stages, req.final = [stage], stage
         req.visual_in = (stage.visual & stage.valid).sum(1).tolist()
         req.next_pos = self._next_positions(positions, valid, new_valid)
@@ -489,6 +498,10 @@ class Runtime:
             self._protected[sample, seg.positions.to(embeds.device)[red.protected]] = True
         if red.groups is not None:  # provenance is built only when asked for (see provenance())
             self.request.sources[sample].append((kept_pos, seg.positions, red))
+        if self.proportional and red.sizes is not None and bool((red.sizes > 1).any()):
+            if self.request.log_size is None:  # only once a token is merged: else the mask stays SDPA's own
+                self.request.log_size = torch.zeros(keep.shape, device=embeds.device)
+            self.request.log_size[sample, kept_pos] = red.sizes.to(embeds.device).float().log()
 
     def _decode_inputs(self, args, kwargs):
         req = self.request
@@ -532,7 +545,7 @@ class Runtime:
                 gather = index[:, None, :, None].expand(-1, cl.keys.shape[1], -1, cl.keys.shape[-1])
                 cl.keys, cl.values = torch.gather(cl.keys, 2, gather), torch.gather(cl.values, 2, gather)
             req.stages[s] = Stage(stage.first_layer, final.valid, final.visual, final.positions, final.orig,
-                                  final.protected)
+                                  final.protected, key_bias=final.key_bias)
 
     def _layer_hook(self, idx: int):
         def hook(module, args, kwargs):
@@ -541,6 +554,8 @@ class Runtime:
                 return None
             if idx in self.taps:
                 self.taps[idx]._mmaccel_tap.enabled = req.prefill
+            if self.proportional:
+                self._set_key_bias(idx)
             if not req.prefill:
                 return self._decode_layer(idx, args, kwargs)
             if idx in self.schedule:
@@ -556,6 +571,14 @@ class Runtime:
             return args, kwargs
 
         return hook
+
+    def _set_key_bias(self, idx: int) -> None:
+        """Give layer ``idx``'s attention the log(size) of the keys it sees: its stage's tokens in
+        prefill, its stage's cache in decode (the wrapper adds 0 for tokens decoded since). A
+        layer that prunes gets the new stage's bias from ``_prune``."""
+        req = self.request
+        stages = [s for s in req.stages if s.first_layer <= idx]
+        self.adapter.layers[idx].self_attn._mmaccel_key_bias = stages[-1].key_bias if stages else None
 
     def _count_layer(self, stage: Stage) -> None:
         if stage.counts is None:  # one host sync per stage, not per layer: on a GPU each one
@@ -617,7 +640,8 @@ class Runtime:
         positions = self._new_positions(stage.positions, index, valid)
         new = Stage(idx, valid, gather_tokens(stage.visual, index) & valid, positions,
                     torch.gather(stage.orig, 1, index), gather_tokens(stage.protected, index) & valid,
-                    counts=(per_sample, n_visual))
+                    counts=(per_sample, n_visual),
+                    key_bias=None if stage.key_bias is None else torch.gather(stage.key_bias, 1, index))
         rotary = self.adapter.language_model.rotary_emb
         text_pos = positions if positions.dim() == 2 else compact_positions(valid)
         new.layer_kwargs = {
@@ -627,6 +651,8 @@ class Runtime:
         }
         req.stages.append(new)
         req.final = new
+        if self.proportional:
+            self.adapter.layers[idx].self_attn._mmaccel_key_bias = new.key_bias
         args = (new_hidden,) + tuple(args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = new_hidden

@@ -125,12 +125,15 @@ def _wrapped(base_name: str):
             if attention_mask is not None and attention_mask.dtype == torch.bool:
                 attention_mask = torch.zeros_like(bias).masked_fill(~attention_mask, float("-inf"))
             attention_mask = bias if attention_mask is None else attention_mask + bias
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        key_bias = getattr(module, "_mmaccel_key_bias", None)  # the LLM's proportional attention
+        if key_bias is not None:
+            attention_mask = with_key_bias(attention_mask, key_bias, query, key, causal)
         out = fn(module, query, key, value, attention_mask, *args, **kwargs)
         tap: TapRequest | None = getattr(module, "_mmaccel_tap", None)
         if tap is not None and tap.enabled and query.shape[2] > 1:
             scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or module.scale
-            causal = kwargs.get("is_causal")
-            causal = getattr(module, "is_causal", True) if causal is None else causal
             mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
             start = clock()
             tap.probs = tap.compute(module, query, key, mask, scaling, causal)
@@ -139,6 +142,24 @@ def _wrapped(base_name: str):
         return out
 
     return attention
+
+
+def with_key_bias(mask: torch.Tensor | None, bias: torch.Tensor, query, key, causal: bool) -> torch.Tensor:
+    """An additive mask: ``mask`` (None, bool or additive, (B|1, 1|H, Tq, >=Tk)) plus a per-key
+    bias (B, Tb), Tb <= Tk: the first Tb keys (a prefill's) get it and later keys (tokens decoded
+    since, appended to the cache) get 0. Where the model left the mask to SDPA's ``is_causal``
+    (mask None, Tq > 1), causality is built here: a bias alone would let queries see the future.
+    Hidden keys get the dtype's minimum, not -inf, so a padded row with no visible key stays finite."""
+    tq, tk = query.shape[2], key.shape[2]
+    bias = torch.nn.functional.pad(bias.to(query.dtype), (0, tk - bias.shape[-1]))[:, None, None]
+    if mask is None and causal and tq > 1:
+        mask = torch.arange(tk, device=key.device)[None] <= torch.arange(tq, device=key.device)[:, None] + (tk - tq)
+    if mask is None:
+        return bias
+    mask = mask[..., :tk]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=key.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+    return (mask + bias).clamp_min(torch.finfo(query.dtype).min)
 
 
 def register_wrapper(base_name: str) -> str:

@@ -38,12 +38,13 @@ def test_a_second_pass_carries_the_first_passes_sources():
 def test_official_two_passes_keep_a_quarter_and_cover_everything():
     torch.manual_seed(0)
     x = torch.randn(196, 8)
-    slots, feats, groups = merge_to_budget(x, 49)
+    slots, feats, groups, sizes = merge_to_budget(x, 49)
     assert feats.shape == (49, 8) and slots.numel() == 49 and torch.all(slots.diff() > 0)
     covered = torch.cat(groups).sort().values
     assert torch.equal(covered, torch.arange(196))
     for slot, group in zip(slots.tolist(), groups):  # each kept token sits at one of its own sources
         assert slot in group.tolist()
+    assert sizes.tolist() == [g.numel() for g in groups]
 
 
 def test_schedule_matches_the_official_28_layer_rates():
@@ -104,9 +105,9 @@ def test_gentle_passes_leave_a_lone_distinct_token_unmerged():
     x = torch.zeros(8, 2)
     x[:, 1] = 1.0
     x[0] = torch.tensor([1.0, 0.0])
-    _, official, groups = merge_to_budget(x, 4)
+    _, official, groups, _ = merge_to_budget(x, 4)
     assert not any(torch.equal(f, x[0]) for f in official) and not any(g.tolist() == [0] for g in groups)
-    slots, gentle, groups = merge_to_budget(x, 4, pass_fraction=0.25)
+    slots, gentle, groups, _ = merge_to_budget(x, 4, pass_fraction=0.25)
     assert gentle.shape == (4, 2) and slots[0] == 0 and torch.equal(gentle[0], x[0])
     assert groups[0].tolist() == [0] and torch.equal(torch.cat(groups).sort().values, torch.arange(8))
 

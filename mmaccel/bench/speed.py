@@ -152,10 +152,13 @@ def measure(model, inputs, method: str, retention: float, repeats: int = 5, warm
 
 
 def _accelerated(model, inputs, timer, method, retention, warmup, times: list):
-    """One accelerated prefill (after ``warmup``); appends its ms to ``times``, returns its stats."""
+    """One accelerated prefill (after ``warmup``); appends its ms to ``times``, returns its stats.
+    ``method`` may carry knobs (``aim:proportional_attention=false``, see ``parse_method_spec``)."""
     from ..api import accelerate_vlm
+    from .fidelity import parse_method_spec
 
-    with accelerate_vlm(model, method=method, retention=retention) as handle:
+    name, params = parse_method_spec(method)
+    with accelerate_vlm(model, method=name, retention=retention, **params) as handle:
         times.append(time_prefill(model, inputs, timer, 1, warmup))
         return handle.stats
 

@@ -54,6 +54,9 @@ class Reduction:
     # method can leave it to be built only when provenance is asked for (it costs host time)
     groups: list[torch.Tensor] | Callable[[], list[torch.Tensor]] | None = None
     protected: torch.Tensor | None = None  # (p,) local indices later stages must never drop
+    # (k,) how many of the segment's tokens each kept token stands for (merging methods); the
+    # LLM weighs a kept token by it when the method asks for proportional attention
+    sizes: torch.Tensor | None = None
 
     def group_list(self) -> list[torch.Tensor] | None:
         """``groups`` as a list (built now if the method left it as a function)."""

@@ -23,6 +23,10 @@ Deliberate differences:
 - row-newline tokens (LLaVA-NeXT / OneVision) are never dominant and never join a group (they
   hold no image content); they are dropped unless the image tokens cannot fill the budget;
 - tokens keep their spatial slots, so positions and provenance stay meaningful.
+
+``proportional_attention`` (off, as official) makes a contextual token weigh log(group size)
+in the LLM's attention, as in ``aim``; on the embedded world it is within noise at 0.25
+(96.5% -> 96.1% kept) and helps at 0.11 (81.8% -> 83.6%).
 """
 from __future__ import annotations
 
@@ -106,6 +110,7 @@ class VisionZip(PreLLMReducer):
     description = "keep dominant tokens by ViT CLS attention, merge the rest into contextual tokens (pre-LLM)"
     retention: float | None = 64 / 576
     dominant_share: float = 54 / 64
+    proportional_attention: bool = False  # merged tokens weigh log(size) in the LLM's attention
     vision_mode = "auto"
 
     def __post_init__(self):
@@ -144,7 +149,7 @@ class VisionZip(PreLLMReducer):
             mean = _mean_merge(maps["zip_hidden"])
             metric, merge = maps["zip_key"], lambda *group_args: self._project(mean(*group_args))
         keep, feats, groups = dominant_contextual(features, scores, n_dominant, budget - n_dominant, metric, merge)
-        return Reduction(keep.to(features.device), feats, groups)
+        return Reduction(keep.to(features.device), feats, groups, sizes=torch.tensor([g.numel() for g in groups]))
 
 
 def _recorder(runtime, name: str, transform):
