@@ -44,7 +44,7 @@ def test_key_bias_keeps_a_bool_mask_and_stays_finite_on_a_row_that_sees_nothing(
 
 def _run_and_capture(model, inputs, method, **knobs):
     """Generate two tokens under ``method``; return (step logits, the LLM's calls' kwargs, the
-    prefill's per-token sizes)."""
+    prefill's per-token sizes, each checked against the number of tokens merged into it)."""
     calls = []
     gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with accelerate_vlm(model, method=method, retention=0.25, **knobs) as handle, torch.no_grad():
@@ -54,8 +54,12 @@ def _run_and_capture(model, inputs, method, **knobs):
             out = model.generate(**inputs, **gen)
         finally:
             probe.remove()
-        bias = handle._runtime.last_call()[1].stages[0].key_bias
-    sizes = None if bias is None else bias.exp().round().long()[0]
+        stage, sources = handle._runtime.last_call()[1].stages[0], handle.provenance()[0]
+    if stage.key_bias is None:
+        return out.logits, calls, None
+    sizes = stage.key_bias.exp().round().long()[0]
+    size_at = dict(zip(stage.orig[0].tolist(), sizes.tolist()))
+    assert {p: size_at[p] for p in sources} == {p: s.numel() for p, s in sources.items()}, "sizes != group sizes"
     return out.logits, calls, sizes
 
 
@@ -79,12 +83,13 @@ def _copies_reference(model, calls, sizes):
 
 
 @pytest.mark.parametrize("family, method", [("llava_onevision", "aim"), ("llava_onevision", "pool"),
-                                            ("qwen2_vl", "aim"), ("qwen2_vl", "visionzip")])
+                                            ("llava_onevision", "tome"), ("qwen2_vl", "aim"),
+                                            ("qwen2_vl", "visionzip"), ("qwen2_vl", "tome")])
 def test_a_merged_token_weighs_what_its_copies_weigh_in_prefill_and_decode(family, method):
     """One decoder layer (so the keys of copies are identical, as they are not after a layer in
     which each copy saw a different causal prefix): a token merged from s weighs exactly what s
     copies of it at its position weigh, in the prefill and at the decode step after it."""
-    model, proc = build(family, text_layers=1)
+    model, proc = build(family, text_layers=1, vision_layers=4)  # tome merges in the blocks before the last
     inputs = make_inputs(proc, batch=1)
     logits, calls, sizes = _run_and_capture(model, inputs, method, proportional_attention=True)
     assert sizes is not None and sizes.max() > 1 and len(calls) == 2

@@ -76,6 +76,8 @@ class ToMe(PreLLMReducer):
     name = "tome"
     description = "merge similar tokens inside the ViT blocks (size-weighted, proportional attention)"
     retention: float | None = 0.5
+    # merged tokens weigh log(size) in the LLM's attention too (ToMe's own weighting stops at the tower)
+    proportional_attention: bool = False
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def check_model(self, adapter) -> None:
@@ -173,7 +175,7 @@ def merge_to_budget(features: torch.Tensor, budget: int) -> Reduction:
     first = first_sources(assign, x.shape[1])[0]
     order = first.argsort()
     groups = functools.partial(_members_in_order, slots.cpu(), order.cpu())  # built only for provenance
-    return Reduction(first[order], x[0, order].to(features.dtype), groups)
+    return Reduction(first[order], x[0, order].to(features.dtype), groups, sizes=size[0, order].round().long().cpu())
 
 
 def _members_in_order(slots: torch.Tensor, order: torch.Tensor) -> list[torch.Tensor]:
@@ -213,14 +215,16 @@ def expand_hook(runtime, state: dict):
     return hook
 
 
-def one_per_group(segment: Segment) -> Reduction:
-    """Keep the first token of every merged group (maps left by a tower-stage merge)."""
+def one_per_group(segment: Segment, sizes: bool = True) -> Reduction:
+    """Keep the first token of every merged group (maps left by a tower-stage merge); with
+    ``sizes``, each kept token's group size (for proportional attention in the LLM)."""
     maps = segment.scores or {}
     if "merge_rep" not in maps:
         return Reduction(torch.arange(segment.n))
     rep, own = maps["merge_rep"][:, 0].cpu(), maps["merge_own"][:, 0].cpu()  # index bookkeeping on the CPU
     keep = ((rep == own) | torch.isnan(rep)).nonzero().flatten()  # NaN: structural newline tokens, kept
-    return Reduction(keep, None, functools.partial(_window_members, rep, keep))  # groups: for provenance only
+    counts = (rep[None, :] == rep[keep][:, None]).sum(1).clamp_min(1) if sizes else None  # a newline (NaN): 1
+    return Reduction(keep, None, functools.partial(_window_members, rep, keep), sizes=counts)  # groups: provenance
 
 
 def _window_members(rep: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:

@@ -92,9 +92,12 @@ def shipped() -> tuple[dict, dict]:
     the reference of runs 34-37 (`RUN31_SWEEP=fidelity_run31` reproduces their gates). From the
     thirty-first session mustdrop's tower weighs merged windows by size (proportional attention),
     so the reference is run 31's sweep with that code, `fidelity_run31_proportional/`;
-    `RUN31_SWEEP=fidelity_run31_official_layers` reproduces the gates printed before it (runs to 41)."""
+    `RUN31_SWEEP=fidelity_run31_official_layers` reproduces the gates printed before it (runs to 41).
+    From the thirty-second session aim's merged tokens weigh log(size) in the LLM (its
+    proportional attention), so the reference is `fidelity_run31_llm_proportional/`, and
+    `RUN31_SWEEP=fidelity_run31_proportional` reproduces the thirty-first session's."""
     ship = with_caption_set(full_token(HERE / "eval_seed15_n1800_run31.json"), HERE / "captions600_run31.json")
-    return ship, kept(HERE / os.environ.get("RUN31_SWEEP", "fidelity_run31_proportional") / "fidelity.json")
+    return ship, kept(HERE / os.environ.get("RUN31_SWEEP", "fidelity_run31_llm_proportional") / "fidelity.json")
 
 
 def beats_shipped(cand: dict, cand_mean: float) -> bool:
