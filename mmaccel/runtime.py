@@ -25,7 +25,7 @@ import torch
 
 from .methods.base import InLLMPruner, Method, PreLLMReducer
 from .models.base import Segment, VLMAdapter
-from .scoring import TapRequest, register_wrapper
+from .scoring import WRAPPER_PREFIX, TapRequest, register_wrapper
 from .stats import Stats, clock, prefill_flops
 from .tokens.splice import compact_positions, gather_positions, gather_tokens, pack_kept, to_device_async
 
@@ -88,6 +88,8 @@ class Runtime:
         self.splicing = isinstance(method, (PreLLMReducer, InLLMPruner))
         # merged tokens weigh log(size) in the LLM's attention (only methods that merge before it)
         self.proportional = isinstance(method, PreLLMReducer) and bool(getattr(method, "proportional_attention", False))
+        if self.proportional:
+            _check_bias_capable(adapter.text_config, method.name)
         self.schedule = dict(method.schedule(len(adapter.layers))) if isinstance(method, InLLMPruner) else {}
         self.handles, self.patched, self.taps = [], [], {}
         self.request: Request | None = None
@@ -657,6 +659,16 @@ class Runtime:
         if not args:
             kwargs["hidden_states"] = new_hidden
         return args, kwargs
+
+
+def _check_bias_capable(text_config, method: str) -> None:
+    """Proportional attention adds a per-key bias to an additive mask: SDPA and eager take one,
+    kernels such as FlashAttention-2 take only a padding mask."""
+    impl = (text_config._attn_implementation or "sdpa").removeprefix(WRAPPER_PREFIX)
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"{method}'s proportional_attention adds log(size) to the language model's attention "
+                         f"logits, which needs attn_implementation 'sdpa' or 'eager', not {impl!r}: load the model "
+                         f"with attn_implementation='sdpa', or pass proportional_attention=False")
 
 
 def subset_index(stage: Stage, final: Stage) -> torch.Tensor:

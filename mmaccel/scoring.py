@@ -151,6 +151,8 @@ def with_key_bias(mask: torch.Tensor | None, bias: torch.Tensor, query, key, cau
     (mask None, Tq > 1), causality is built here: a bias alone would let queries see the future.
     Hidden keys get the dtype's minimum, not -inf, so a padded row with no visible key stays finite."""
     tq, tk = query.shape[2], key.shape[2]
+    if bias.shape[-1] > tk:  # the cache lost tokens the bias still counts: the layouts disagree
+        raise RuntimeError(f"mmaccel: a key bias of {bias.shape[-1]} tokens for {tk} keys")
     bias = torch.nn.functional.pad(bias.to(query.dtype), (0, tk - bias.shape[-1]))[:, None, None]
     if mask is None and causal and tq > 1:
         mask = torch.arange(tk, device=key.device)[None] <= torch.arange(tq, device=key.device)[:, None] + (tk - tq)

@@ -82,14 +82,16 @@ def _copies_reference(model, calls, sizes):
     return logits
 
 
-@pytest.mark.parametrize("family, method", [("llava_onevision", "aim"), ("llava_onevision", "pool"),
-                                            ("llava_onevision", "tome"), ("qwen2_vl", "aim"),
-                                            ("qwen2_vl", "visionzip"), ("qwen2_vl", "tome")])
-def test_a_merged_token_weighs_what_its_copies_weigh_in_prefill_and_decode(family, method):
+@pytest.mark.parametrize("family, method, attn", [
+    ("llava_onevision", "aim", "sdpa"), ("llava_onevision", "aim", "eager"), ("llava_onevision", "pool", "sdpa"),
+    ("llava_onevision", "tome", "sdpa"), ("qwen2_vl", "aim", "sdpa"), ("qwen2_vl", "visionzip", "sdpa"),
+    ("qwen2_vl", "tome", "sdpa")])
+def test_a_merged_token_weighs_what_its_copies_weigh_in_prefill_and_decode(family, method, attn):
     """One decoder layer (so the keys of copies are identical, as they are not after a layer in
     which each copy saw a different causal prefix): a token merged from s weighs exactly what s
     copies of it at its position weigh, in the prefill and at the decode step after it."""
     model, proc = build(family, text_layers=1, vision_layers=4)  # tome merges in the blocks before the last
+    model.config.text_config._attn_implementation_internal = attn
     inputs = make_inputs(proc, batch=1)
     logits, calls, sizes = _run_and_capture(model, inputs, method, proportional_attention=True)
     assert sizes is not None and sizes.max() > 1 and len(calls) == 2
@@ -135,3 +137,23 @@ def test_the_biased_prefill_stays_causal(tiny_models, family):
     first = int(differ) - (ids_a.numel() - logits_a.shape[0])  # the merge removed tokens before it
     torch.testing.assert_close(logits_a[:first], logits_b[:first], rtol=0, atol=0)
     assert not torch.allclose(logits_a[first:], logits_b[first:])
+
+
+def test_a_bias_longer_than_the_keys_is_an_error_not_a_silent_crop():
+    query, key = _qk(1, 2)
+    with pytest.raises(RuntimeError, match="3 tokens for 2 keys"):
+        with_key_bias(None, torch.zeros(1, 3), query, key, causal=True)
+
+
+def test_proportional_attention_refuses_attention_kernels_without_an_additive_mask(tiny_models):
+    model, _ = tiny_models("llava_onevision")
+    cfg = model.config.text_config
+    saved = cfg._attn_implementation_internal
+    cfg._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'"):
+            accelerate_vlm(model, method="aim", retention=0.25)
+        accelerate_vlm(model, method="aim", retention=0.25, proportional_attention=False).restore()
+    finally:
+        cfg._attn_implementation_internal = saved
+    assert getattr(model, "_mmaccel_handle", None) is None
