@@ -82,17 +82,19 @@ def _copies_reference(model, calls, sizes):
     return logits
 
 
-@pytest.mark.parametrize("family, method, attn", [
-    ("llava_onevision", "aim", "sdpa"), ("llava_onevision", "aim", "eager"), ("llava_onevision", "pool", "sdpa"),
-    ("llava_onevision", "tome", "sdpa"), ("qwen2_vl", "aim", "sdpa"), ("qwen2_vl", "visionzip", "sdpa"),
-    ("qwen2_vl", "tome", "sdpa")])
-def test_a_merged_token_weighs_what_its_copies_weigh_in_prefill_and_decode(family, method, attn):
+@pytest.mark.parametrize("family, method, attn, media", [
+    ("llava_onevision", "aim", "sdpa", "image"), ("llava_onevision", "aim", "eager", "image"),
+    ("llava_onevision", "pool", "sdpa", "image"), ("llava_onevision", "tome", "sdpa", "image"),
+    ("llava_onevision", "aim", "sdpa", "video"), ("qwen2_vl", "aim", "sdpa", "image"),
+    ("qwen2_vl", "visionzip", "sdpa", "image"), ("qwen2_vl", "tome", "sdpa", "image"),
+    ("qwen2_vl", "pool", "sdpa", "video")])
+def test_a_merged_token_weighs_what_its_copies_weigh_in_prefill_and_decode(family, method, attn, media):
     """One decoder layer (so the keys of copies are identical, as they are not after a layer in
     which each copy saw a different causal prefix): a token merged from s weighs exactly what s
     copies of it at its position weigh, in the prefill and at the decode step after it."""
     model, proc = build(family, text_layers=1, vision_layers=4)  # tome merges in the blocks before the last
     model.config.text_config._attn_implementation_internal = attn
-    inputs = make_inputs(proc, batch=1)
+    inputs = make_inputs(proc, batch=1, media=(media,))
     logits, calls, sizes = _run_and_capture(model, inputs, method, proportional_attention=True)
     assert sizes is not None and sizes.max() > 1 and len(calls) == 2
     reference = _copies_reference(model, calls, sizes)
