@@ -177,3 +177,17 @@ def test_cli_unknown_knob_fails_fast(world_model_dir):
     res = CliRunner().invoke(app, ["bench", "fidelity", "--method", "aim:pass_fracton=0.25",
                                    "--model", str(world_model_dir)])
     assert res.exit_code == 1 and "pass_fracton" in res.output
+
+
+def test_knob_variants_share_their_method_colour_and_no_two_methods_share_one():
+    from mmaccel.bench.fidelity import line_styles
+
+    specs = ["random", "pool", "pool:proportional_attention=true", "fastv", "aim", "aim:proportional_attention=false",
+             "hired", "visionzip", "visionzip:proportional_attention=true", "stc", "mustdrop", "tome"]
+    styles = line_styles(specs)
+    assert styles["aim:proportional_attention=false"]["color"] == styles["aim"]["color"]
+    assert styles["aim:proportional_attention=false"]["linestyle"] == "--" and styles["aim"]["linestyle"] == "-"
+    bases = [s for s in specs if ":" not in s]
+    assert len({styles[b]["color"] for b in bases}) == len(bases)
+    many = [f"m{i}" for i in range(14)]
+    assert len({line_styles(many)[m]["color"] for m in many}) == 14

@@ -326,6 +326,19 @@ def equal_cost(result: dict, reference: str = "random") -> list[str]:
     return lines
 
 
+def line_styles(methods: list[str]) -> dict[str, dict]:
+    """Matplotlib styles per method spec: one colour per method, its knob variants
+    (``aim:pass_fraction=0.25``) in that colour, dashed, with square markers, so a sweep of more
+    specs than the palette has colours never gives two methods one colour."""
+    from matplotlib import colormaps
+
+    bases = sorted({m.split(":")[0] for m in methods})
+    palette = colormaps["tab10" if len(bases) <= 10 else "tab20"]
+    colour = {b: palette(i % palette.N) for i, b in enumerate(bases)}
+    return {m: {"color": colour[m.split(":")[0]], "linestyle": "--" if ":" in m else "-",
+                "marker": "s" if ":" in m else "o"} for m in methods}
+
+
 def plot(result: dict, path: Path) -> None:
     """Accuracy (all families) vs retention and vs prefill FLOP share, one line per method,
     the unreduced model dashed."""
@@ -338,11 +351,12 @@ def plot(result: dict, path: Path) -> None:
     by_method = defaultdict(list)
     for p in result["points"]:
         by_method[p["method"]].append((p["retention"], p["aggregates"]["all"]))
+    styles = line_styles(list(by_method))
     for method, pts in sorted(by_method.items()):
         pts.sort()
-        line, = by_retention.plot([r for r, _ in pts], [a for _, a in pts], marker="o", label=method)
+        by_retention.plot([r for r, _ in pts], [a for _, a in pts], label=method, **styles[method])
         curve = cost_curve(result, method)
-        by_cost.plot([s for s, _ in curve], [a for _, a in curve], marker="o", color=line.get_color())
+        by_cost.plot([s for s, _ in curve], [a for _, a in curve], **styles[method])
     for ax in (by_retention, by_cost):
         ax.axhline(result["baseline"]["aggregates"]["all"], color="gray", linestyle="--",
                    label="no reduction" if ax is by_retention else None)
