@@ -159,9 +159,10 @@ def with_key_bias(mask: torch.Tensor | None, bias: torch.Tensor, query, key, cau
     if mask is None:
         return bias
     mask = mask[..., :tk]
+    lowest = torch.finfo(query.dtype).min
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=key.device).masked_fill(~mask, torch.finfo(query.dtype).min)
-    return (mask + bias).clamp_min(torch.finfo(query.dtype).min)
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=key.device).masked_fill(~mask, lowest)
+    return (mask + bias).clamp_min(lowest)
 
 
 def register_wrapper(base_name: str) -> str:

@@ -97,7 +97,7 @@ class MustDrop(PreLLMReducer, InLLMPruner):
         for seg in segments:
             # the windows' sizes stay in the tower: weighing them in the LLM too changed nothing
             # on the embedded world (results/fidelity/llm_proportional.md), and the LLM keeps SDPA's own mask
-            red = one_per_group(seg, sizes=False)
+            red = one_per_group(seg, with_sizes=False)
             tap = [v for k, v in seg.scores.items() if not str(k).startswith("merge_")]
             scores = head_scores(tap[0]).cpu()[red.keep]  # red.keep is on the CPU
             # official: ceil(0.08 * (N - 1)) of the tokens left *after* the window merge

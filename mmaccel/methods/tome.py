@@ -215,15 +215,15 @@ def expand_hook(runtime, state: dict):
     return hook
 
 
-def one_per_group(segment: Segment, sizes: bool = True) -> Reduction:
+def one_per_group(segment: Segment, with_sizes: bool = True) -> Reduction:
     """Keep the first token of every merged group (maps left by a tower-stage merge); with
-    ``sizes``, each kept token's group size (for proportional attention in the LLM)."""
+    ``with_sizes``, each kept token's group size (for proportional attention in the LLM)."""
     maps = segment.scores or {}
     if "merge_rep" not in maps:
         return Reduction(torch.arange(segment.n))
     rep, own = maps["merge_rep"][:, 0].cpu(), maps["merge_own"][:, 0].cpu()  # index bookkeeping on the CPU
     keep = ((rep == own) | torch.isnan(rep)).nonzero().flatten()  # NaN: structural newline tokens, kept
-    counts = (rep[None, :] == rep[keep][:, None]).sum(1).clamp_min(1) if sizes else None  # a newline (NaN): 1
+    counts = (rep[None, :] == rep[keep][:, None]).sum(1).clamp_min(1) if with_sizes else None  # a newline (NaN): 1
     return Reduction(keep, None, functools.partial(_window_members, rep, keep), sizes=counts)  # groups: provenance
 
 
