@@ -171,7 +171,8 @@ def pagerank_importance(probs, rows, row_valid, tau: float = 0.1, iters: int = 5
 @dataclass
 class AIM(PreLLMReducer, InLLMPruner):
     name = "aim"
-    description = "merge similar visual tokens per frame, then prune progressively in the LLM by PageRank"
+    description = ("merge similar visual tokens per frame (each weighs its size in the LLM), then prune "
+                   "progressively in the LLM by PageRank")
     query = "text"
     retention: float | None = 0.25
     prune: bool = True
