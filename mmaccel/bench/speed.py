@@ -349,9 +349,10 @@ def _stc_rule(row: dict) -> str:
     return f"similarity < {row['similarity_threshold']} (README rule; {100 * row['dynamic_share']:.1f}% updated)"
 
 
-def build_qwen2_vl_tower_model(depth: int = 8, dim: int = 384, seed: int = 0):
+def build_qwen2_vl_tower_model(depth: int = 8, dim: int = 384, seed: int = 0, text_layers: int = 1):
     """A Qwen2-VL model with a real-shaped vision tower (``depth`` blocks of ``dim``, MLP 4x)
-    and a 1-layer text model: enough for ``accelerate_vlm`` to install, cheap to run."""
+    and a small text model (``text_layers``; mustdrop needs 3): enough for ``accelerate_vlm`` to
+    install, cheap to run."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -360,7 +361,7 @@ def build_qwen2_vl_tower_model(depth: int = 8, dim: int = 384, seed: int = 0):
     tok = make_tokenizer()
     vision = dict(depth=depth, embed_dim=dim, hidden_size=64, num_heads=max(1, dim // 64), patch_size=14, mlp_ratio=4,
                   spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
                 num_attention_heads=2, num_key_value_heads=2,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     cfg = Qwen2VLConfig(vision_config=vision, text_config=text,
