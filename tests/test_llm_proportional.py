@@ -159,3 +159,19 @@ def test_proportional_attention_refuses_attention_kernels_without_an_additive_ma
     finally:
         cfg._attn_implementation_internal = saved
     assert getattr(model, "_mmaccel_handle", None) is None
+
+
+@pytest.mark.parametrize("fam", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", ["pool", "visionzip", "tome"])
+def test_cached_decode_with_the_bias_equals_recomputing_every_step(deep_tower_models, method, fam):
+    """A padded batch, four decoder layers: decoding on the cache (the prefill's bias, 0 for each
+    token decoded since) gives the tokens that a full recompute gives at every step with
+    ``use_cache=False``, where each decoded token is a prompt token of size 1."""
+    model, proc = deep_tower_models(fam)
+    inputs = make_inputs(proc, batch=2)
+    with accelerate_vlm(model, method=method, retention=0.25, proportional_attention=True) as handle, \
+            torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert handle._runtime.last_call()[1].stages[0].key_bias is not None
+        uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, cached)
