@@ -298,20 +298,24 @@ def _render_saved_sweep(path: Path, out: Path) -> dict:
     return result
 
 
-def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, methods, retentions, out):
+def _check_method_specs(names: list[str], retentions: list) -> None:
+    """Unknown methods, knobs and out-of-range retentions fail before any work. A spec may carry
+    knobs, as in ``aim:proportional_attention=false`` (see ``parse_method_spec``)."""
+    from .bench.fidelity import parse_method_spec
     from .config import AccelConfig
 
+    for name in names:
+        method, params = parse_method_spec(name)
+        for r in retentions:
+            AccelConfig.load(None, method=method, retention=r, params=params)
+
+
+def _run_fidelity(method, retention, n, seed, model_dir, batch_size, sweep, methods, retentions, out):
     if not sweep and method is None:
         raise UserError("give --method (and --retention), or --sweep")
-    from .bench.fidelity import parse_method_spec
-
     names = methods.split(",") if sweep else [method]
-    specs = [parse_method_spec(name) for name in names]
-    for method_name, params in specs:  # unknown names and knobs fail before any work
-        AccelConfig.load(None, method=method_name, params=params)
     rets = _floats(retentions, "--retentions") if sweep else [retention]
-    for r in rets:
-        AccelConfig.load(None, method=specs[0][0], retention=r)
+    _check_method_specs(names, rets)
     from .bench.fidelity import sweep as run_sweep, write_sweep
     from .pipeline import load_model
     from .world.samples import generate_samples
@@ -349,15 +353,8 @@ def bench_speed(
 ):
     """Prefill wall-time speedup beside the analytic FLOP ratio on a LLaVA-1.5-shaped model."""
     try:
-        from .config import AccelConfig
-
-        from .bench.fidelity import parse_method_spec
-
         names, rets = methods.split(","), _floats(retentions, "--retentions")
-        for name in names:  # a method may carry knobs, as in the fidelity sweep: aim:proportional_attention=false
-            method, params = parse_method_spec(name)
-            for r in rets:
-                AccelConfig.load(None, method=method, retention=r, params=params)
+        _check_method_specs(names, rets)
         _check_speed_target(device, dtype, batch, llm)
         if "tome" in names and vision_layers < 3:  # the tower's feature layer is block L-2
             raise UserError(f"tome merges in the CLIP blocks before the feature layer (block L-2); a tower of "

@@ -87,7 +87,7 @@ class Runtime:
         self.adapter, self.method, self.policy = adapter, method, position_policy
         self.splicing = isinstance(method, (PreLLMReducer, InLLMPruner))
         # merged tokens weigh log(size) in the LLM's attention (only methods that merge before it)
-        self.proportional = isinstance(method, PreLLMReducer) and bool(getattr(method, "proportional_attention", False))
+        self.proportional = isinstance(method, PreLLMReducer) and method.llm_proportional()
         if self.proportional:
             _check_bias_capable(adapter.text_config, method.name)
         self.schedule = dict(method.schedule(len(adapter.layers))) if isinstance(method, InLLMPruner) else {}
@@ -556,14 +556,16 @@ class Runtime:
                 return None
             if idx in self.taps:
                 self.taps[idx]._mmaccel_tap.enabled = req.prefill
-            if self.proportional:
-                self._set_key_bias(idx)
             if not req.prefill:
+                if self.proportional:
+                    self._set_key_bias(idx)
                 return self._decode_layer(idx, args, kwargs)
             if idx in self.schedule:
                 start = clock()
                 args, kwargs = self._prune(idx, args, kwargs)
                 self.stats.add_time("reduce", clock() - start)
+            if self.proportional:  # after this layer's own pruning: the keys it will see
+                self._set_key_bias(idx)
             if idx in self.taps:  # after this layer's own pruning: rows index what it will see
                 self._set_query_rows(idx)
             stage = req.stages[-1] if req.stages else req.final
@@ -574,13 +576,16 @@ class Runtime:
 
         return hook
 
+    def _stage_at(self, idx: int) -> int:
+        """Index of the stage decoder layer ``idx`` runs in (0 when nothing was spliced)."""
+        stages = self.request.stages
+        return max(i for i, s in enumerate(stages) if s.first_layer <= idx) if stages else 0
+
     def _set_key_bias(self, idx: int) -> None:
         """Give layer ``idx``'s attention the log(size) of the keys it sees: its stage's tokens in
-        prefill, its stage's cache in decode (the wrapper adds 0 for tokens decoded since). A
-        layer that prunes gets the new stage's bias from ``_prune``."""
-        req = self.request
-        stages = [s for s in req.stages if s.first_layer <= idx]
-        self.adapter.layers[idx].self_attn._mmaccel_key_bias = stages[-1].key_bias if stages else None
+        prefill, its stage's cache in decode (the wrapper adds 0 for tokens decoded since)."""
+        stages = self.request.stages
+        self.adapter.layers[idx].self_attn._mmaccel_key_bias = stages[self._stage_at(idx)].key_bias if stages else None
 
     def _count_layer(self, stage: Stage) -> None:
         if stage.counts is None:  # one host sync per stage, not per layer: on a GPU each one
@@ -591,7 +596,7 @@ class Runtime:
 
     def _decode_layer(self, idx, args, kwargs):
         req = self.request
-        stage_idx = max(i for i, s in enumerate(req.stages) if s.first_layer <= idx) if req.stages else 0
+        stage_idx = self._stage_at(idx)
         if stage_idx == 0:
             return None
         if stage_idx not in req.decode_masks:
@@ -653,8 +658,6 @@ class Runtime:
         }
         req.stages.append(new)
         req.final = new
-        if self.proportional:
-            self.adapter.layers[idx].self_attn._mmaccel_key_bias = new.key_bias
         args = (new_hidden,) + tuple(args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = new_hidden

@@ -156,6 +156,7 @@ def test_proportional_attention_refuses_attention_kernels_without_an_additive_ma
         with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'"):
             accelerate_vlm(model, method="aim", retention=0.25)
         accelerate_vlm(model, method="aim", retention=0.25, proportional_attention=False).restore()
+        accelerate_vlm(model, method="mustdrop", retention=0.25).restore()  # its knob weighs the tower only
     finally:
         cfg._attn_implementation_internal = saved
     assert getattr(model, "_mmaccel_handle", None) is None

@@ -79,6 +79,11 @@ class PreLLMReducer(Method):
         """features: (n, D) projected features of ``segment``; keep ``budget`` tokens."""
         raise NotImplementedError
 
+    def llm_proportional(self) -> bool:
+        """Whether merged tokens weigh log(size) in the LLM's attention (``Reduction.sizes``):
+        the method's ``proportional_attention`` knob where it has one."""
+        return bool(getattr(self, "proportional_attention", False))
+
     def reduce_media(self, features: list[torch.Tensor], segments: list[Segment], budget: int) -> list[Reduction]:
         """All parts of one media item (base image + crops, or frames). Default: the budget is
         split across parts by size and each part is reduced on its own."""

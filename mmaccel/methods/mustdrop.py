@@ -90,14 +90,18 @@ class MustDrop(PreLLMReducer, InLLMPruner):
     def vision_layers(self, adapter) -> list[int]:
         return [len(adapter.vision_layers) - 1]
 
+    def llm_proportional(self) -> bool:
+        """No: ``proportional_attention`` weighs the merged windows in the tower. In the LLM too it
+        changed nothing on the embedded world (``results/fidelity/llm_proportional.md``), so the
+        LLM keeps its own mask (and any attention kernel)."""
+        return False
+
     def reduce_media(self, features, segments, budget):
         """Keep one token per merged window and mark the key set (top ``key_ratio`` of each image
         by the tower's last-layer attention), which later stages never drop."""
         out = []
         for seg in segments:
-            # the windows' sizes stay in the tower: weighing them in the LLM too changed nothing
-            # on the embedded world (results/fidelity/llm_proportional.md), and the LLM keeps SDPA's own mask
-            red = one_per_group(seg, with_sizes=False)
+            red = one_per_group(seg)  # no sizes: see llm_proportional
             tap = [v for k, v in seg.scores.items() if not str(k).startswith("merge_")]
             scores = head_scores(tap[0]).cpu()[red.keep]  # red.keep is on the CPU
             # official: ceil(0.08 * (N - 1)) of the tokens left *after* the window merge

@@ -133,7 +133,7 @@ class ToMe(PreLLMReducer):
             if segment.part.newline:
                 return Reduction(torch.arange(segment.n, device=features.device))
             return merge_to_budget(features, budget)
-        return one_per_group(segment)
+        return one_per_group(segment, with_sizes=self.proportional_attention)
 
 
 def tome_block_forward(layer, x: torch.Tensor, st: dict, r: int) -> torch.Tensor:
@@ -215,7 +215,7 @@ def expand_hook(runtime, state: dict):
     return hook
 
 
-def one_per_group(segment: Segment, with_sizes: bool = True) -> Reduction:
+def one_per_group(segment: Segment, with_sizes: bool = False) -> Reduction:
     """Keep the first token of every merged group (maps left by a tower-stage merge); with
     ``with_sizes``, each kept token's group size (for proportional attention in the LLM)."""
     maps = segment.scores or {}
@@ -223,8 +223,19 @@ def one_per_group(segment: Segment, with_sizes: bool = True) -> Reduction:
         return Reduction(torch.arange(segment.n))
     rep, own = maps["merge_rep"][:, 0].cpu(), maps["merge_own"][:, 0].cpu()  # index bookkeeping on the CPU
     keep = ((rep == own) | torch.isnan(rep)).nonzero().flatten()  # NaN: structural newline tokens, kept
-    counts = (rep[None, :] == rep[keep][:, None]).sum(1).clamp_min(1) if with_sizes else None  # a newline (NaN): 1
-    return Reduction(keep, None, functools.partial(_window_members, rep, keep), sizes=counts)  # groups: provenance
+    sizes = _group_sizes(rep, keep) if with_sizes else None
+    return Reduction(keep, None, functools.partial(_window_members, rep, keep), sizes=sizes)  # groups: provenance
+
+
+def _group_sizes(rep: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(k,) how many tokens share each kept token's representative (a newline, NaN: 1), by one
+    count per representative rather than a k x n comparison."""
+    values, counts = rep[~torch.isnan(rep)].unique(return_counts=True)
+    kept = rep[keep]
+    grouped = ~torch.isnan(kept)
+    sizes = torch.ones(keep.numel(), dtype=torch.long)
+    sizes[grouped] = counts[torch.searchsorted(values, kept[grouped])]
+    return sizes
 
 
 def _window_members(rep: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
