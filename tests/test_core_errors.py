@@ -30,6 +30,41 @@ def test_unknown_method_parameter_and_config_key(tiny_models):
         accelerate_vlm(model, config="nope")
 
 
+@pytest.mark.parametrize("knobs, message", [
+    ({"prune": "flase"}, r"aim prune must be true or false, got 'flase' \(str\)"),
+    ({"tau": "0.1"}, r"aim tau must be a number, got '0.1'"),
+    ({"iters": 2.5}, r"aim iters must be an integer, got 2.5"),
+    ({"pass_fraction": "half"}, r"aim pass_fraction must be a number, got 'half'"),
+    ({"proportional_attention": 1}, r"aim proportional_attention must be true or false, got 1 \(int\)"),
+])
+def test_knob_of_the_wrong_type(tiny_models, knobs, message):
+    """A typo'd value in a config is a string; it must not be read as true or reach a kernel."""
+    model, _ = tiny_models("llava")
+    with pytest.raises(ValueError, match=message):
+        accelerate_vlm(model, method="aim", **knobs)
+    assert getattr(model, "_mmaccel_handle", None) is None
+
+
+def test_knob_types_through_yaml_and_method_specs(tmp_path):
+    import numpy as np
+
+    from mmaccel.bench.fidelity import parse_method_spec
+    from mmaccel.methods import make_method
+
+    (tmp_path / "bad.yaml").write_text("method: fastv\nparams:\n  k: true\n")
+    with pytest.raises(ValueError, match=r"fastv k must be an integer, got True"):
+        AccelConfig.load(str(tmp_path / "bad.yaml"))
+    name, params = parse_method_spec("stc:similarity_threshold=high")
+    with pytest.raises(ValueError, match=r"stc similarity_threshold must be a number or null"):
+        make_method(name, **params)
+    # what a well-typed caller passes still goes through: ints for floats, numpy scalars, None
+    aim = make_method("aim", retention=1, tau=np.float32(0.2), iters=np.int64(3), prune=np.bool_(False))
+    assert (aim.retention, aim.iters, bool(aim.prune)) == (1, 3, False)
+    assert make_method("stc", similarity_threshold=None).similarity_threshold is None
+    with pytest.raises(ValueError, match=r"aim retention must be a number or null"):
+        make_method("aim", retention="0.5")  # (AccelConfig, as pydantic does, reads "0.5" as 0.5)
+
+
 def test_model_without_vision_tower_names_supported_classes():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -2,9 +2,13 @@
 thing to implement; it never imports a model family (adapters never contain a method)."""
 from __future__ import annotations
 
+import numbers
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 
 from ..models.base import Segment
@@ -23,6 +27,7 @@ class Method:
     description: ClassVar[str] = ""
 
     def __post_init__(self):
+        self._check_knob_types()
         if self.retention is not None and not (0.0 < float(self.retention) <= 1.0):
             raise ValueError(
                 f"retention must be in (0, 1], got {self.retention}: it is the fraction of visual tokens kept "
@@ -33,6 +38,16 @@ class Method:
         """Fraction of visual tokens the final reduction step keeps."""
         return 1.0 if self.retention is None else float(self.retention)
 
+    def _check_knob_types(self) -> None:
+        """Every knob holds its declared type. A config or CLI typo (``prune: flase``) is a string
+        that would read as true, and ``tau: '0.1'`` would fail deep inside a kernel."""
+        hints = typing.get_type_hints(type(self))
+        for key in self.field_defaults():
+            value, allowed = getattr(self, key), _allowed_types(hints[key])
+            if not any(_is_instance(value, t) for t in allowed):
+                expected = " or ".join(_TYPE_WORDS.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+                raise ValueError(f"{self.name} {key} must be {expected}, got {value!r} ({type(value).__name__})")
+
     @classmethod
     def field_defaults(cls) -> dict:
         return {f.name: f.default for f in fields(cls) if f.init and not f.name.startswith("_")}
@@ -42,6 +57,28 @@ class Method:
 
     def after_prefill(self, runtime, cache) -> None:
         """Hook after the prefill forward (e.g. a KV-cache policy)."""
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", type(None): "null (None)"}
+
+
+def _allowed_types(hint) -> tuple:
+    """``float | None`` -> (float, NoneType); a plain class -> (it,)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _is_instance(value, kind) -> bool:
+    """bool is an int to Python, not to a knob: ``k: true`` is a typo, not layer 1."""
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind is bool:
+        return is_bool
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not is_bool
+    if kind is float:
+        return isinstance(value, numbers.Real) and not is_bool
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 @dataclass
