@@ -52,7 +52,8 @@ def video_qa(
     video: Optional[Path] = typer.Argument(None, help="video file (default: the bundled sample)"),
     question: Optional[str] = typer.Option(None, "-q", "--question", help="the question to answer"),
     model: Optional[Path] = typer.Option(None, "--model", help="model directory (default: embedded model)"),
-    method: Optional[str] = typer.Option(None, "--method", help="reduction method (see `mmaccel methods`)"),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="reduction method (see `mmaccel methods`); knobs as aim:prune=false"),
     retention: Optional[float] = typer.Option(None, "--retention", help="fraction of visual tokens kept, (0, 1]"),
     preset: Optional[str] = typer.Option(None, "--preset", help="a preset name or YAML config file"),
     frames: Optional[int] = typer.Option(None, "--frames", help="frames sampled uniformly (default 8)"),
@@ -86,6 +87,18 @@ def video_qa(
         _print_video_qa(result)
 
 
+def _accel_config(preset, method_spec: str | None, retention):
+    """The preset (if any) with ``--method`` and ``--retention`` on top; the spec's knobs
+    (``aim:prune=false``) update the preset's params."""
+    from .config import AccelConfig, parse_method_spec
+
+    if method_spec is None:
+        return AccelConfig.load(preset, retention=retention)
+    name, knobs = parse_method_spec(method_spec)
+    params = {**AccelConfig.load(preset).params, **knobs} if preset else knobs
+    return AccelConfig.load(preset, method=name, retention=retention, params=params or None)
+
+
 def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
                   max_new_tokens, compare, stream: dict | None = None, offline_cacher: bool = False) -> dict:
     """``stream``: None, or the ``StreamSession`` options to answer from a stream instead;
@@ -103,7 +116,7 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     from .pipeline import Pipeline, load_model, prepare_media
 
     streaming_default = "stc" if stream is not None and method is None and preset is None else None
-    cfg = AccelConfig.load(preset, method=method or streaming_default, retention=retention)
+    cfg = _accel_config(preset, method or streaming_default, retention)
     if stream is not None and cfg.method != "stc":
         raise UserError(f"--stream runs STC's streaming session, not {cfg.method}: use --method stc or "
                         "--preset stc-stream (or neither)")
@@ -301,7 +314,7 @@ def _render_saved_sweep(path: Path, out: Path) -> dict:
 def _check_method_specs(names: list[str], retentions: list) -> None:
     """Unknown methods, knobs and out-of-range retentions fail before any work. A spec may carry
     knobs, as in ``aim:proportional_attention=false`` (see ``parse_method_spec``)."""
-    from .bench.fidelity import parse_method_spec
+    from .config import parse_method_spec
     from .config import AccelConfig
 
     for name in names:

@@ -79,6 +79,26 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``"aim"`` -> ("aim", {}); ``"aim:pass_fraction=0.25:prune=false"`` -> ("aim",
+    {"pass_fraction": 0.25, "prune": False}): a method and native knobs, as the command line takes
+    them (``video-qa --method``, bench sweeps, where the spec is the point's label). Values are YAML
+    scalars; the method checks their names and types."""
+    import yaml
+
+    name, *knobs = spec.strip().split(":")
+    params = {}
+    for knob in knobs:
+        key, sep, value = knob.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method spec {spec!r}: expected name:knob=value[:knob=value], got {knob!r}")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"method spec {spec!r}: cannot read the value of {key.strip()!r}: {value!r}") from None
+    return name.strip(), params
+
+
 def read_yaml(path: Path) -> dict:
     import yaml
 

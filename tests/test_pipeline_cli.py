@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import mmaccel
-from mmaccel import Pipeline
+from mmaccel import AccelConfig, Pipeline
 from mmaccel.cli import app
 from mmaccel.testing.tiny import save_tiny
 from conftest import image
@@ -88,6 +88,24 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     assert "baseline" in res.stdout and "fastv" in res.stdout and "prefill" in res.stdout
 
 
+def test_cli_video_qa_method_knobs_on_top_of_a_preset(saved_model, tmp_path):
+    """``--method aim:prune=false`` sets a knob as the bench sweeps do; over a preset it changes
+    that knob and keeps the preset's others."""
+    video = write_video(tmp_path / "clip.mp4", frames=4)
+    common = ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model), "--json",
+              "--max-new-tokens", "2"]
+    res = CliRunner().invoke(app, [*common, "--preset", "aim-7x", "--method", "aim:prune=false:tau=0.2"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)["config"]
+    preset = AccelConfig.load("aim-7x")
+    assert (cfg["method"], cfg["retention"]) == ("aim", preset.retention)
+    assert cfg["params"] == {**preset.params, "prune": False, "tau": 0.2}
+    res = CliRunner().invoke(app, [*common, "--method", "aim:pass_fraction=0.25", "--retention", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["config"] == {"method": "aim", "retention": 0.5, "position_policy": "preserve",
+                                                "params": {"pass_fraction": 0.25}}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--retention", "2"], "retention"),
@@ -101,6 +119,9 @@ def test_cli_video_qa_json_and_compare(saved_model, tmp_path):
     (["--stream", "--retrieve-frames", "0"], "retrieve_frames must be a positive"),
     (["--stream", "--method", "fastv"], "not fastv: use --method stc"),
     (["--stream", "--preset", "fastv-50"], "not fastv: use --method stc"),
+    (["--method", "aim:prune=flase"], "aim prune must be true or false, got 'flase'"),
+    (["--method", "aim:tau"], "expected name:knob=value"),
+    (["--method", "fastv:kk=2"], "no parameter(s) kk"),
 ])
 def test_cli_user_errors_are_one_line(saved_model, tmp_path, argv, message):
     video = write_video(tmp_path / "clip.mp4", frames=4)

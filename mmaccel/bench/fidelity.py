@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import parse_method_spec
+
 
 @dataclass
 class RunResult:
@@ -133,25 +135,6 @@ def compare(samples, base: RunResult, run: RunResult) -> dict:
         "seconds": run.seconds,
         "baseline_seconds": base.seconds,
     }
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """``"aim"`` -> ("aim", {}); ``"aim:pass_fraction=0.25:prune=false"`` -> ("aim",
-    {"pass_fraction": 0.25, "prune": False}): a method and native knobs, so one sweep can set
-    variants of a method side by side (the spec is the point's label). Values are YAML scalars."""
-    import yaml
-
-    name, *knobs = spec.strip().split(":")
-    params = {}
-    for knob in knobs:
-        key, sep, value = knob.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"method spec {spec!r}: expected name:knob=value[:knob=value], got {knob!r}")
-        try:
-            params[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"method spec {spec!r}: cannot read the value of {key.strip()!r}: {value!r}") from None
-    return name.strip(), params
 
 
 def evaluate(model, processor, samples, method: str, retention: float | None, base: RunResult,

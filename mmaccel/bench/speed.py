@@ -155,7 +155,7 @@ def _accelerated(model, inputs, timer, method, retention, warmup, times: list):
     """One accelerated prefill (after ``warmup``); appends its ms to ``times``, returns its stats.
     ``method`` may carry knobs (``aim:proportional_attention=false``, see ``parse_method_spec``)."""
     from ..api import accelerate_vlm
-    from .fidelity import parse_method_spec
+    from ..config import parse_method_spec
 
     name, params = parse_method_spec(method)
     with accelerate_vlm(model, method=name, retention=retention, **params) as handle:
