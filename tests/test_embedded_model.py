@@ -1,6 +1,7 @@
 """The embedded default model: tokenizer, processor contract, training, shipped checkpoint."""
 import copy
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -1201,3 +1202,19 @@ def test_logged_losses_pool_every_ranks_rows():
     line, window, follow = every[0]
     assert line == "color=1.500 count=3.000 motion=5.000"
     assert window == [3.0, 5.0] and follow == [1.0, 2.0]
+
+
+def test_a_training_log_says_which_cpu_its_steps_came_from(tmp_path, monkeypatch):
+    """Run 42's steps took 2.3x run 41's on another CPU type: every log now names its CPU."""
+    from mmaccel.embedded import train as train_mod
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
+    real_path = train_mod.Path
+    monkeypatch.setattr(train_mod, "Path", lambda p: cpuinfo if str(p) == "/proc/cpuinfo" else real_path(p))
+    lines = []
+    cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, log_every=1, eval_n=0, vision_steps=0,
+                      text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    train(cfg, log=lines.append, groups=DP_GROUPS)
+    assert lines[0] == (f"machine Test CPU 9000, {os.cpu_count()} cores; avx512f yes, avx512_bf16 no, "
+                        "amx_bf16 yes")

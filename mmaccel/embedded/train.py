@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json
 import math
+import platform
 import sys
 import time
 from collections import defaultdict
@@ -485,6 +486,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     import torch
 
     log = log or Logger()
+    log(f"machine {machine_line()}")
     cfg = resolved_precision(cfg, log)
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer(cfg.order, cfg.extra_followups)
@@ -528,6 +530,19 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return set(line.partition(":")[2].split())
+
+
+def machine_line() -> str:
+    """'AMD EPYC, 2 cores; avx512f no, avx512_bf16 no, amx_bf16 no': which CPU a run's steps
+    came from. A wall-clock schedule buys half the steps on some CPU types (RECIPE.md, run 42)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    name = next((ln.partition(":")[2].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = cpu_flags()
+    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores; {have}"
 
 
 def native_bf16(device: str) -> bool:
