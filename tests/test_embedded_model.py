@@ -1218,3 +1218,26 @@ def test_a_training_log_says_which_cpu_its_steps_came_from(tmp_path, monkeypatch
     train(cfg, log=lines.append, groups=DP_GROUPS)
     assert lines[0] == (f"machine Test CPU 9000, {os.cpu_count()} cores; avx512f yes, avx512_bf16 no, "
                         "amx_bf16 yes")
+
+
+def test_a_result_sent_just_before_the_ranks_exit_is_not_lost():
+    """The parent polls the pipe, then looks at the exit codes: rank 0 may send its result and
+    every rank exit between the two (a loaded CPU makes it likely). That is a result, not a failure."""
+    from types import SimpleNamespace
+
+    from mmaccel.embedded.parallel import _result_of
+
+    class Pipe:
+        def __init__(self):
+            self.polls = iter([False, True])  # empty when first polled, the result there after the exits
+
+        def poll(self, timeout=None):
+            return next(self.polls)
+
+        def recv(self):
+            return "rank 0's result"
+
+    procs = [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=0)]
+    assert _result_of(procs, Pipe()) == "rank 0's result"
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] ended without a result"):
+        _result_of([SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=3)], Pipe())
