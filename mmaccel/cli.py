@@ -92,11 +92,11 @@ def _accel_config(preset, method_spec: str | None, retention):
     (``aim:prune=false``) update the preset's params."""
     from .config import AccelConfig, parse_method_spec
 
+    cfg = AccelConfig.load(preset, retention=retention)
     if method_spec is None:
-        return AccelConfig.load(preset, retention=retention)
+        return cfg
     name, knobs = parse_method_spec(method_spec)
-    params = {**AccelConfig.load(preset).params, **knobs} if preset else knobs
-    return AccelConfig.load(preset, method=name, retention=retention, params=params or None)
+    return AccelConfig.load(cfg, method=name, params={**cfg.params, **knobs})
 
 
 def _run_video_qa(video, question, model_dir, method, retention, preset, frames, fps, backend,
@@ -314,8 +314,7 @@ def _render_saved_sweep(path: Path, out: Path) -> dict:
 def _check_method_specs(names: list[str], retentions: list) -> None:
     """Unknown methods, knobs and out-of-range retentions fail before any work. A spec may carry
     knobs, as in ``aim:proportional_attention=false`` (see ``parse_method_spec``)."""
-    from .config import parse_method_spec
-    from .config import AccelConfig
+    from .config import AccelConfig, parse_method_spec
 
     for name in names:
         method, params = parse_method_spec(name)

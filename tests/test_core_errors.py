@@ -48,7 +48,7 @@ def test_knob_of_the_wrong_type(tiny_models, knobs, message):
 def test_knob_types_through_yaml_and_method_specs(tmp_path):
     import numpy as np
 
-    from mmaccel.bench.fidelity import parse_method_spec
+    from mmaccel.config import parse_method_spec
     from mmaccel.methods import make_method
 
     (tmp_path / "bad.yaml").write_text("method: fastv\nparams:\n  k: true\n")

@@ -49,9 +49,10 @@ def _result_of(procs, recv):
         if recv.poll(0.2):
             return recv.recv()
         failed = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-        if not failed and all(p.exitcode == 0 for p in procs) and recv.poll(0):
+        all_done = all(p.exitcode == 0 for p in procs)
+        if all_done and recv.poll(0):
             return recv.recv()  # rank 0 sent and every rank exited between the poll above and here
-        if failed or all(p.exitcode == 0 for p in procs):
+        if failed or all_done:
             raise RuntimeError(f"data-parallel rank(s) {failed or 'all'} ended without a result "
                                f"(exit codes {[p.exitcode for p in procs]}); see the traceback above")
 

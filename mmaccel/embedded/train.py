@@ -522,27 +522,32 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     return model, processor, history
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out.setdefault(key.strip(), value.strip())
+    return out
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return set(cpuinfo().get("flags", "").split())
 
 
 def machine_line() -> str:
     """'AMD EPYC, 2 cores; avx512f no, avx512_bf16 no, amx_bf16 no': which CPU a run's steps
     came from. A wall-clock schedule buys half the steps on some CPU types (RECIPE.md, run 42)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    name = next((ln.partition(":")[2].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
     flags = cpu_flags()
     have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores; {have}"
+    name = cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores; {have}"
 
 
 def native_bf16(device: str) -> bool:
