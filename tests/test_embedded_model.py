@@ -1223,6 +1223,7 @@ def test_a_training_log_says_which_cpu_its_steps_came_from(tmp_path, monkeypatch
 def test_a_result_sent_just_before_the_ranks_exit_is_not_lost():
     """The parent polls the pipe, then looks at the exit codes: rank 0 may send its result and
     every rank exit between the two (a loaded CPU makes it likely). That is a result, not a failure."""
+    import pickle
     from types import SimpleNamespace
 
     from mmaccel.embedded.parallel import _result_of
@@ -1234,10 +1235,32 @@ def test_a_result_sent_just_before_the_ranks_exit_is_not_lost():
         def poll(self, timeout=None):
             return next(self.polls)
 
-        def recv(self):
-            return "rank 0's result"
+        def recv_bytes(self):
+            return pickle.dumps("rank 0's result")
 
     procs = [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=0)]
     assert _result_of(procs, Pipe()) == "rank 0's result"
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] ended without a result"):
         _result_of([SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=3)], Pipe())
+
+
+def _tensor_result(rank, ranks):
+    return {"w": torch.arange(6.0), "rank": rank}
+
+
+def test_a_rank_result_outlives_the_rank(monkeypatch):
+    """Rank 0's result, tensors included, travels by value: the parent may read it after every
+    rank has exited (multiprocessing's own pickler would send a tensor's storage as a file
+    descriptor, gone with the rank: 'Connection reset by peer' in a loaded full run)."""
+    from mmaccel.embedded import parallel
+
+    read = parallel._result_of
+
+    def read_after_the_ranks_exit(procs, recv):
+        for p in procs:
+            p.join()
+        return read(procs, recv)
+
+    monkeypatch.setattr(parallel, "_result_of", read_after_the_ranks_exit)
+    out = parallel.fork_ranks(_tensor_result, 1)
+    assert torch.equal(out["w"], torch.arange(6.0)) and out["rank"] == 0

@@ -13,6 +13,7 @@ and sends the trained state back as safetensors bytes.
 from __future__ import annotations
 
 import math
+import pickle
 import socket
 
 
@@ -47,11 +48,11 @@ def _result_of(procs, recv):
     """Rank 0's result from the pipe, or RuntimeError once a rank has died without one."""
     while True:
         if recv.poll(0.2):
-            return recv.recv()
+            return pickle.loads(recv.recv_bytes())
         failed = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
         all_done = all(p.exitcode == 0 for p in procs)
-        if all_done and recv.poll(0):
-            return recv.recv()  # rank 0 sent and every rank exited between the poll above and here
+        if all_done and recv.poll(0):  # rank 0 sent and every rank exited between the poll above and here
+            return pickle.loads(recv.recv_bytes())
         if failed or all_done:
             raise RuntimeError(f"data-parallel rank(s) {failed or 'all'} ended without a result "
                                f"(exit codes {[p.exitcode for p in procs]}); see the traceback above")
@@ -65,8 +66,8 @@ def _rank_main(fn, rank: int, ranks: int, port: int, send, args) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
     try:
         out = fn(rank, ranks, *args)
-        if rank == 0:
-            send.send(out)
+        if rank == 0:  # by value (plain pickle): multiprocessing's pickler would pass a tensor's storage
+            send.send_bytes(pickle.dumps(out))  # as a file descriptor that dies with this process
     finally:
         dist.destroy_process_group()
 
