@@ -1,4 +1,5 @@
 """Bad input gets a ValueError that says how to fix it."""
+import numpy as np
 import pytest
 import torch
 
@@ -46,8 +47,6 @@ def test_knob_of_the_wrong_type(tiny_models, knobs, message):
 
 
 def test_knob_types_through_yaml_and_method_specs(tmp_path):
-    import numpy as np
-
     from mmaccel.config import parse_method_spec
     from mmaccel.methods import make_method
 
@@ -62,7 +61,17 @@ def test_knob_types_through_yaml_and_method_specs(tmp_path):
     assert (aim.retention, aim.iters, bool(aim.prune)) == (1, 3, False)
     assert make_method("stc", similarity_threshold=None).similarity_threshold is None
     with pytest.raises(ValueError, match=r"aim retention must be a number or null"):
-        make_method("aim", retention="0.5")  # (AccelConfig, as pydantic does, reads "0.5" as 0.5)
+        make_method("aim", retention="0.5")
+
+
+@pytest.mark.parametrize("text", ['"0.5"', "true", "'1'"])
+def test_a_config_retention_that_is_not_a_number_is_refused(tmp_path, text):
+    """pydantic alone reads "0.5" as 0.5 and true as 1.0 (no reduction at all); a config file is
+    held to the rule every method knob is."""
+    (tmp_path / "bad.yaml").write_text(f"method: fastv\nretention: {text}\n")
+    with pytest.raises(ValueError, match=r"retention must be a number or null, got"):
+        AccelConfig.load(str(tmp_path / "bad.yaml"))
+    assert AccelConfig.load({"method": "fastv", "retention": np.float32(0.25)}).retention == 0.25
 
 
 def test_model_without_vision_tower_names_supported_classes():
