@@ -98,7 +98,7 @@ def answer_breakdown(model, processor, n: int) -> dict:
 def stage1_model(weight: float, steps: int = 2000):
     """A fresh model whose tower and projector went through stage 1 alone (the shipped flags)."""
     from mmaccel.embedded.pretrain import pretrain_vision
-    from mmaccel.embedded.train import build_model, build_processor, build_tokenizer, parse_args
+    from mmaccel.embedded.train import build_model, build_processor, build_tokenizer, machine_line, parse_args
 
     cfg, _ = parse_args(["--out", "/tmp/unused", "--seed", "2", "--init-std", "0.06", "--order", "question-both",
                          "--extra-followups", "flash,caption"])
@@ -109,7 +109,8 @@ def stage1_model(weight: float, steps: int = 2000):
     acc = pretrain_vision(model, processor, cfg.seed, steps, lr=cfg.vision_lr, log=lambda m: None,
                           summary="token", summary_weight=weight, summary_channels=64, dense=True)
     model.eval()
-    return model, processor, {"cell_accuracy": round(acc, 3), "seconds": round(time.time() - t0)}
+    return model, processor, {"cell_accuracy": round(acc, 3), "seconds": round(time.time() - t0),
+                              "machine": machine_line()}
 
 
 def main(argv=None) -> None:

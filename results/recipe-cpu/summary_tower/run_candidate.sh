@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One candidate run under run 34's rule, end to end (thirty-fourth session): check the CPU, train
+# from a snapshot clone of HEAD, run the eval chain and print the gates. Written after run 42 was
+# started on a CPU its rule did not name and stopped 40 minutes in (README.md, run 42).
+#
+# Usage: results/recipe-cpu/summary_tower/run_candidate.sh RUN [EXTRA TRAIN FLAGS...]
+#   e.g. results/recipe-cpu/summary_tower/run_candidate.sh 42 --summary-weight 3
+# The base command is run 39's (run 31's + --flash-stretch 0.30:0.56:0.25 + --data-parallel 2).
+# Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...);
+# the model stays in /work/runRUN/model. FORCE=1 trains on a CPU without AVX-512 (its 57 minutes
+# buy about half of runs 39-41's stage-2 steps, so a verdict would measure the CPU).
+set -euo pipefail
+[ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
+RUN=$1; shift
+REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+HERE=$REPO/results/recipe-cpu/summary_tower
+SNAP=/work/run$RUN
+
+if ! grep -qw avx512f /proc/cpuinfo && [ "${FORCE:-0}" != 1 ]; then
+    echo "refusing: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) has no AVX-512;" \
+         "run 34's rule is tuned to the AVX-512 Xeon (FORCE=1 to train anyway)" >&2
+    exit 3
+fi
+# the host's steal time over 10 s: run 41's first start lost a quarter of the CPU to it
+read -r _ u1 n1 s1 i1 w1 q1 sq1 st1 _ < /proc/stat; sleep 10
+read -r _ u2 n2 s2 i2 w2 q2 sq2 st2 _ < /proc/stat
+total=$(( (u2+n2+s2+i2+w2+q2+sq2+st2) - (u1+n1+s1+i1+w1+q1+sq1+st1) ))
+steal=$(( 100 * (st2 - st1) / (total > 0 ? total : 1) ))
+echo "CPU stolen by the host over 10 s: ${steal}%"
+if [ "$steal" -gt 5 ] && [ "${FORCE:-0}" != 1 ]; then
+    echo "refusing: more than 5% stolen; wait for a quiet host (FORCE=1 to train anyway)" >&2
+    exit 3
+fi
+
+[ -e "$SNAP" ] && { echo "$SNAP exists; remove it or pick another run number" >&2; exit 2; }
+git clone -q "$REPO" "$SNAP"
+cd "$SNAP"
+export PYTHONPATH=$SNAP  # the snapshot's mmaccel and scripts, not the editable install's tree
+echo "snapshot $(git rev-parse --short HEAD) in $SNAP"
+S=$SNAP/results/recipe-cpu/summary_tower
+
+python -m mmaccel.embedded.train --out "$SNAP/model" --minutes 57 --seed 2 --eval-n 100 \
+    --init-std 0.06 --order question-both --followups 8 \
+    --vision-steps 2000 --vision-dense --freeze-tower \
+    --extra-followups flash,caption --loss-mean tokens --bf16 --compile \
+    --background-dropout 0.9 --content-from pixels --summary token --summary-channels 64 \
+    --stop-rows 0.15 --decay-from 0.8 --stop-rows-media image --caption-stretch 0.62:0.78:1 \
+    --flash-stretch 0.30:0.56:0.25 --data-parallel 2 "$@" \
+    --log "$HERE/train_log_run$RUN.txt"
+cp "$SNAP/model/train_config.json" "$HERE/run${RUN}_train_config.json"
+[ -f "$SNAP/model/quick_eval.json" ] && cp "$SNAP/model/quick_eval.json" "$HERE/run${RUN}_quick_eval.json"
+
+M=$SNAP/model
+python -m mmaccel.embedded.evaluate --model "$M" --n 1800 --seed 15 --json "$HERE/eval_seed15_n1800_run$RUN.json"
+N=600 OUT="$HERE/captions600_run$RUN.json" python "$S/caption_failures.py" "$M"
+python -m mmaccel.embedded.evaluate --model "$M" --n 450 --json "$HERE/eval_seed0_n450_run$RUN.json"
+python -m mmaccel.embedded.evaluate --model "$M" --n 450 --blank --json "$HERE/eval_seed0_n450_blank_run$RUN.json"
+python -m mmaccel.cli bench fidelity --sweep --model "$M" --n 900 --retentions 0.25,0.11 --out "$HERE/fidelity_run$RUN"
+python "$S/gates.py" "$HERE/eval_seed15_n1800_run$RUN.json" "$HERE/fidelity_run$RUN/fidelity.json" \
+    "$HERE/captions600_run$RUN.json" "$HERE/eval_seed0_n450_blank_run$RUN.json" | tee "$HERE/run${RUN}_gates.txt"
+echo "left to do by hand: the full test run with $M in place of mmaccel/assets/default_model"
