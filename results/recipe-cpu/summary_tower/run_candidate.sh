@@ -9,6 +9,8 @@
 # Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...);
 # the model stays in /work/runRUN/model. FORCE=1 trains on a CPU without AVX-512 (its 57 minutes
 # buy about half of runs 39-41's stage-2 steps, so a verdict would measure the CPU).
+# A smoke test of the script itself (not a candidate): FORCE=1 SMOKE=1 run_candidate.sh 0 --steps 20
+# --vision-steps 10 shrinks every evaluation to a few samples.
 set -euo pipefail
 [ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
 RUN=$1; shift
@@ -51,11 +53,12 @@ cp "$SNAP/model/train_config.json" "$HERE/run${RUN}_train_config.json"
 [ -f "$SNAP/model/quick_eval.json" ] && cp "$SNAP/model/quick_eval.json" "$HERE/run${RUN}_quick_eval.json"
 
 M=$SNAP/model
-python -m mmaccel.embedded.evaluate --model "$M" --n 1800 --seed 15 --json "$HERE/eval_seed15_n1800_run$RUN.json"
-N=600 OUT="$HERE/captions600_run$RUN.json" python "$S/caption_failures.py" "$M"
-python -m mmaccel.embedded.evaluate --model "$M" --n 450 --json "$HERE/eval_seed0_n450_run$RUN.json"
-python -m mmaccel.embedded.evaluate --model "$M" --n 450 --blank --json "$HERE/eval_seed0_n450_blank_run$RUN.json"
-python -m mmaccel.cli bench fidelity --sweep --model "$M" --n 900 --retentions 0.25,0.11 --out "$HERE/fidelity_run$RUN"
+if [ "${SMOKE:-0}" = 1 ]; then sizes=(18 6 9 18); else sizes=(1800 600 450 900); fi
+python -m mmaccel.embedded.evaluate --model "$M" --n "${sizes[0]}" --seed 15 --json "$HERE/eval_seed15_n1800_run$RUN.json"
+N=${sizes[1]} OUT="$HERE/captions600_run$RUN.json" python "$S/caption_failures.py" "$M"
+python -m mmaccel.embedded.evaluate --model "$M" --n "${sizes[2]}" --json "$HERE/eval_seed0_n450_run$RUN.json"
+python -m mmaccel.embedded.evaluate --model "$M" --n "${sizes[2]}" --blank --json "$HERE/eval_seed0_n450_blank_run$RUN.json"
+python -m mmaccel.cli bench fidelity --sweep --model "$M" --n "${sizes[3]}" --retentions 0.25,0.11 --out "$HERE/fidelity_run$RUN"
 python "$S/gates.py" "$HERE/eval_seed15_n1800_run$RUN.json" "$HERE/fidelity_run$RUN/fidelity.json" \
     "$HERE/captions600_run$RUN.json" "$HERE/eval_seed0_n450_blank_run$RUN.json" | tee "$HERE/run${RUN}_gates.txt"
 echo "left to do by hand: the full test run with $M in place of mmaccel/assets/default_model"
