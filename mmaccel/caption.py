@@ -26,7 +26,9 @@ class CaptionConfig(BaseModel):
     """The caption job. ``inputs`` is a folder, a glob pattern or a ``.jsonl`` manifest whose
     lines hold ``path`` (and optionally ``id`` and ``prompt``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a YAML typo must not pass as something else (``retention: "0.5"``, ``retention: true``
+    # -> 1.0, no reduction; ``do_sample: "no"`` -> False), as method knobs are held (``methods.base``)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: str
     output: str = "captions.jsonl"

@@ -125,5 +125,7 @@ def _one_line(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
         text = e["msg"].removeprefix("Value error, ")
+        if e["type"].endswith("_type"):  # a strict type error: say what was given
+            text += f", got {e['input']!r} ({type(e['input']).__name__})"
         msgs.append(f"unknown config key {loc!r}" if e["type"] == "extra_forbidden" else f"{loc}: {text}")
     return "; ".join(msgs)

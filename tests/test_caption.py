@@ -1,6 +1,7 @@
 """The caption job: real files on disk, failures recorded, kill -9 and resume without loss or duplicates."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,21 @@ def test_config_errors_and_overrides(tmp_path):
         load_caption_config(cfg, ["batch_size=0"])
     res = CliRunner().invoke(app, ["caption", "--config", str(cfg), "--set", "method=nope"])
     assert res.exit_code == 1 and "unknown method 'nope'" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("typo, said", [("retention: true", "retention: Input should be a valid number, got True"),
+                                         ("retention: '0.5'", "retention: Input should be a valid number, got '0.5'"),
+                                         ("batch_size: 2.5", "batch_size: Input should be a valid integer, got 2.5"),
+                                         ("do_sample: 'off'", "do_sample: Input should be a valid boolean, got 'off'")])
+def test_a_config_value_of_the_wrong_type_is_refused_not_coerced(tmp_path, typo, said):
+    """pydantic's lax mode read ``retention: true`` as 1.0 (a job that reduces nothing) and the
+    string 'off' as False; the job's config is held to the type of each key."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs: x\n{typo}\n")
+    with pytest.raises(ValueError, match=re.escape(said)):
+        load_caption_config(cfg)
+    cfg.write_text("inputs: x\nretention: 0.25\ntemperature: 1\ndo_sample: false\n")  # an int for a float is fine
+    assert load_caption_config(cfg).temperature == 1.0
 
 
 def test_manifest_and_glob_inputs(tmp_path):
