@@ -117,13 +117,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--stage1", type=float, default=None, help="probe a fresh stage-1 tower with this summary weight")
+    p.add_argument("--stage1-steps", type=int, default=2000, help="stage-1 steps of that tower (the recipe's 2,000)")
     p.add_argument("--answers", type=int, default=0, help="also break down N count answers of the model")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.stage1 is not None:
-        model, processor, info = stage1_model(a.stage1)
-        rows = [{"reading": "tokens", "stage1_summary_weight": a.stage1, **info, **token_probe(model, processor)}]
+        model, processor, info = stage1_model(a.stage1, a.stage1_steps)
+        rows = [{"reading": "tokens", "stage1_summary_weight": a.stage1, "stage1_steps": a.stage1_steps, **info,
+                 **token_probe(model, processor)}]
     else:
         from mmaccel.pipeline import load_model
 
