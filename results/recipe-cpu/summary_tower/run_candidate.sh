@@ -4,7 +4,7 @@
 # started on a CPU its rule did not name and stopped 40 minutes in (README.md, run 42).
 #
 # Usage: results/recipe-cpu/summary_tower/run_candidate.sh RUN [EXTRA TRAIN FLAGS...]
-#   e.g. results/recipe-cpu/summary_tower/run_candidate.sh 42 --summary-weight 3
+#   e.g. results/recipe-cpu/summary_tower/run_candidate.sh 43 --summary-weight 3 --vision-steps 3000
 # The base command is run 39's (run 31's + --flash-stretch 0.30:0.56:0.25 + --data-parallel 2).
 # Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...);
 # the model stays in /work/runRUN/model. FORCE=1 trains on a CPU without AVX-512 (its 57 minutes
