@@ -95,7 +95,7 @@ def answer_breakdown(model, processor, n: int) -> dict:
     return out
 
 
-def stage1_model(weight: float, steps: int = 2000):
+def stage1_model(weight: float, steps: int = 2000, lr: float | None = None):
     """A fresh model whose tower and projector went through stage 1 alone (the shipped flags)."""
     from mmaccel.embedded.pretrain import pretrain_vision
     from mmaccel.embedded.train import build_model, build_processor, build_tokenizer, machine_line, parse_args
@@ -106,7 +106,7 @@ def stage1_model(weight: float, steps: int = 2000):
     model = build_model(processor.tokenizer, seed=cfg.seed, text=cfg.text, vision=cfg.vision)
     model.train()
     t0 = time.time()
-    acc = pretrain_vision(model, processor, cfg.seed, steps, lr=cfg.vision_lr, log=lambda m: None,
+    acc = pretrain_vision(model, processor, cfg.seed, steps, lr=lr or cfg.vision_lr, log=lambda m: None,
                           summary="token", summary_weight=weight, summary_channels=64, dense=True)
     model.eval()
     return model, processor, {"cell_accuracy": round(acc, 3), "seconds": round(time.time() - t0),
@@ -118,13 +118,15 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--stage1", type=float, default=None, help="probe a fresh stage-1 tower with this summary weight")
     p.add_argument("--stage1-steps", type=int, default=2000, help="stage-1 steps of that tower (the recipe's 2,000)")
+    p.add_argument("--stage1-lr", type=float, default=None, help="stage-1 peak lr (the recipe's 2e-3)")
     p.add_argument("--answers", type=int, default=0, help="also break down N count answers of the model")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.stage1 is not None:
-        model, processor, info = stage1_model(a.stage1, a.stage1_steps)
-        rows = [{"reading": "tokens", "stage1_summary_weight": a.stage1, "stage1_steps": a.stage1_steps, **info,
+        model, processor, info = stage1_model(a.stage1, a.stage1_steps, a.stage1_lr)
+        rows = [{"reading": "tokens", "stage1_summary_weight": a.stage1, "stage1_steps": a.stage1_steps,
+                 **({"stage1_lr": a.stage1_lr} if a.stage1_lr else {}), **info,
                  **token_probe(model, processor)}]
     else:
         from mmaccel.pipeline import load_model
