@@ -28,7 +28,9 @@ class AccelConfig(BaseModel):
     def _check_retention(cls, v):
         # before pydantic's coercion, as a method knob is checked: "0.5" or true in a YAML file is
         # a typo to report, not 0.5 or 1.0 (no reduction at all) to run
-        if v is not None and not _is_number(v):
+        from .methods.base import _is_instance  # the knob check's own rule for a number
+
+        if v is not None and not _is_instance(v, float):
             raise ValueError(f"retention must be a number or null, got {v!r} ({type(v).__name__})")
         if v is not None and not (0.0 < v <= 1.0):
             raise ValueError(f"retention must be in (0, 1], got {v}")
@@ -56,14 +58,6 @@ class AccelConfig(BaseModel):
             return cls(**data)
         except ValidationError as err:
             raise ValueError(_one_line(err)) from None
-
-
-def _is_number(value) -> bool:
-    import numbers
-
-    import numpy as np
-
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_dict(source) -> dict:
