@@ -767,6 +767,71 @@ def test_stage1_batches_are_the_same_with_workers(processor):
     assert torch.get_num_threads() == threads  # only the forked workers run on one thread
 
 
+def test_stage1_ranks_render_shares_of_the_one_process_batch(processor):
+    """Each rank renders its contiguous block of the step's batch (2 and 3 of 5 scenes), after
+    drawing all of them, so the parts in order are the whole; the whole is make_sample's scenes."""
+    from mmaccel.embedded.pretrain import vision_batch
+
+    whole = vision_batch(processor, np.random.default_rng(9), 5, 6, crowded=True)
+    rng = np.random.default_rng(9)
+    drawn = [make_sample(("caption", "count")[i % 2], rng, hires=False) for i in range(5)]
+    pixels = processor.image_processor([s.image for s in drawn], return_tensors="pt")["pixel_values"][:, 0]
+    assert torch.equal(whole[0], pixels)
+    parts = [vision_batch(processor, np.random.default_rng(9), 5, 6, crowded=True, part=(r, 2)) for r in range(2)]
+    assert [len(p[0]) for p in parts] == [2, 3]
+    assert len(parts[0]) == 6 and all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*parts, whole))
+
+
+def _stage1_setup(processor, seed=3):
+    from mmaccel.embedded.pretrain import HEAD_OUT, SUMMARY_OUT, vision_batch, word_ids
+
+    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    torch.manual_seed(seed)
+    heads = torch.nn.Linear(192, HEAD_OUT), torch.nn.Linear(64, SUMMARY_OUT)
+    batch = vision_batch(processor, np.random.default_rng(seed), 5, 6, crowded=True)
+    return model, heads, batch, word_ids(processor.tokenizer)
+
+
+def test_stage1_objectives_of_unequal_shares_with_summed_denominators_add_up_to_the_whole(processor):
+    """Every stage-1 term is a sum over the rows divided by the whole batch's count, so the
+    ranks' objectives (3 and 2 scenes here) add up to the one-process objective."""
+    from mmaccel.embedded.pretrain import denominators, patch_loss
+
+    model, (head, s_head), batch, words = _stage1_setup(processor)
+    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64))
+    whole = patch_loss(model, head, *batch, **kw)[0]
+    parts = [[t[r::2] for t in batch] for r in range(2)]
+    counts = [denominators(p[1], p[3]) for p in parts]
+    summed = {k: counts[0][k] + counts[1][k] for k in counts[0]}
+    halves = [patch_loss(model, head, *p, totals=summed, **kw)[0] for p in parts]
+    assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-5)
+    own = [patch_loss(model, head, *p, **kw)[0] for p in parts]
+    assert not torch.allclose((own[0] + own[1]) / 2, whole, rtol=1e-3)  # means of unequal shares are not it
+
+
+def _stage1_params_after(processor, ranks):
+    from mmaccel.embedded.pretrain import pretrain_vision, stage1_params
+
+    model = build_model(processor.tokenizer, seed=4, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    before = torch.cat([p.detach().reshape(-1).clone() for p in stage1_params(model)])
+    torch.manual_seed(0)  # the heads' initialisation
+    pretrain_vision(model, processor, seed=4, steps=2, batch_size=5, lr=0.1, log=lambda *_: None,
+                    summary="token", dense=True, summary_weight=3.0, summary_channels=64, ranks=ranks)
+    return before, torch.cat([p.detach().reshape(-1) for p in stage1_params(model)])
+
+
+def test_a_data_parallel_stage1_trains_as_one_process(processor):
+    """Two forked ranks (2 and 3 of each step's 5 scenes) end where one process ends."""
+    before, one = _stage1_params_after(processor, 1)
+    _, two = _stage1_params_after(processor, 2)
+    moved = (one - before).abs()
+    assert moved.max() > 1e-3
+    # a mean, not a max: Adam turns float noise in a gradient near 0 into a step of lr at a few of
+    # the 0.5M parameters (a 1-thread and a 2-thread process differ as much there). Each rank on
+    # its own share's mean gives 0.26 here, no gradient all-reduce 0.75, this code ~1e-6.
+    assert (two - one).abs().mean() < 1e-3 * moved.mean()
+
+
 def test_curriculum_phases_and_flat_then_cosine_lr():
     from mmaccel.embedded.train import CURRICULUM, GROUPS, curriculum, lr_at, phase_groups
 
@@ -1050,6 +1115,8 @@ def test_data_parallel_config_is_checked():
         TrainConfig(data_parallel=2, device="cuda")
     with pytest.raises(ValueError, match="2 rows per rank"):
         TrainConfig(data_parallel=2, batch_size=3)
+    with pytest.raises(ValueError, match="no --workers or --stage1-workers"):
+        TrainConfig(data_parallel=2, stage1_workers=1)
 
 
 def test_ranks_share_out_the_samples_of_a_one_process_step(processor):
@@ -1139,16 +1206,20 @@ def test_a_failing_rank_raises_instead_of_hanging():
 
 
 def test_train_with_data_parallel_trains_and_saves(tmp_path):
-    cfg = TrainConfig(seed=2, steps=4, minutes=0, batch_size=4, warmup=1, log_every=2, eval_n=0, vision_steps=0,
-                      data_parallel=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
-    model, _, hist = train(cfg, tmp_path / "m", groups=DP_GROUPS)
+    cfg = TrainConfig(seed=2, steps=4, minutes=0, batch_size=4, warmup=1, log_every=2, eval_n=0, vision_steps=2,
+                      freeze_tower=True, data_parallel=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    lines = []
+    model, _, hist = train(cfg, tmp_path / "m", log=lines.append, groups=DP_GROUPS)
     assert [h["step"] for h in hist] == [2, 4]
+    assert any(line.startswith("stage 1 on 2 data-parallel ranks") for line in lines)
     saved = load_model(tmp_path / "m")[0]
     trained = dict(model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in saved.named_parameters())
     fresh = build_model(build_tokenizer(cfg.order, cfg.extra_followups), seed=2, text={"num_hidden_layers": 1},
                         vision={"num_hidden_layers": 1})  # the initialisation train() starts from
     assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "language_model" in n)
+    # the frozen tower moved in stage 1 only: the ranks' stage-1 state came back to the trainer
+    assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "vision_tower" in n)
 
 
 def _schedule_seen(rank, ranks):

@@ -1,9 +1,10 @@
-"""Data parallelism for stage 2 on a CPU: ``train.py --data-parallel N``.
+"""Data parallelism on a CPU: ``train.py --data-parallel N``, stage 2 here (stage 1's ranks run
+:func:`.pretrain.stage1_loop` on the same machinery: :func:`fork_ranks`, :func:`all_reduce_gradients`).
 
 Why: on a 2-core CPU two 1-thread processes with 8 rows each make a step 1.2-1.4x faster
 than one 2-thread process with 16 rows, and an all-reduce of the gradients costs ~9 ms
-(``results/recipe-cpu/step_breakdown.md``): small matmuls scale poorly over threads. The ranks
-are forked from the trainer after stage 1 (before anything is compiled: a pool forked after
+(``results/recipe-cpu/step_breakdown.md``): small matmuls scale poorly over threads. Stage 2's
+ranks are forked from the trainer after stage 1 (before anything is compiled: a pool forked after
 inductor ran hangs), each with one thread and a gloo group over 127.0.0.1. Each rank encodes
 its share of every step's drawn samples (``step_batch(part=...)``), the objective's
 denominators and the gradients are summed over the ranks (``train_step(ranks=...)``), so all
@@ -82,13 +83,13 @@ def global_totals(present, count):
     return totals[0], totals[1]
 
 
-def all_reduce_gradients(model) -> None:
-    """Sum the trainable parameters' gradients over the ranks, in one flat buffer. A parameter
-    no rank gave a gradient keeps ``None`` (the optimiser skips it, as one process would)."""
+def all_reduce_gradients(parameters) -> None:
+    """Sum the trainable ones of ``parameters`` gradients over the ranks, in one flat buffer. A
+    parameter no rank gave a gradient keeps ``None`` (the optimiser skips it, as one process would)."""
     import torch
     import torch.distributed as dist
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in parameters if p.requires_grad]
     grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params]
     had = torch.tensor([float(p.grad is not None) for p in params])
     flat = torch.cat(grads + [had])

@@ -35,7 +35,8 @@ import time
 import numpy as np
 
 from ..world.images import COLOR_NAMES
-from ..world.samples import SPLIT_KEY, make_sample
+from ..world.samples import SPLIT_KEY, draw_image_sample
+from ..world.scene import render
 from ..world.spec import SHAPES
 
 N_CLASSES = 25
@@ -136,18 +137,29 @@ def summary_targets(meta: dict):
     return present, counts
 
 
-def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded: bool = False):
-    """Pixel tiles (n, 3, S, S) with stacked patch targets (cls, pos, obj) from random normal-size
+def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded: bool = False,
+                 part: tuple[int, int] = (0, 1)):
+    """Pixel tiles (m, 3, S, S) with stacked patch targets (cls, pos, obj) from random normal-size
     scenes; with ``crowded``, every other scene holds up to 6 objects (a count scene) and the
-    summary targets (present, counts) follow."""
+    summary targets (present, counts) follow. ``part`` = (rank, ranks): all ``n`` scenes are
+    drawn from ``rng`` (a cheap share of the work) and only the rank's contiguous block of them
+    is rendered and labelled (m scenes), so the ranks' parts in order are the one-process batch.
+    Blocks, not every ranks-th scene: scenes alternate between a caption and a crowded count
+    scene, and a stride of 2 would give one rank all the slow ones to wait for."""
     import torch
 
     fams = ["caption", "count"] if crowded else ["caption"]
-    samples = [make_sample(fams[i % len(fams)], rng, hires=False) for i in range(n)]
-    pix = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"][:, 0]
+    drawn = [draw_image_sample(fams[i % len(fams)], rng, hires=False) for i in range(n)]
+    mine = drawn[share(n, *part)]
+    pix = processor.image_processor([render(scene) for scene, _ in mine], return_tensors="pt")["pixel_values"][:, 0]
     tg = [patch_targets(s.meta, grid) + (object_targets(s.meta, grid),) + (summary_targets(s.meta) if crowded else ())
-          for s in samples]
+          for _, s in mine]
     return pix, *(torch.from_numpy(np.stack(t)) for t in zip(*tg))
+
+
+def share(n: int, rank: int, ranks: int) -> slice:
+    """Rank ``rank``'s contiguous block of ``n`` items split as evenly as they go over ``ranks``."""
+    return slice(rank * n // ranks, (rank + 1) * n // ranks)
 
 
 def word_ids(tokenizer) -> dict[str, list[int]]:
@@ -169,17 +181,50 @@ def word_targets(cls):
     return {"color": color, "shape": shape, "digit": digit}
 
 
-def alignment_loss(model, feats, cls, words: dict) -> "torch.Tensor":
-    """CE of token features against the word embeddings naming their content."""
+def alignment_loss(model, feats, cls, words: dict, totals: dict | None = None) -> "torch.Tensor":
+    """CE of token features against the word embeddings naming their content, a mean over the
+    labelled cells of each kind (``totals``: their counts over every rank; default this batch's)."""
     import torch.nn.functional as F
 
     emb = model.get_input_embeddings().weight
+    totals = at_least_one(totals or denominators(cls))
     loss = 0.0
     for kind, target in word_targets(cls).items():
         if (target >= 0).any():
             logits = feats @ emb[words[kind]].T  # (n, G*G, n_words)
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
+            ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1, reduction="sum")
+            loss = loss + ce / totals[f"word_{kind}"]
     return loss
+
+
+def denominators(cls, obj=None) -> dict:
+    """The stage-1 objective's denominators for a batch of cell classes (n, G*G) and object
+    targets (n, G*G, 2): tiles, and the labelled cells of the dense and word terms. A
+    data-parallel step sums them over the ranks (:func:`global_denominators`) so that the ranks'
+    objectives add up to the one-process objective of the whole batch."""
+    import torch
+
+    counts = {"tiles": torch.tensor(float(cls.shape[0]))}
+    counts.update({f"word_{k}": (t >= 0).sum().float() for k, t in word_targets(cls).items()})
+    if obj is not None:
+        counts.update(dense_shape=(obj[..., 0] >= 0).sum().float(), dense_color=(obj[..., 1] >= 0).sum().float())
+    return counts
+
+
+def at_least_one(totals: dict) -> dict:
+    """Denominators clamped to 1 (a kind no cell is labelled with adds a loss of 0, not 0/0);
+    applied after summing over ranks, so a rank without a kind does not count one."""
+    return {k: v.clamp(min=1.0) for k, v in totals.items()}
+
+
+def global_denominators(local: dict) -> dict:
+    """:func:`denominators` summed over the data-parallel group."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.stack(list(local.values()))
+    dist.all_reduce(flat)
+    return dict(zip(local, flat))
 
 
 def projected_tokens(model, pix):
@@ -190,33 +235,40 @@ def projected_tokens(model, pix):
 
 
 def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words=None, summary=None,
-               dense: bool = False):
+               dense: bool = False, totals: dict | None = None):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
-    ``dense`` the (shape, color) of every object cell, and with ``summary`` = (mode, head)
-    the scene-summary loss. Returns (loss, cell accuracy, position error, summary accuracy
-    or nan)."""
+    ``dense`` the (shape, color) of every object cell, and with ``summary`` = (mode, head,
+    weight, channels) the scene-summary loss. Every term is a sum over this batch divided by
+    ``totals`` (:func:`denominators`; default this batch's own, i.e. plain means). Returns
+    (loss, cell accuracy, position error, summary accuracy or nan), the figures this batch's."""
     import torch.nn.functional as F
 
+    totals = at_least_one(totals or denominators(cls, obj))
+    cells = totals["tiles"] * cls.shape[1]
     feats = projected_tokens(model, pix)
     out = head(feats)  # (n, G*G, HEAD_OUT)
-    ce = F.cross_entropy(out[..., :N_CLASSES].flatten(0, 1), cls.flatten())
-    l1 = 4.0 * (out[..., N_CLASSES:N_CLASSES + 2].sigmoid() - pos).abs().sum(-1).mean()
+    ce = F.cross_entropy(out[..., :N_CLASSES].flatten(0, 1), cls.flatten(), reduction="sum") / cells
+    l1_sum = (out[..., N_CLASSES:N_CLASSES + 2].sigmoid() - pos).abs().sum()
     if dense:
         shape_logits, color_logits = out[..., N_CLASSES + 2:].split([len(SHAPES), len(COLOR_NAMES)], -1)
-        ce = ce + F.cross_entropy(shape_logits.flatten(0, 1), obj[..., 0].flatten(), ignore_index=-1) \
-            + F.cross_entropy(color_logits.flatten(0, 1), obj[..., 1].flatten(), ignore_index=-1)
-    align = alignment_loss(model, feats, cls, words) if words else 0.0
+        for logits, target, kind in ((shape_logits, obj[..., 0], "dense_shape"), (color_logits, obj[..., 1], "dense_color")):
+            ce = ce + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1,
+                                      reduction="sum") / totals[kind]
+    align = alignment_loss(model, feats, cls, words, totals) if words else 0.0
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
-    extra, s_acc = (summary_loss(feats, present, counts, *summary) if summary else (0.0, float("nan")))
-    return ce + l1 + align + extra, acc.item(), l1.item() / 4.0, s_acc
+    extra, s_acc = (summary_loss(feats, present, counts, *summary, tiles=totals["tiles"]) if summary
+                    else (0.0, float("nan")))
+    pos_err = l1_sum.item() / cls.numel()
+    return ce + 4.0 * l1_sum / cells + align + extra, acc.item(), pos_err, s_acc
 
 
-def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, channels: int = 0):
+def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, channels: int = 0, tiles=None):
     """BCE on kind presence + CE on per-shape counts, from the tokens' mean ("mean") or
     from each token ("token"). feats (n, T, D); present (n, N_KINDS); counts (n, S).
     ``channels`` > 0: the head reads only the first ``channels`` of the D channels, so the
     summary is asked of a channel group and the other channels keep only the per-cell targets.
-    Returns (loss, share of scenes whose presence bits and counts are all right)."""
+    ``tiles``: the tile count the means divide by (default n; a data-parallel step's whole
+    batch). Returns (loss, share of scenes whose presence bits and counts are all right)."""
     import torch.nn.functional as F
 
     feats = feats[..., :channels] if channels else feats
@@ -226,42 +278,78 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, c
     cnt_logit = out[..., N_KINDS:].unflatten(-1, (len(SHAPES), MAX_SHAPE_COUNT + 1))
     tgt_p = present[:, None].expand_as(pres_logit)
     tgt_c = counts[:, None].expand(cnt_logit.shape[:-1])
-    loss = F.binary_cross_entropy_with_logits(pres_logit, tgt_p) + \
-        F.cross_entropy(cnt_logit.flatten(0, -2), tgt_c.flatten())
+    rows = out.shape[1] * (feats.shape[0] if tiles is None else tiles)  # the means run over tiles x (T or 1)
+    loss = (F.binary_cross_entropy_with_logits(pres_logit, tgt_p, reduction="sum") / N_KINDS
+            + F.cross_entropy(cnt_logit.flatten(0, -2), tgt_c.flatten(), reduction="sum") / len(SHAPES)) / rows
     right = ((pres_logit > 0) == (tgt_p > 0.5)).all(-1) & (cnt_logit.argmax(-1) == tgt_c).all(-1)
     return weight * loss, right.float().mean().item()
 
 
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
-                    summary_weight: float = 1.0, summary_channels: int = 0) -> float:
+                    summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
     returns the final cell accuracy. ``summary_weight`` scales the summary loss, which reads the
-    first ``summary_channels`` channels (0: all). ``workers`` processes render the batches (the
-    scenes, not the small tower, are most of a stage-1 step on the CPU); the batches stay the same."""
+    first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
+    ``ranks`` > 1 forked 1-thread data-parallel ranks each render and train on a share of every
+    step's scenes (rendering is a third of a step and single-threaded, so two 1-thread ranks beat
+    one 2-thread process: ``results/recipe-cpu/stage1_data_parallel.md``). Either way the
+    batches, and so the steps, stay the one-process ones."""
     import torch
 
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    if ranks > 1 and workers:
+        raise ValueError("stage 1 takes rendering workers or data-parallel ranks, not both")
     hidden = model.config.text_config.hidden_size
-    head = torch.nn.Linear(hidden, HEAD_OUT).to(model.device)
-    s_head = torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device) if summary else None
-    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    params.append(model.get_input_embeddings().weight)
-    words = word_ids(processor.tokenizer)
-    heads = list(head.parameters()) + (list(s_head.parameters()) if s_head else [])
-    opt = torch.optim.AdamW(params + heads, lr=lr, weight_decay=0.01)
-    t0, stats = time.time(), []
-    batches = stage1_batches(processor, seed, steps, batch_size, grid, bool(summary), workers)
+    heads = [torch.nn.Linear(hidden, HEAD_OUT).to(model.device)]
+    if summary:
+        heads.append(torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device))
+    job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
+               workers=workers, summary_weight=summary_weight, summary_channels=summary_channels)
+    if ranks == 1:
+        return stage1_loop(model, processor, heads, job, log)
+    from safetensors.torch import load
+
+    from .parallel import fork_ranks
+
+    log(f"stage 1 on {ranks} data-parallel ranks of 1 thread, {batch_size} scenes a step split between them")
+    state, acc = fork_ranks(_stage1_rank, ranks, model, processor, heads, job, log)
+    model.load_state_dict(load(state))
+    return acc
+
+
+def stage1_params(model) -> list:
+    """What stage 1 trains besides its heads: the tower, the projector, the word embeddings."""
+    return (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+            + [model.get_input_embeddings().weight])
+
+
+def stage1_loop(model, processor, heads: list, job: dict, log, rank: int = 0, ranks: int = 1) -> float:
+    """Stage 1's steps on this rank's share of each step's scenes (all of them with one rank)."""
+    import torch
+
+    from .parallel import all_reduce_gradients
+
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    params, words = stage1_params(model), word_ids(processor.tokenizer)
+    trained = params + [p for h in heads for p in h.parameters()]
+    opt = torch.optim.AdamW(trained, lr=job["lr"], weight_decay=0.01)
+    summary = (job["summary"], heads[1], job["summary_weight"], job["summary_channels"]) if job["summary"] else None
+    t0, stats, steps = time.time(), [], job["steps"]
+    batches = stage1_batches(processor, job["seed"], steps, job["batch_size"], grid, bool(summary),
+                             job["workers"], (rank, ranks))
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        batch = [t.to(model.device) for t in next(batches)]
-        if not summary:
-            batch += [None, None]
-        loss, *st = patch_loss(model, head, *batch, words=words, dense=dense,
-                               summary=(summary, s_head, summary_weight, summary_channels) if summary else None)
+            g["lr"] = job["lr"] * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        batch = [t.to(model.device) for t in next(batches)] + ([] if summary else [None, None])
+        totals = denominators(batch[1], batch[3])
+        totals = global_denominators(totals) if ranks > 1 else totals
+        loss, *st = patch_loss(model, heads[0], *batch, words=words, dense=job["dense"], summary=summary,
+                               totals=totals)
         loss.backward()
+        if ranks > 1:
+            all_reduce_gradients(trained)
+            st = pooled_stats(st, batch[1].shape[0], totals["tiles"])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -271,6 +359,27 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
             log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} cell acc {acc:.3f} "
                 f"pos err {err:.4f} summary acc {s_acc:.3f} t {time.time() - t0:.0f}s")
     return float(np.mean([a for a, _, _ in stats[-50:]])) if stats else 0.0
+
+
+def pooled_stats(stats: list[float], tiles: int, all_tiles) -> list[float]:
+    """This rank's (cell accuracy, position error, summary accuracy), means over its ``tiles``,
+    made the whole step's: weighted by tiles and summed over the ranks (nan stays nan)."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.tensor(stats, dtype=torch.float64) * tiles
+    dist.all_reduce(flat)
+    return (flat / float(all_tiles)).tolist()
+
+
+def _stage1_rank(rank: int, ranks: int, model, processor, heads, job, log):
+    """One data-parallel rank of stage 1; rank 0 returns (state bytes, final cell accuracy)."""
+    from safetensors.torch import save
+
+    acc = stage1_loop(model, processor, heads, job, log if rank == 0 else (lambda *_: None), rank, ranks)
+    if rank:
+        return None
+    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}), acc
 
 
 _STAGE1: dict = {}
@@ -283,17 +392,19 @@ def _one_thread():
 
 
 def _stage1_batch(step: int):
-    processor, seed, batch_size, grid, crowded = _STAGE1["args"]
+    processor, seed, batch_size, grid, crowded, part = _STAGE1["args"]
     rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, step, 2]))
-    return vision_batch(processor, rng, batch_size, grid, crowded)
+    return vision_batch(processor, rng, batch_size, grid, crowded, part)
 
 
-def stage1_batches(processor, seed: int, steps: int, batch_size: int, grid: int, crowded: bool, workers: int = 0):
-    """The batches of stage-1 steps 0..steps-1 (each a pure function of seed and step), built
-    in this process or by ``workers`` forked processes, in order."""
+def stage1_batches(processor, seed: int, steps: int, batch_size: int, grid: int, crowded: bool, workers: int = 0,
+                   part: tuple[int, int] = (0, 1)):
+    """The batches of stage-1 steps 0..steps-1 (each a pure function of seed and step; with
+    ``part`` = (rank, ranks), that rank's share of each, see :func:`vision_batch`), built in
+    this process or by ``workers`` forked processes, in order."""
     import multiprocessing as mp
 
-    _STAGE1["args"] = (processor, seed, batch_size, grid, crowded)
+    _STAGE1["args"] = (processor, seed, batch_size, grid, crowded, part)
     if not workers:
         yield from map(_stage1_batch, range(steps))
         return

@@ -293,9 +293,9 @@ class TrainConfig:
             raise ValueError(f"data_parallel is a process count >= 1, got {self.data_parallel}")
         if self.data_parallel == 1:
             return
-        if not self.device.startswith("cpu") or self.workers:
-            raise ValueError("data_parallel runs stage 2 in forked CPU processes: it needs device 'cpu' and no "
-                             "--workers (each rank builds its own share of a step's samples)")
+        if not self.device.startswith("cpu") or self.workers or self.stage1_workers:
+            raise ValueError("data_parallel runs both stages in forked CPU processes: it needs device 'cpu' and "
+                             "no --workers or --stage1-workers (each rank builds its own share of a step's samples)")
         if self.batch_size < 2 * self.data_parallel:
             raise ValueError(f"data_parallel {self.data_parallel} needs a batch of at least 2 rows per rank, "
                              f"got batch_size {self.batch_size}")
@@ -400,7 +400,7 @@ def train_step(model, opt, batch, marker_id: int, lr: float, clip: float, loss_m
     totals = global_totals(present, count) if ranks > 1 else None
     objective(losses, present, count, loss_mean, totals).backward()
     if ranks > 1:
-        all_reduce_gradients(model)
+        all_reduce_gradients(model.parameters())
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -500,7 +500,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
                               summary=cfg.summary, summary_weight=cfg.summary_weight,
                               summary_channels=cfg.summary_channels,
-                              dense=cfg.vision_dense, workers=cfg.stage1_workers)
+                              dense=cfg.vision_dense, workers=cfg.stage1_workers, ranks=cfg.data_parallel)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -883,8 +883,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="language-model init std (transformers' default 0.02)")
     p.add_argument("--workers", type=int, default=0, help="batch-building processes (with --steps only)")
     p.add_argument("--data-parallel", type=int, default=1,
-                   help="stage 2 in N forked 1-thread CPU processes, each on its share of a step's rows, gradients "
-                        "summed (2 on a 2-core CPU: 1.2-1.4x the steps, results/recipe-cpu/step_breakdown.md)")
+                   help="both stages in N forked 1-thread CPU processes, each on its share of a step's rows, "
+                        "gradients summed (2 on a 2-core CPU: stage 2 1.2-1.4x the steps, "
+                        "results/recipe-cpu/step_breakdown.md; stage 1 about 1.6x, stage1_data_parallel.md)")
     p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     p.add_argument("--log", default=None, help="also append log lines to this file")
     a = p.parse_args(argv)

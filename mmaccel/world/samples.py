@@ -105,9 +105,18 @@ def _build_sample(family, rng, sid, hires, num_frames, hires_p, max_objects) -> 
         return Sample(sid, family, q, a, images=[render(s) for s in scenes], meta=meta)
     if hires is None:
         hires = family in HIRES_FAMILIES and bool(rng.random() < hires_p)
+    scene, sample = draw_image_sample(family, rng, hires, max_objects, sid)
+    sample.images = [render(scene)]
+    return sample
+
+
+def draw_image_sample(family: str, rng: np.random.Generator, hires: bool, max_objects: int = MAX_OBJECTS,
+                      sid: str = ""):
+    """(scene, its sample without pixels) of a single-image family: the draws ``make_sample``
+    takes from ``rng`` for it with ``hires`` given, without the rendering, so that a caller can
+    keep the stream and render only the scenes it needs (rendering draws nothing from it)."""
     scene, q, a, meta = build_image_family(family, rng, hires, max_objects)
-    meta = {**meta, **scene.to_meta(), "hires": hires}
-    return Sample(sid, family, q, a, images=[render(scene)], meta=meta)
+    return scene, Sample(sid, family, q, a, meta={**meta, **scene.to_meta(), "hires": hires})
 
 
 def _retry(fn, tries: int = 100):

@@ -5,7 +5,8 @@
 #
 # Usage: results/recipe-cpu/summary_tower/run_candidate.sh RUN [EXTRA TRAIN FLAGS...]
 #   e.g. results/recipe-cpu/summary_tower/run_candidate.sh 43 --summary-weight 3 --vision-steps 3000
-# The base command is run 39's (run 31's + --flash-stretch 0.30:0.56:0.25 + --data-parallel 2).
+# The base command is run 39's (run 31's + --flash-stretch 0.30:0.56:0.25 + --data-parallel 2, which
+# since the thirty-fifth session runs stage 1 in the two ranks too: 1.29x, the same steps).
 # Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...);
 # the model stays in /work/runRUN/model. FORCE=1 trains on a CPU without AVX-512 (its 57 minutes
 # buy about half of runs 39-41's stage-2 steps, so a verdict would measure the CPU).

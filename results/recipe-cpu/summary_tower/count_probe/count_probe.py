@@ -95,8 +95,9 @@ def answer_breakdown(model, processor, n: int) -> dict:
     return out
 
 
-def stage1_model(weight: float, steps: int = 2000, lr: float | None = None):
-    """A fresh model whose tower and projector went through stage 1 alone (the shipped flags)."""
+def stage1_model(weight: float, steps: int = 2000, lr: float | None = None, ranks: int = 1):
+    """A fresh model whose tower and projector went through stage 1 alone (the shipped flags), in
+    ``ranks`` data-parallel processes (the same batches)."""
     from mmaccel.embedded.pretrain import pretrain_vision
     from mmaccel.embedded.train import build_model, build_processor, build_tokenizer, machine_line, parse_args
 
@@ -107,7 +108,7 @@ def stage1_model(weight: float, steps: int = 2000, lr: float | None = None):
     model.train()
     t0 = time.time()
     acc = pretrain_vision(model, processor, cfg.seed, steps, lr=lr or cfg.vision_lr, log=lambda m: None,
-                          summary="token", summary_weight=weight, summary_channels=64, dense=True)
+                          summary="token", summary_weight=weight, summary_channels=64, dense=True, ranks=ranks)
     model.eval()
     return model, processor, {"cell_accuracy": round(acc, 3), "seconds": round(time.time() - t0),
                               "machine": machine_line()}
@@ -119,14 +120,16 @@ def main(argv=None) -> None:
     p.add_argument("--stage1", type=float, default=None, help="probe a fresh stage-1 tower with this summary weight")
     p.add_argument("--stage1-steps", type=int, default=2000, help="stage-1 steps of that tower (the recipe's 2,000)")
     p.add_argument("--stage1-lr", type=float, default=None, help="stage-1 peak lr (the recipe's 2e-3)")
+    p.add_argument("--stage1-ranks", type=int, default=1, help="data-parallel processes for that stage 1")
     p.add_argument("--answers", type=int, default=0, help="also break down N count answers of the model")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.stage1 is not None:
-        model, processor, info = stage1_model(a.stage1, a.stage1_steps, a.stage1_lr)
+        model, processor, info = stage1_model(a.stage1, a.stage1_steps, a.stage1_lr, a.stage1_ranks)
         rows = [{"reading": "tokens", "stage1_summary_weight": a.stage1, "stage1_steps": a.stage1_steps,
-                 **({"stage1_lr": a.stage1_lr} if a.stage1_lr else {}), **info,
+                 **({"stage1_lr": a.stage1_lr} if a.stage1_lr else {}),
+                 **({"stage1_ranks": a.stage1_ranks} if a.stage1_ranks > 1 else {}), **info,
                  **token_probe(model, processor)}]
     else:
         from mmaccel.pipeline import load_model
