@@ -7,13 +7,14 @@
 #   e.g. results/recipe-cpu/summary_tower/run_candidate.sh 43 --summary-weight 3 --vision-steps 3000
 # The base command is run 39's (run 31's + --flash-stretch 0.30:0.56:0.25 + --data-parallel 2, which
 # since the thirty-fifth session runs stage 1 in the two ranks too: 1.29x, the same steps).
-# Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...);
-# the model stays in /work/runRUN/model. FORCE=1 trains on a CPU without AVX-512 (its 57 minutes
-# buy about half of runs 39-41's stage-2 steps, so a verdict would measure the CPU).
+# Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...), the full
+# test run with the candidate in place in runRUN_tests.txt; the model stays in /work/runRUN/model.
+# FORCE=1 trains on a CPU without AVX-512 (its 57 minutes buy about half of runs 39-41's stage-2
+# steps, so a verdict would measure the CPU).
 # A smoke test of the script itself (not a candidate): FORCE=1 SMOKE=1 run_candidate.sh 0 --steps 20
 # --vision-steps 10 shrinks every evaluation to a few samples.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,15p "$0"; exit 2; }
 RUN=$1; shift
 REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 HERE=$REPO/results/recipe-cpu/summary_tower
@@ -62,4 +63,14 @@ python -m mmaccel.embedded.evaluate --model "$M" --n "${sizes[2]}" --blank --jso
 python -m mmaccel.cli bench fidelity --sweep --model "$M" --n "${sizes[3]}" --retentions 0.25,0.11 --out "$HERE/fidelity_run$RUN"
 python "$S/gates.py" "$HERE/eval_seed15_n1800_run$RUN.json" "$HERE/fidelity_run$RUN/fidelity.json" \
     "$HERE/captions600_run$RUN.json" "$HERE/eval_seed0_n450_blank_run$RUN.json" | tee "$HERE/run${RUN}_gates.txt"
-echo "left to do by hand: the full test run with $M in place of mmaccel/assets/default_model"
+[ "${SMOKE:-0}" = 1 ] && { echo "SMOKE=1: no full test run (a smoke model is not meant to pass it)"; exit 0; }
+# the rule's last gate: the full test run with the candidate in place of the shipped model, in the
+# snapshot (its tree is the one the candidate would ship in)
+cp "$M"/* "$SNAP/mmaccel/assets/default_model/"
+git -C "$SNAP" status --short mmaccel/assets/default_model | sed 's/^/replaced in the snapshot: /'
+set +e
+python -m pytest -q -p no:cacheprovider "$SNAP/tests" > "$HERE/run${RUN}_tests.txt" 2>&1
+rc=$?
+set -e
+tail -n 3 "$HERE/run${RUN}_tests.txt"
+echo "full test run with run $RUN in place: exit $rc (log: run${RUN}_tests.txt)"
