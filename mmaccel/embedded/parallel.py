@@ -1,5 +1,6 @@
 """Data parallelism on a CPU: ``train.py --data-parallel N``, stage 2 here (stage 1's ranks run
-:func:`.pretrain.stage1_loop` on the same machinery: :func:`fork_ranks`, :func:`all_reduce_gradients`).
+:func:`.pretrain.stage1_loop` on the same machinery: :func:`fork_ranks`, :func:`all_reduce_gradients`,
+:func:`state_bytes`).
 
 Why: on a 2-core CPU two 1-thread processes with 8 rows each make a step 1.2-1.4x faster
 than one 2-thread process with 16 rows, and an all-reduce of the gradients costs ~9 ms
@@ -143,30 +144,38 @@ def pool_log_window(fam_loss, window: list, follow: list) -> None:
 def stage2_rank(rank: int, ranks: int, model, processor, cfg, log, groups, budget):
     """One rank's stage 2 (:func:`.train.run_loop`); rank 0 returns (state bytes, history)."""
     import torch._inductor.config as inductor_config
-    from safetensors.torch import save
 
     from .train import compiled_language_model, make_optimizer, run_loop
 
     inductor_config.compile_threads = 1  # no compile pool inside a forked rank
     opt = make_optimizer(model, cfg)
     with compiled_language_model(model, cfg.compile):
-        history = run_loop(model, opt, processor, cfg, log if rank == 0 else _quiet, groups, budget, rank)
-    if rank:
-        return None
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    return save(state), history
+        history = run_loop(model, opt, processor, cfg, log if rank == 0 else quiet_log, groups, budget, rank)
+    return None if rank else (state_bytes(model), history)
 
 
 def run_stage2(model, processor, cfg, log, groups, budget) -> list[dict]:
     """Stage 2 over ``cfg.data_parallel`` forked ranks; ``model`` gets the trained weights."""
-    from safetensors.torch import load
-
     log(f"stage 2 on {cfg.data_parallel} data-parallel ranks of 1 thread, "
         f"{cfg.batch_size} rows a step split between them")
     state, history = fork_ranks(stage2_rank, cfg.data_parallel, model, processor, cfg, log, groups, budget)
-    model.load_state_dict(load(state))
+    load_state_bytes(model, state)
     return history
 
 
-def _quiet(*_args, **_kwargs) -> None:
+def state_bytes(model) -> bytes:
+    """A rank's trained weights as safetensors bytes, to send to the trainer by value."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
+
+
+def load_state_bytes(model, data: bytes) -> None:
+    """The trainer's side of :func:`state_bytes`: ``model`` gets rank 0's weights."""
+    from safetensors.torch import load
+
+    model.load_state_dict(load(data))
+
+
+def quiet_log(*_args, **_kwargs) -> None:
     """The log of ranks other than 0."""

@@ -308,13 +308,11 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
                workers=workers, summary_weight=summary_weight, summary_channels=summary_channels)
     if ranks == 1:
         return stage1_loop(model, processor, heads, job, log)
-    from safetensors.torch import load
-
-    from .parallel import fork_ranks
+    from .parallel import fork_ranks, load_state_bytes
 
     log(f"stage 1 on {ranks} data-parallel ranks of 1 thread, {batch_size} scenes a step split between them")
     state, acc = fork_ranks(_stage1_rank, ranks, model, processor, heads, job, log)
-    model.load_state_dict(load(state))
+    load_state_bytes(model, state)
     return acc
 
 
@@ -374,12 +372,10 @@ def pooled_stats(stats: list[float], tiles: int, all_tiles) -> list[float]:
 
 def _stage1_rank(rank: int, ranks: int, model, processor, heads, job, log):
     """One data-parallel rank of stage 1; rank 0 returns (state bytes, final cell accuracy)."""
-    from safetensors.torch import save
+    from .parallel import quiet_log, state_bytes
 
-    acc = stage1_loop(model, processor, heads, job, log if rank == 0 else (lambda *_: None), rank, ranks)
-    if rank:
-        return None
-    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}), acc
+    acc = stage1_loop(model, processor, heads, job, log if rank == 0 else quiet_log, rank, ranks)
+    return None if rank else (state_bytes(model), acc)
 
 
 _STAGE1: dict = {}

@@ -885,7 +885,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--data-parallel", type=int, default=1,
                    help="both stages in N forked 1-thread CPU processes, each on its share of a step's rows, "
                         "gradients summed (2 on a 2-core CPU: stage 2 1.2-1.4x the steps, "
-                        "results/recipe-cpu/step_breakdown.md; stage 1 about 1.6x, stage1_data_parallel.md)")
+                        "results/recipe-cpu/step_breakdown.md; stage 1 1.29x, results/recipe-cpu/stage1_data_parallel.md)")
     p.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     p.add_argument("--log", default=None, help="also append log lines to this file")
     a = p.parse_args(argv)
