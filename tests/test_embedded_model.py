@@ -755,6 +755,38 @@ def test_object_targets_by_hand():
     assert obj[0][0] == red_square and obj[5][5] == none and obj[0][5] == none
 
 
+def test_ordinal_targets_by_hand():
+    """Every cell an object covers gets the object's place from the left (by centre x), the
+    cells no object covers -1; the places are ranks of x, not the order the scene lists them."""
+    from mmaccel.embedded.pretrain import ordinal_targets
+
+    meta = {"side": 144, "objects": [
+        {"shape": "circle", "color": "red", "cx": 132, "cy": 12, "size": 8},
+        {"shape": "square", "color": "blue", "cx": 12, "cy": 132, "size": 8},
+        {"shape": "triangle", "color": "green", "cx": 60, "cy": 60, "size": 40}]}
+    place = ordinal_targets(meta, 6).reshape(6, 6)
+    assert place[0, 5] == 2 and place[5, 0] == 0  # the small objects cover only their centre cells
+    assert (place[1:4, 1:4] == 1).all()  # the large triangle: gap < 20 + 12 - 2 on both axes
+    assert (place >= 0).sum() == 11 and place[0, 0] == -1
+
+
+def test_ordinal_targets_follow_the_caption(processor):
+    """On drawn caption scenes the object whose centre cell has place k is the caption's k-th
+    object: the target is the order the caption is written in."""
+    from mmaccel.embedded.pretrain import cell_of, ordinal_targets
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        s = make_sample("caption", rng, hires=False)
+        place = ordinal_targets(s.meta, 6)
+        named = {}
+        for o in s.meta["objects"]:
+            named[int(place[cell_of(o["cx"], o["cy"], s.meta["side"], 6)])] = f"a {o['color']} {o['shape']}"
+        phrases = [named[k] for k in range(len(named))]
+        written = ", ".join(phrases[:-1]) + " and " + phrases[-1] if len(phrases) > 1 else phrases[0]
+        assert written == s.answer
+
+
 def test_stage1_batches_are_the_same_with_workers(processor):
     from mmaccel.embedded.pretrain import stage1_batches
 
@@ -798,7 +830,7 @@ def test_stage1_objectives_of_unequal_shares_with_summed_denominators_add_up_to_
     from mmaccel.embedded.pretrain import denominators, patch_loss
 
     model, (head, s_head), batch, words = _stage1_setup(processor)
-    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64))
+    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64), ordinal_head=torch.nn.Linear(192, 6))
     whole = patch_loss(model, head, *batch, **kw)[0]
     parts = [[t[r::2] for t in batch] for r in range(2)]
     counts = [denominators(p[1], p[3]) for p in parts]

@@ -37,13 +37,14 @@ import numpy as np
 from ..world.images import COLOR_NAMES
 from ..world.samples import SPLIT_KEY, draw_image_sample
 from ..world.scene import render
-from ..world.spec import SHAPES
+from ..world.spec import MAX_OBJECTS, SHAPES
 
 N_CLASSES = 25
 N_KINDS = len(SHAPES) * len(COLOR_NAMES)
 MAX_SHAPE_COUNT = 6
 SUMMARY_OUT = N_KINDS + len(SHAPES) * (MAX_SHAPE_COUNT + 1)
 HEAD_OUT = N_CLASSES + 2 + len(SHAPES) + len(COLOR_NAMES)  # classes, (x, y), shape, color
+DENSE_KINDS = ("shape", "color", "ordinal")  # the columns of :func:`cell_objects`
 
 
 def digit_centres(meta: dict) -> list[tuple[str, float, float]]:
@@ -108,22 +109,40 @@ def patch_targets(meta: dict, grid: int):
     return cls, pos
 
 
-def object_targets(meta: dict, grid: int):
-    """(G*G, 2) int64: (shape, color) index of the object covering each cell, -1 where none.
-    A cell is covered when it overlaps the object's box by more than 2 px (as for class 13);
-    of several, the object whose centre is nearest the cell centre wins."""
+def covering_objects(meta: dict, grid: int) -> np.ndarray:
+    """(G*G,) int64: index into ``meta["objects"]`` of the object covering each cell, -1 where
+    none. A cell is covered when it overlaps the object's box by more than 2 px (as for class
+    13); of several, the object whose centre is nearest the cell centre wins, and the centre
+    cell always names its own object."""
     side, cell = meta["side"], meta["side"] / grid
     centers = cell_centres(side, grid)
-    out = np.full((grid * grid, 2), -1, np.int64)
+    out = np.full(grid * grid, -1, np.int64)
     best = np.full(grid * grid, np.inf)
-    for o in meta["objects"]:
+    for k, o in enumerate(meta["objects"]):
         near, gap = covered_cells(centers, o, cell)
         dist = np.hypot(*gap.T)
         win = near & (dist < best)
-        out[win], best[win] = _kind(o), dist[win]
-    for o in meta["objects"]:  # the centre cell always names its own object
-        out[cell_of(o["cx"], o["cy"], side, grid)] = _kind(o)
+        out[win], best[win] = k, dist[win]
+    for k, o in enumerate(meta["objects"]):
+        out[cell_of(o["cx"], o["cy"], side, grid)] = k
     return out
+
+
+def object_targets(meta: dict, grid: int):
+    """(G*G, 2) int64: (shape, color) index of the object covering each cell (see
+    :func:`covering_objects`), -1 where none."""
+    kinds = np.array([_kind(o) for o in meta["objects"]] + [[-1, -1]], np.int64)
+    return kinds[covering_objects(meta, grid)]  # index -1 picks the trailing "none" row
+
+
+def ordinal_targets(meta: dict, grid: int):
+    """(G*G,) int64: the covering object's place from the left among the scene's objects (0 =
+    leftmost, by centre x, the order a caption lists them in), -1 where no object covers the
+    cell. Asked of every object token (``ordinal``), it puts the caption's order in the tokens
+    themselves instead of leaving the language model to compare positions while it writes."""
+    xs = [o["cx"] for o in meta["objects"]]
+    rank = np.argsort(np.argsort(xs, kind="stable"), kind="stable")
+    return np.append(rank, -1).astype(np.int64)[covering_objects(meta, grid)]
 
 
 def summary_targets(meta: dict):
@@ -152,9 +171,15 @@ def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded
     drawn = [draw_image_sample(fams[i % len(fams)], rng, hires=False) for i in range(n)]
     mine = drawn[share(n, *part)]
     pix = processor.image_processor([render(scene) for scene, _ in mine], return_tensors="pt")["pixel_values"][:, 0]
-    tg = [patch_targets(s.meta, grid) + (object_targets(s.meta, grid),) + (summary_targets(s.meta) if crowded else ())
+    tg = [patch_targets(s.meta, grid) + (cell_objects(s.meta, grid),) + (summary_targets(s.meta) if crowded else ())
           for _, s in mine]
     return pix, *(torch.from_numpy(np.stack(t)) for t in zip(*tg))
+
+
+def cell_objects(meta: dict, grid: int) -> np.ndarray:
+    """(G*G, 3) int64 per cell: the covering object's (shape, color, place from the left), -1s
+    where none (:func:`object_targets`, :func:`ordinal_targets`)."""
+    return np.concatenate([object_targets(meta, grid), ordinal_targets(meta, grid)[:, None]], 1)
 
 
 def share(n: int, rank: int, ranks: int) -> slice:
@@ -207,7 +232,7 @@ def denominators(cls, obj=None) -> dict:
     counts = {"tiles": torch.tensor(float(cls.shape[0]))}
     counts.update({f"word_{k}": (t >= 0).sum().float() for k, t in word_targets(cls).items()})
     if obj is not None:
-        counts.update(dense_shape=(obj[..., 0] >= 0).sum().float(), dense_color=(obj[..., 1] >= 0).sum().float())
+        counts.update({f"dense_{k}": (obj[..., i] >= 0).sum().float() for i, k in enumerate(DENSE_KINDS)})
     return counts
 
 
@@ -235,12 +260,14 @@ def projected_tokens(model, pix):
 
 
 def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words=None, summary=None,
-               dense: bool = False, totals: dict | None = None):
+               dense: bool = False, totals: dict | None = None, ordinal_head=None):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
-    ``dense`` the (shape, color) of every object cell, and with ``summary`` = (mode, head,
-    weight, channels) the scene-summary loss. Every term is a sum over this batch divided by
-    ``totals`` (:func:`denominators`; default this batch's own, i.e. plain means). Returns
-    (loss, cell accuracy, position error, summary accuracy or nan), the figures this batch's."""
+    ``dense`` the (shape, color) of every object cell, with ``ordinal_head`` every object
+    cell's place from the left (obj (n, G*G, 3), :func:`cell_objects`), and with ``summary`` =
+    (mode, head, weight, channels) the scene-summary loss. Every term is a sum over this batch
+    divided by ``totals`` (:func:`denominators`; default this batch's own, i.e. plain means).
+    Returns (loss, cell accuracy, position error, summary accuracy or nan, place accuracy or
+    nan), the figures this batch's."""
     import torch.nn.functional as F
 
     totals = at_least_one(totals or denominators(cls, obj))
@@ -254,12 +281,26 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words
         for logits, target, kind in ((shape_logits, obj[..., 0], "dense_shape"), (color_logits, obj[..., 1], "dense_color")):
             ce = ce + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1,
                                       reduction="sum") / totals[kind]
+    ord_loss, ord_acc = ordinal_loss(ordinal_head, feats, obj[..., 2], totals) if ordinal_head else (0.0, float("nan"))
     align = alignment_loss(model, feats, cls, words, totals) if words else 0.0
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
     extra, s_acc = (summary_loss(feats, present, counts, *summary, tiles=totals["tiles"]) if summary
                     else (0.0, float("nan")))
     pos_err = l1_sum.item() / cls.numel()
-    return ce + 4.0 * l1_sum / cells + align + extra, acc.item(), pos_err, s_acc
+    return ce + 4.0 * l1_sum / cells + align + extra + ord_loss, acc.item(), pos_err, s_acc, ord_acc
+
+
+def ordinal_loss(head, feats, place, totals: dict):
+    """CE of every object token's place from the left (place (n, G*G), -1 off objects), a sum
+    over this batch divided by the labelled cells in ``totals``. Returns (loss, the share of
+    this batch's labelled cells read right, nan if none)."""
+    import torch.nn.functional as F
+
+    logits = head(feats)  # (n, G*G, MAX_OBJECTS)
+    loss = F.cross_entropy(logits.flatten(0, 1), place.flatten(), ignore_index=-1, reduction="sum")
+    on = place >= 0
+    acc = (logits.argmax(-1) == place)[on].float().mean().item() if on.any() else float("nan")
+    return loss / totals["dense_ordinal"], acc
 
 
 def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, channels: int = 0, tiles=None):
@@ -287,10 +328,12 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, c
 
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
-                    summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1) -> float:
+                    summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1,
+                    ordinal: bool = False) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
-    returns the final cell accuracy. ``summary_weight`` scales the summary loss, which reads the
+    returns the final cell accuracy. ``ordinal``: every object token also learns its object's
+    place from the left (:func:`ordinal_targets`). ``summary_weight`` scales the summary loss, which reads the
     first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
     ``ranks`` > 1 forked 1-thread data-parallel ranks each render and train on a share of every
     step's scenes (rendering is a third of a step and single-threaded, so two 1-thread ranks beat
@@ -301,9 +344,11 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     if ranks > 1 and workers:
         raise ValueError("stage 1 takes rendering workers or data-parallel ranks, not both")
     hidden = model.config.text_config.hidden_size
-    heads = [torch.nn.Linear(hidden, HEAD_OUT).to(model.device)]
+    heads = {"patch": torch.nn.Linear(hidden, HEAD_OUT).to(model.device)}
     if summary:
-        heads.append(torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device))
+        heads["summary"] = torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device)
+    if ordinal:  # made after the others, so that their initial weights stay those of a run without it
+        heads["ordinal"] = torch.nn.Linear(hidden, MAX_OBJECTS).to(model.device)
     job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
                workers=workers, summary_weight=summary_weight, summary_channels=summary_channels)
     if ranks == 1:
@@ -322,7 +367,7 @@ def stage1_params(model) -> list:
             + [model.get_input_embeddings().weight])
 
 
-def stage1_loop(model, processor, heads: list, job: dict, log, rank: int = 0, ranks: int = 1) -> float:
+def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ranks: int = 1) -> float:
     """Stage 1's steps on this rank's share of each step's scenes (all of them with one rank)."""
     import torch
 
@@ -330,9 +375,9 @@ def stage1_loop(model, processor, heads: list, job: dict, log, rank: int = 0, ra
 
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     params, words = stage1_params(model), word_ids(processor.tokenizer)
-    trained = params + [p for h in heads for p in h.parameters()]
+    trained = params + [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.AdamW(trained, lr=job["lr"], weight_decay=0.01)
-    summary = (job["summary"], heads[1], job["summary_weight"], job["summary_channels"]) if job["summary"] else None
+    summary = (job["summary"], heads["summary"], job["summary_weight"], job["summary_channels"]) if job["summary"] else None
     t0, stats, steps = time.time(), [], job["steps"]
     batches = stage1_batches(processor, job["seed"], steps, job["batch_size"], grid, bool(summary),
                              job["workers"], (rank, ranks))
@@ -342,8 +387,8 @@ def stage1_loop(model, processor, heads: list, job: dict, log, rank: int = 0, ra
         batch = [t.to(model.device) for t in next(batches)] + ([] if summary else [None, None])
         totals = denominators(batch[1], batch[3])
         totals = global_denominators(totals) if ranks > 1 else totals
-        loss, *st = patch_loss(model, heads[0], *batch, words=words, dense=job["dense"], summary=summary,
-                               totals=totals)
+        loss, *st = patch_loss(model, heads["patch"], *batch, words=words, dense=job["dense"], summary=summary,
+                               totals=totals, ordinal_head=heads.get("ordinal"))
         loss.backward()
         if ranks > 1:
             all_reduce_gradients(trained)
@@ -353,14 +398,15 @@ def stage1_loop(model, processor, heads: list, job: dict, log, rank: int = 0, ra
         opt.zero_grad(set_to_none=True)
         stats.append(st)
         if (step + 1) % 50 == 0:
-            acc, err, s_acc = np.mean(stats[-50:], axis=0)
+            acc, err, s_acc, o_acc = np.mean(stats[-50:], axis=0)
+            place = f" place acc {o_acc:.3f}" if "ordinal" in heads else ""
             log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} cell acc {acc:.3f} "
-                f"pos err {err:.4f} summary acc {s_acc:.3f} t {time.time() - t0:.0f}s")
-    return float(np.mean([a for a, _, _ in stats[-50:]])) if stats else 0.0
+                f"pos err {err:.4f} summary acc {s_acc:.3f}{place} t {time.time() - t0:.0f}s")
+    return float(np.mean([st[0] for st in stats[-50:]])) if stats else 0.0
 
 
 def pooled_stats(stats: list[float], tiles: int, all_tiles) -> list[float]:
-    """This rank's (cell accuracy, position error, summary accuracy), means over its ``tiles``,
+    """This rank's (cell accuracy, position error, summary accuracy, place accuracy), means over its ``tiles``,
     made the whole step's: weighted by tiles and summed over the ranks (nan stays nan)."""
     import torch
     import torch.distributed as dist

@@ -229,6 +229,7 @@ class TrainConfig:
     vision_steps: int = 800
     vision_lr: float = 2e-3
     vision_dense: bool = False
+    vision_ordinal: bool = False
     stage1_workers: int = 0
     freeze_tower: bool = False
     summary: str = ""
@@ -500,7 +501,8 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
         acc = pretrain_vision(model, processor, cfg.seed, cfg.vision_steps, lr=cfg.vision_lr, log=log,
                               summary=cfg.summary, summary_weight=cfg.summary_weight,
                               summary_channels=cfg.summary_channels,
-                              dense=cfg.vision_dense, workers=cfg.stage1_workers, ranks=cfg.data_parallel)
+                              dense=cfg.vision_dense, workers=cfg.stage1_workers, ranks=cfg.data_parallel,
+                              ordinal=cfg.vision_ordinal)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -812,6 +814,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
     p.add_argument("--vision-dense", action="store_true",
                    help="stage 1 also labels every object cell with its object's shape and color")
+    p.add_argument("--vision-ordinal", action="store_true",
+                   help="stage 1 also asks every object cell for its object's place from the left "
+                        "(the order a caption lists the objects in)")
     p.add_argument("--stage1-workers", type=int, default=TrainConfig.stage1_workers,
                    help="processes rendering stage-1 batches (same batches for any number)")
     p.add_argument("--freeze-tower", action="store_true",
@@ -892,7 +897,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     cfg = TrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, lr=a.lr,
                       batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from,
-                      vision_steps=a.vision_steps, vision_dense=a.vision_dense, freeze_tower=a.freeze_tower,
+                      vision_steps=a.vision_steps, vision_dense=a.vision_dense, vision_ordinal=a.vision_ordinal, freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,
