@@ -656,6 +656,33 @@ def test_frozen_tower_keeps_stage_one_weights(monkeypatch):
     assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
 
 
+def test_vision_ordinal_reaches_stage1(monkeypatch):
+    """--vision-ordinal sets the config, and train() hands it to stage 1, which then makes the
+    place head and logs its accuracy."""
+    import mmaccel.embedded.train as train_mod
+    from mmaccel.embedded.train import parse_args
+
+    cfg, _ = parse_args(["--out", "x", "--vision-ordinal", "--vision-steps", "50"])
+    assert cfg.vision_ordinal and not parse_args(["--out", "x"])[0].vision_ordinal
+    with pytest.raises(ValueError, match="--vision-ordinal"):
+        parse_args(["--out", "x", "--vision-ordinal-channels", "64"])
+    seen = {}
+    real = train_mod.pretrain_vision
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "pretrain_vision", record)
+    cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=50,
+                      vision_ordinal=True, vision_ordinal_channels=64, text={"num_hidden_layers": 1},
+                      vision={"num_hidden_layers": 1})
+    lines = []
+    train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    assert seen["ordinal"] is True and seen["ordinal_channels"] == 64
+    assert any(line.startswith("vision pretrain step 50/50") and "place acc" in line for line in lines)
+
+
 def test_save_reload_round_trip(tmp_path, processor):
     model = build_model(processor.tokenizer, seed=3).eval()
     model.save_pretrained(tmp_path)

@@ -260,10 +260,11 @@ def projected_tokens(model, pix):
 
 
 def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words=None, summary=None,
-               dense: bool = False, totals: dict | None = None, ordinal_head=None):
+               dense: bool = False, totals: dict | None = None, ordinal_head=None, ordinal_channels: int = 0):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
     ``dense`` the (shape, color) of every object cell, with ``ordinal_head`` every object
-    cell's place from the left (obj (n, G*G, 3), :func:`cell_objects`), and with ``summary`` =
+    cell's place from the left (obj (n, G*G, 3), :func:`cell_objects`; read from the first
+    ``ordinal_channels`` channels, 0: all), and with ``summary`` =
     (mode, head, weight, channels) the scene-summary loss. Every term is a sum over this batch
     divided by ``totals`` (:func:`denominators`; default this batch's own, i.e. plain means).
     Returns (loss, cell accuracy, position error, summary accuracy or nan, place accuracy or
@@ -281,7 +282,8 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words
         for logits, target, kind in ((shape_logits, obj[..., 0], "dense_shape"), (color_logits, obj[..., 1], "dense_color")):
             ce = ce + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1,
                                       reduction="sum") / totals[kind]
-    ord_loss, ord_acc = ordinal_loss(ordinal_head, feats, obj[..., 2], totals) if ordinal_head else (0.0, float("nan"))
+    ord_feats = feats[..., :ordinal_channels] if ordinal_channels else feats
+    ord_loss, ord_acc = ordinal_loss(ordinal_head, ord_feats, obj[..., 2], totals) if ordinal_head else (0.0, float("nan"))
     align = alignment_loss(model, feats, cls, words, totals) if words else 0.0
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
     extra, s_acc = (summary_loss(feats, present, counts, *summary, tiles=totals["tiles"]) if summary
@@ -329,11 +331,12 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, c
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
                     summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1,
-                    ordinal: bool = False) -> float:
+                    ordinal: bool = False, ordinal_channels: int = 0) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
     returns the final cell accuracy. ``ordinal``: every object token also learns its object's
-    place from the left (:func:`ordinal_targets`). ``summary_weight`` scales the summary loss, which reads the
+    place from the left (:func:`ordinal_targets`), read from the first ``ordinal_channels``
+    channels (0: all). ``summary_weight`` scales the summary loss, which reads the
     first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
     ``ranks`` > 1 forked 1-thread data-parallel ranks each render and train on a share of every
     step's scenes (rendering is a third of a step and single-threaded, so two 1-thread ranks beat
@@ -348,9 +351,10 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     if summary:
         heads["summary"] = torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device)
     if ordinal:  # made after the others, so that their initial weights stay those of a run without it
-        heads["ordinal"] = torch.nn.Linear(hidden, MAX_OBJECTS).to(model.device)
+        heads["ordinal"] = torch.nn.Linear(ordinal_channels or hidden, MAX_OBJECTS).to(model.device)
     job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
-               workers=workers, summary_weight=summary_weight, summary_channels=summary_channels)
+               workers=workers, summary_weight=summary_weight, summary_channels=summary_channels,
+               ordinal_channels=ordinal_channels)
     if ranks == 1:
         return stage1_loop(model, processor, heads, job, log)
     from .parallel import fork_ranks, load_state_bytes
@@ -388,7 +392,8 @@ def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ra
         totals = denominators(batch[1], batch[3])
         totals = global_denominators(totals) if ranks > 1 else totals
         loss, *st = patch_loss(model, heads["patch"], *batch, words=words, dense=job["dense"], summary=summary,
-                               totals=totals, ordinal_head=heads.get("ordinal"))
+                               totals=totals, ordinal_head=heads.get("ordinal"),
+                               ordinal_channels=job["ordinal_channels"])
         loss.backward()
         if ranks > 1:
             all_reduce_gradients(trained)
