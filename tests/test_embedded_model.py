@@ -797,7 +797,7 @@ def test_ordinal_targets_by_hand():
     assert (place >= 0).sum() == 11 and place[0, 0] == -1
 
 
-def test_ordinal_targets_follow_the_caption(processor):
+def test_ordinal_targets_follow_the_caption():
     """On drawn caption scenes the object whose centre cell has place k is the caption's k-th
     object: the target is the order the caption is written in."""
     from mmaccel.embedded.pretrain import cell_of, ordinal_targets

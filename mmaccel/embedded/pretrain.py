@@ -128,11 +128,19 @@ def covering_objects(meta: dict, grid: int) -> np.ndarray:
     return out
 
 
+def object_rows(meta: dict) -> np.ndarray:
+    """(K + 1, 3) int64: each object's (shape, color, place from the left), then a row of -1s,
+    so that indexing with :func:`covering_objects` (-1 where none) gives per-cell targets."""
+    xs = [o["cx"] for o in meta["objects"]]
+    place = np.argsort(np.argsort(xs, kind="stable"), kind="stable")
+    rows = [_kind(o) + [int(k)] for o, k in zip(meta["objects"], place)]
+    return np.array(rows + [[-1, -1, -1]], np.int64).reshape(-1, 3)
+
+
 def object_targets(meta: dict, grid: int):
     """(G*G, 2) int64: (shape, color) index of the object covering each cell (see
     :func:`covering_objects`), -1 where none."""
-    kinds = np.array([_kind(o) for o in meta["objects"]] + [[-1, -1]], np.int64)
-    return kinds[covering_objects(meta, grid)]  # index -1 picks the trailing "none" row
+    return cell_objects(meta, grid)[:, :2]
 
 
 def ordinal_targets(meta: dict, grid: int):
@@ -140,9 +148,7 @@ def ordinal_targets(meta: dict, grid: int):
     leftmost, by centre x, the order a caption lists them in), -1 where no object covers the
     cell. Asked of every object token (``ordinal``), it puts the caption's order in the tokens
     themselves instead of leaving the language model to compare positions while it writes."""
-    xs = [o["cx"] for o in meta["objects"]]
-    rank = np.argsort(np.argsort(xs, kind="stable"), kind="stable")
-    return np.append(rank, -1).astype(np.int64)[covering_objects(meta, grid)]
+    return cell_objects(meta, grid)[:, 2]
 
 
 def summary_targets(meta: dict):
@@ -178,8 +184,8 @@ def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded
 
 def cell_objects(meta: dict, grid: int) -> np.ndarray:
     """(G*G, 3) int64 per cell: the covering object's (shape, color, place from the left), -1s
-    where none (:func:`object_targets`, :func:`ordinal_targets`)."""
-    return np.concatenate([object_targets(meta, grid), ordinal_targets(meta, grid)[:, None]], 1)
+    where none (the covering rule runs once for all three)."""
+    return object_rows(meta)[covering_objects(meta, grid)]  # index -1 picks the "none" row
 
 
 def share(n: int, rank: int, ranks: int) -> slice:

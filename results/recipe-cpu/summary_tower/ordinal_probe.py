@@ -14,20 +14,19 @@ usage: python ordinal_probe.py [--model DIR] [--out FILE]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmaccel.embedded.pretrain import cell_of, object_targets, ordinal_targets
+from mmaccel.embedded.pretrain import cell_of, cell_objects
 from mmaccel.world.images import COLOR_NAMES
 from mmaccel.world.spec import SHAPES
 from mmaccel.world.samples import SPLIT_KEY, make_sample
 
 sys.path.insert(0, str(Path(__file__).parent / "count_probe"))
-from count_probe import tokens_of  # noqa: E402
+from count_probe import print_line, tokens_of  # noqa: E402
 
 GRID = 6
 PLACES = 4  # caption scenes hold 1-4 objects
@@ -39,14 +38,14 @@ def caption_scenes(processor, n: int, seed: int):
     rng = np.random.default_rng(np.random.SeedSequence([SPLIT_KEY["train"], seed, 13]))
     samples = [make_sample("caption", rng, hires=False) for _ in range(n)]
     pix = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"][:, 0]
-    places = np.stack([ordinal_targets(s.meta, GRID) for s in samples])
+    cells = torch.from_numpy(np.stack([cell_objects(s.meta, GRID) for s in samples]))  # (n, G*G, 3)
+    places = cells[..., 2].numpy()
     centre = np.zeros_like(places, dtype=bool)
     for i, s in enumerate(samples):
         for o in s.meta["objects"]:
             centre[i, cell_of(o["cx"], o["cy"], s.meta["side"], GRID)] = True
     counts = np.array([len(s.meta["objects"]) for s in samples])
-    kinds = torch.from_numpy(np.stack([object_targets(s.meta, GRID) for s in samples]))
-    return pix, torch.from_numpy(places), torch.from_numpy(centre), counts, kinds
+    return pix, cells[..., 2], torch.from_numpy(centre), counts, cells[..., :2]
 
 
 def fit_probe(x, y, classes: int = PLACES, steps: int = 1500):
@@ -106,11 +105,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     model, processor = load_model(a.model) if a.model else load_default_model()
     model.eval()
-    line = json.dumps({"model": a.model or "shipped", **probes(model, processor)})
-    print(line)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(line + "\n")
+    print_line({"model": a.model or "shipped", **probes(model, processor)}, a.out)
 
 
 if __name__ == "__main__":

@@ -139,11 +139,16 @@ def main(argv=None) -> None:
         if a.answers:
             rows.append({"reading": "answers", "model": a.model or "shipped", **answer_breakdown(model, processor, a.answers)})
     for row in rows:
-        line = json.dumps(row)
-        print(line)
-        if a.out:
-            with open(a.out, "a") as fh:
-                fh.write(line + "\n")
+        print_line(row, a.out)
+
+
+def print_line(row: dict, out: str | None = None) -> None:
+    """Print ``row`` as one JSON line, and append it to ``out`` when given."""
+    line = json.dumps(row)
+    print(line)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(line + "\n")
 
 
 if __name__ == "__main__":
