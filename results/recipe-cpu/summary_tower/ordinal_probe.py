@@ -26,7 +26,7 @@ from mmaccel.world.spec import SHAPES
 from mmaccel.world.samples import SPLIT_KEY, make_sample
 
 sys.path.insert(0, str(Path(__file__).parent / "count_probe"))
-from count_probe import print_line, tokens_of  # noqa: E402
+from count_probe import fit_probe, print_line, tokens_of  # noqa: E402
 
 GRID = 6
 PLACES = 4  # caption scenes hold 1-4 objects
@@ -46,20 +46,6 @@ def caption_scenes(processor, n: int, seed: int):
             centre[i, cell_of(o["cx"], o["cy"], s.meta["side"], GRID)] = True
     counts = np.array([len(s.meta["objects"]) for s in samples])
     return pix, cells[..., 2], torch.from_numpy(centre), counts, cells[..., :2]
-
-
-def fit_probe(x, y, classes: int = PLACES, steps: int = 1500):
-    """Softmax regression x (m, D) -> y (m,) on standardised features; returns a predictor."""
-    torch.manual_seed(0)
-    mu, sd = x.mean(0), x.std(0) + 1e-5
-    head = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.Adam(head.parameters(), 1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head((x - mu) / sd), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return lambda z: head((z - mu) / sd).argmax(-1)
 
 
 def probes(model, processor) -> dict:
@@ -83,7 +69,7 @@ def kind_probe(f, kinds, f_t, kinds_t) -> dict:
 
 def place_probe(f, y, f_t, y_t, centre_t, counts_t) -> dict:
     on = y >= 0
-    predict = fit_probe(f[on], y[on])
+    predict = fit_probe(f[on], y[on], PLACES)
     with torch.no_grad():
         right = predict(f_t) == y_t  # (n, G*G)
     on_t = y_t >= 0

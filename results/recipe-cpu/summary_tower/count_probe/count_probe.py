@@ -45,20 +45,27 @@ def tokens_of(model, pix, batch: int = 64):
         return torch.cat([projected_tokens(model, pix[i:i + batch]) for i in range(0, len(pix), batch)]).float()
 
 
-def linear_probe(x, y, x_test, y_test, steps: int = 1500) -> dict:
-    """Softmax regression of every shape's count from x (n, D); accuracy overall and by true count."""
+def fit_probe(x, y, classes: int, steps: int = 1500):
+    """Softmax regression x (m, D) -> y (m,) or (m, H) on standardised features, one linear layer
+    for all H targets; returns a predictor z (k, D) -> (k,) or (k, H)."""
     torch.manual_seed(0)
     mu, sd = x.mean(0), x.std(0) + 1e-5
-    x, x_test = (x - mu) / sd, (x_test - mu) / sd
-    head = torch.nn.Linear(x.shape[1], len(SHAPES) * (MAX_COUNT + 1))
+    heads = y.shape[1] if y.dim() == 2 else 1
+    head = torch.nn.Linear(x.shape[1], heads * classes)
     opt = torch.optim.Adam(head.parameters(), 1e-2, weight_decay=1e-4)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head(x).view(-1, MAX_COUNT + 1), y.flatten())
+        loss = torch.nn.functional.cross_entropy(head((x - mu) / sd).view(-1, classes), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return lambda z: head((z - mu) / sd).view(*z.shape[:-1], *y.shape[1:], classes).argmax(-1)
+
+
+def linear_probe(x, y, x_test, y_test, steps: int = 1500) -> dict:
+    """Softmax regression of every shape's count from x (n, D); accuracy overall and by true count."""
+    predict = fit_probe(x, y, MAX_COUNT + 1, steps)
     with torch.no_grad():
-        right = (head(x_test).view(-1, len(SHAPES), MAX_COUNT + 1).argmax(-1) == y_test).float()
+        right = (predict(x_test) == y_test).float()
     return {"all": round(right.mean().item(), 3),
             "by_count": {k: round(right[y_test == k].mean().item(), 3) for k in range(MAX_COUNT) if (y_test == k).any()}}
 
