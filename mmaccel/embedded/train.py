@@ -550,9 +550,10 @@ def cpu_flags() -> set[str]:
 def machine_line() -> str:
     """'AMD EPYC, 2 cores; avx512f no, avx512_bf16 no, amx_bf16 no': which CPU a run's steps
     came from. A wall-clock schedule buys half the steps on some CPU types (RECIPE.md, run 42)."""
-    flags = cpu_flags()
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
     have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    name = cpuinfo().get("model name") or platform.processor() or platform.machine()
+    name = info.get("model name") or platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores; {have}"
 
 

@@ -28,7 +28,7 @@ class Method:
 
     def __post_init__(self):
         self._check_knob_types()
-        if self.retention is not None and not (0.0 < float(self.retention) <= 1.0):
+        if self.retention is not None and not (0.0 < self.retention <= 1.0):  # a number: checked above
             raise ValueError(
                 f"retention must be in (0, 1], got {self.retention}: it is the fraction of visual tokens kept "
                 "(e.g. 0.25 keeps a quarter)."
