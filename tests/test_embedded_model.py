@@ -679,8 +679,37 @@ def test_vision_ordinal_reaches_stage1(monkeypatch):
                       vision={"num_hidden_layers": 1})
     lines = []
     train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
-    assert seen["ordinal"] is True and seen["ordinal_channels"] == 64
+    assert seen["ordinal"] is True and seen["ordinal_channels"] == 64 and seen["where"] is False
     assert any(line.startswith("vision pretrain step 50/50") and "place acc" in line for line in lines)
+    assert not any("where acc" in line for line in lines)
+
+
+def test_vision_where_reaches_stage1(monkeypatch):
+    """--vision-where sets the config, and train() hands it to stage 1, which then makes the
+    where head and logs its accuracy beside the place head's."""
+    import mmaccel.embedded.train as train_mod
+    from mmaccel.embedded.train import parse_args
+
+    assert parse_args(["--out", "x", "--vision-where"])[0].vision_where
+    assert not parse_args(["--out", "x"])[0].vision_where
+    with pytest.raises(ValueError, match="--vision-where"):
+        parse_args(["--out", "x", "--vision-facts-from", "64"])
+    seen = {}
+    real = train_mod.pretrain_vision
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "pretrain_vision", record)
+    cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=50,
+                      vision_ordinal=True, vision_where=True, vision_facts_from=64, text={"num_hidden_layers": 1},
+                      vision={"num_hidden_layers": 1})
+    lines = []
+    train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    assert seen["where"] is True and seen["facts_from"] == 64
+    assert any(line.startswith("vision pretrain step 50/50") and " place acc " in line and " where acc " in line
+               for line in lines)
 
 
 def test_save_reload_round_trip(tmp_path, processor):
@@ -814,6 +843,55 @@ def test_ordinal_targets_follow_the_caption():
         assert written == s.answer
 
 
+def test_fact_heads_read_only_their_channels():
+    """A fact head given a channel slice sees those channels alone: changing the others leaves
+    its loss as it was, changing one of its own does not."""
+    from mmaccel.embedded.pretrain import fact_channels, object_fact_losses
+
+    assert fact_channels(64, 64) == slice(64, 128) and fact_channels(64, 0) == slice(64, None)
+    torch.manual_seed(0)
+    feats, obj = torch.randn(2, 36, 192), torch.randint(-1, 4, (2, 36, 4))
+    totals = {"dense_ordinal": torch.tensor(9.0), "dense_where": torch.tensor(9.0)}
+    facts = {"ordinal": (torch.nn.Linear(64, 6), fact_channels(64, 64)), "where": (torch.nn.Linear(128, 4), fact_channels(64, 0))}
+    loss = object_fact_losses(facts, feats, obj, totals)[0]
+    others, own = feats.clone(), feats.clone()
+    others[..., :64] += 1.0
+    own[..., 100] += 1.0
+    assert torch.equal(object_fact_losses(facts, others, obj, totals)[0], loss)
+    assert not torch.equal(object_fact_losses(facts, own, obj, totals)[0], loss)
+
+
+def test_where_targets_by_hand():
+    """Every cell an object covers gets the side its object's centre lies on by the dominant
+    axis (ties to the horizontal, as ``images.where``), the cells no object covers -1."""
+    from mmaccel.embedded.pretrain import where_targets
+    from mmaccel.world.images import WHERE_NAMES
+
+    meta = {"side": 144, "objects": [
+        {"shape": "circle", "color": "red", "cx": 132, "cy": 60, "size": 8},  # dx 60, dy -12: right
+        {"shape": "square", "color": "blue", "cx": 60, "cy": 132, "size": 8},  # dx -12, dy 60: bottom
+        {"shape": "triangle", "color": "green", "cx": 36, "cy": 36, "size": 40}]}  # dx = dy = -36: left
+    side = where_targets(meta, 6).reshape(6, 6)
+    names = lambda cells: {WHERE_NAMES[k] for k in cells.flatten().tolist()}  # noqa: E731
+    assert names(side[2, 5]) == {"right"} and names(side[5, 2]) == {"bottom"}
+    assert names(side[0:3, 0:3]) == {"left"}  # the large triangle covers 3 x 3 cells
+    assert (side >= 0).sum() == 11 and side[5, 5] == -1
+
+
+def test_where_targets_answer_the_where_question():
+    """On drawn where scenes, the asked object's centre cell says the question's answer."""
+    from mmaccel.embedded.pretrain import cell_of, where_targets
+    from mmaccel.world.images import WHERE_NAMES
+
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        s = make_sample("where", rng, hires=False)
+        words = s.question.rstrip("?").split()
+        o = next(o for o in s.meta["objects"] if (o["color"], o["shape"]) == (words[-2], words[-1]))
+        side = where_targets(s.meta, 6)[cell_of(o["cx"], o["cy"], s.meta["side"], 6)]
+        assert WHERE_NAMES[side] == s.answer
+
+
 def test_stage1_batches_are_the_same_with_workers(processor):
     from mmaccel.embedded.pretrain import stage1_batches
 
@@ -857,7 +935,8 @@ def test_stage1_objectives_of_unequal_shares_with_summed_denominators_add_up_to_
     from mmaccel.embedded.pretrain import denominators, patch_loss
 
     model, (head, s_head), batch, words = _stage1_setup(processor)
-    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64), ordinal_head=torch.nn.Linear(192, 6))
+    facts = {"ordinal": (torch.nn.Linear(64, 6), slice(0, 64)), "where": (torch.nn.Linear(128, 4), slice(64, None))}
+    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64), facts=facts)
     whole = patch_loss(model, head, *batch, **kw)[0]
     parts = [[t[r::2] for t in batch] for r in range(2)]
     counts = [denominators(p[1], p[3]) for p in parts]

@@ -9,10 +9,13 @@ describe each patch of a tile, from labels computed from the scene metadata:
 - ``pos`` (G*G, 2): where the cell's content is, as (x, y) / side in [0, 1]: the object
   centre for object-centre cells, else the cell centre (so tokens carry 2-D position).
 
-- ``obj`` (G*G, 2): the (shape, color) of the object covering the cell (the nearest centre
+- ``obj`` (G*G, 4): the (shape, color) of the object covering the cell (the nearest centre
   when several do; -1 off objects), so that every token on an object, not only the centre
   one, learns to say what it is part of (``dense``; the centre class alone left shape
-  poorly decodable: see RECIPE.md);
+  poorly decodable: see RECIPE.md); and two facts about that object, each asked of every
+  token on it by its own head when enabled: its place from the left among the tile's
+  objects (``ordinal``, the order a caption lists them in) and the side of the tile its centre
+  lies on by the dominant axis (``where``, the answer to a where question);
 
 - scene summary (``summary`` mode "mean" or "token"): which of the 12 (shape, color)
   kinds are present and how many objects of each shape (0-6), read by a second head
@@ -34,7 +37,7 @@ import time
 
 import numpy as np
 
-from ..world.images import COLOR_NAMES
+from ..world.images import COLOR_NAMES, WHERE_NAMES, where_of
 from ..world.samples import SPLIT_KEY, draw_image_sample
 from ..world.scene import render
 from ..world.spec import MAX_OBJECTS, SHAPES
@@ -44,7 +47,9 @@ N_KINDS = len(SHAPES) * len(COLOR_NAMES)
 MAX_SHAPE_COUNT = 6
 SUMMARY_OUT = N_KINDS + len(SHAPES) * (MAX_SHAPE_COUNT + 1)
 HEAD_OUT = N_CLASSES + 2 + len(SHAPES) + len(COLOR_NAMES)  # classes, (x, y), shape, color
-DENSE_KINDS = ("shape", "color", "ordinal")  # the columns of :func:`cell_objects`
+DENSE_KINDS = ("shape", "color", "ordinal", "where")  # the columns of :func:`cell_objects`
+OBJECT_FACTS = {"ordinal": MAX_OBJECTS, "where": len(WHERE_NAMES)}  # fact -> classes, heads made in this order
+FACT_WORDS = {"ordinal": "place", "where": "where"}  # as the stage-1 log names them
 
 
 def digit_centres(meta: dict) -> list[tuple[str, float, float]]:
@@ -129,12 +134,14 @@ def covering_objects(meta: dict, grid: int) -> np.ndarray:
 
 
 def object_rows(meta: dict) -> np.ndarray:
-    """(K + 1, 3) int64: each object's (shape, color, place from the left), then a row of -1s,
-    so that indexing with :func:`covering_objects` (-1 where none) gives per-cell targets."""
+    """(K + 1, 4) int64: each object's (shape, color, place from the left, where), then a row
+    of -1s, so that indexing with :func:`covering_objects` (-1 where none) gives per-cell targets."""
     xs = [o["cx"] for o in meta["objects"]]
     place = np.argsort(np.argsort(xs, kind="stable"), kind="stable")
-    rows = [_kind(o) + [int(k)] for o, k in zip(meta["objects"], place)]
-    return np.array(rows + [[-1, -1, -1]], np.int64).reshape(-1, 3)
+    side = meta["side"]
+    rows = [_kind(o) + [int(k), WHERE_NAMES.index(where_of(o["cx"], o["cy"], side))]
+            for o, k in zip(meta["objects"], place)]
+    return np.array(rows + [[-1] * len(DENSE_KINDS)], np.int64).reshape(-1, len(DENSE_KINDS))
 
 
 def object_targets(meta: dict, grid: int):
@@ -149,6 +156,14 @@ def ordinal_targets(meta: dict, grid: int):
     cell. Asked of every object token (``ordinal``), it puts the caption's order in the tokens
     themselves instead of leaving the language model to compare positions while it writes."""
     return cell_objects(meta, grid)[:, 2]
+
+
+def where_targets(meta: dict, grid: int):
+    """(G*G,) int64: the side of the tile (index into ``WHERE_NAMES``) the covering object's
+    centre lies on, by the dominant axis (the where question's own rule), -1 where no object
+    covers the cell. Asked of every object token (``where``), it turns the where answer into a
+    lookup, as colour is, instead of a comparison of coordinates the language model must learn."""
+    return cell_objects(meta, grid)[:, 3]
 
 
 def summary_targets(meta: dict):
@@ -183,8 +198,8 @@ def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded
 
 
 def cell_objects(meta: dict, grid: int) -> np.ndarray:
-    """(G*G, 3) int64 per cell: the covering object's (shape, color, place from the left), -1s
-    where none (the covering rule runs once for all three)."""
+    """(G*G, 4) int64 per cell: the covering object's (shape, color, place from the left, where),
+    -1s where none (the covering rule runs once for all of them)."""
     return object_rows(meta)[covering_objects(meta, grid)]  # index -1 picks the "none" row
 
 
@@ -230,7 +245,7 @@ def alignment_loss(model, feats, cls, words: dict, totals: dict | None = None) -
 
 def denominators(cls, obj=None) -> dict:
     """The stage-1 objective's denominators for a batch of cell classes (n, G*G) and object
-    targets (n, G*G, 2): tiles, and the labelled cells of the dense and word terms. A
+    targets (n, G*G, 4): tiles, and the labelled cells of the dense and word terms. A
     data-parallel step sums them over the ranks (:func:`global_denominators`) so that the ranks'
     objectives add up to the one-process objective of the whole batch."""
     import torch
@@ -266,15 +281,15 @@ def projected_tokens(model, pix):
 
 
 def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words=None, summary=None,
-               dense: bool = False, totals: dict | None = None, ordinal_head=None, ordinal_channels: int = 0):
+               dense: bool = False, totals: dict | None = None, facts: dict | None = None):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
-    ``dense`` the (shape, color) of every object cell, with ``ordinal_head`` every object
-    cell's place from the left (obj (n, G*G, 3), :func:`cell_objects`; read from the first
-    ``ordinal_channels`` channels, 0: all), and with ``summary`` =
-    (mode, head, weight, channels) the scene-summary loss. Every term is a sum over this batch
-    divided by ``totals`` (:func:`denominators`; default this batch's own, i.e. plain means).
-    Returns (loss, cell accuracy, position error, summary accuracy or nan, place accuracy or
-    nan), the figures this batch's."""
+    ``dense`` the (shape, color) of every object cell, with ``facts`` = {fact: (head, channels)}
+    (facts of ``OBJECT_FACTS``) every object cell's place from the left and / or where (obj
+    (n, G*G, 4), :func:`cell_objects`; read from the channels of the slice ``channels``), and
+    with ``summary`` = (mode, head, weight, channels) the scene-summary loss. Every term is a sum
+    over this batch divided by ``totals`` (:func:`denominators`; default this batch's own, i.e.
+    plain means). Returns (loss, cell accuracy, position error, summary accuracy or nan, then
+    each of ``OBJECT_FACTS``' accuracy or nan), the figures this batch's."""
     import torch.nn.functional as F
 
     totals = at_least_one(totals or denominators(cls, obj))
@@ -288,27 +303,41 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words
         for logits, target, kind in ((shape_logits, obj[..., 0], "dense_shape"), (color_logits, obj[..., 1], "dense_color")):
             ce = ce + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1,
                                       reduction="sum") / totals[kind]
-    ord_feats = feats[..., :ordinal_channels] if ordinal_channels else feats
-    ord_loss, ord_acc = ordinal_loss(ordinal_head, ord_feats, obj[..., 2], totals) if ordinal_head else (0.0, float("nan"))
+    fact_loss, fact_accs = object_fact_losses(facts or {}, feats, obj, totals)
     align = alignment_loss(model, feats, cls, words, totals) if words else 0.0
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
     extra, s_acc = (summary_loss(feats, present, counts, *summary, tiles=totals["tiles"]) if summary
                     else (0.0, float("nan")))
     pos_err = l1_sum.item() / cls.numel()
-    return ce + 4.0 * l1_sum / cells + align + extra + ord_loss, acc.item(), pos_err, s_acc, ord_acc
+    return ce + 4.0 * l1_sum / cells + align + extra + fact_loss, acc.item(), pos_err, s_acc, *fact_accs
 
 
-def ordinal_loss(head, feats, place, totals: dict):
-    """CE of every object token's place from the left (place (n, G*G), -1 off objects), a sum
-    over this batch divided by the labelled cells in ``totals``. Returns (loss, the share of
-    this batch's labelled cells read right, nan if none)."""
+def object_fact_losses(facts: dict, feats, obj, totals: dict):
+    """(summed loss, [accuracy or nan for each of ``OBJECT_FACTS``]) of the facts asked
+    (``facts`` = {fact: (head, channel slice)}) of the object tokens in feats (n, G*G, D)."""
+    loss, accs = 0.0, []
+    for name in OBJECT_FACTS:
+        if name not in facts:
+            accs.append(float("nan"))
+            continue
+        head, channels = facts[name]
+        part, acc = object_fact_loss(head, feats[..., channels], obj[..., DENSE_KINDS.index(name)],
+                                     totals[f"dense_{name}"])
+        loss, accs = loss + part, accs + [acc]
+    return loss, accs
+
+
+def object_fact_loss(head, feats, target, total):
+    """CE of every object token's fact (target (n, G*G), -1 off objects), a sum over this batch
+    divided by ``total``, the labelled cells of the whole step. Returns (loss, the share of this
+    batch's labelled cells read right, nan if none)."""
     import torch.nn.functional as F
 
-    logits = head(feats)  # (n, G*G, MAX_OBJECTS)
-    loss = F.cross_entropy(logits.flatten(0, 1), place.flatten(), ignore_index=-1, reduction="sum")
-    on = place >= 0
-    acc = (logits.argmax(-1) == place)[on].float().mean().item() if on.any() else float("nan")
-    return loss / totals["dense_ordinal"], acc
+    logits = head(feats)  # (n, G*G, classes)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1, reduction="sum")
+    on = target >= 0
+    acc = (logits.argmax(-1) == target)[on].float().mean().item() if on.any() else float("nan")
+    return loss / total, acc
 
 
 def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, channels: int = 0, tiles=None):
@@ -337,12 +366,14 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, c
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
                     summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1,
-                    ordinal: bool = False, ordinal_channels: int = 0) -> float:
+                    ordinal: bool = False, ordinal_channels: int = 0, where: bool = False,
+                    facts_from: int = 0) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
     returns the final cell accuracy. ``ordinal``: every object token also learns its object's
-    place from the left (:func:`ordinal_targets`), read from the first ``ordinal_channels``
-    channels (0: all). ``summary_weight`` scales the summary loss, which reads the
+    place from the left (:func:`ordinal_targets`), read from ``ordinal_channels`` channels (0:
+    all); ``where``: and the side of the tile it lies on (:func:`where_targets`, from all
+    channels); both heads read from channel ``facts_from`` on. ``summary_weight`` scales the summary loss, which reads the
     first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
     ``ranks`` > 1 forked 1-thread data-parallel ranks each render and train on a share of every
     step's scenes (rendering is a third of a step and single-threaded, so two 1-thread ranks beat
@@ -356,11 +387,14 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     heads = {"patch": torch.nn.Linear(hidden, HEAD_OUT).to(model.device)}
     if summary:
         heads["summary"] = torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device)
-    if ordinal:  # made after the others, so that their initial weights stay those of a run without it
-        heads["ordinal"] = torch.nn.Linear(ordinal_channels or hidden, MAX_OBJECTS).to(model.device)
+    channels = {"ordinal": fact_channels(facts_from, ordinal_channels), "where": fact_channels(facts_from, 0)}
+    for name, asked in (("ordinal", ordinal), ("where", where)):  # made after the others, in OBJECT_FACTS'
+        if asked:  # order, so that their initial weights stay those of a run without a later one
+            width = len(range(hidden)[channels[name]])
+            heads[name] = torch.nn.Linear(width, OBJECT_FACTS[name]).to(model.device)
     job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
                workers=workers, summary_weight=summary_weight, summary_channels=summary_channels,
-               ordinal_channels=ordinal_channels)
+               facts={name: channels[name] for name in OBJECT_FACTS if name in heads})
     if ranks == 1:
         return stage1_loop(model, processor, heads, job, log)
     from .parallel import fork_ranks, load_state_bytes
@@ -369,6 +403,11 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     state, acc = fork_ranks(_stage1_rank, ranks, model, processor, heads, job, log)
     load_state_bytes(model, state)
     return acc
+
+
+def fact_channels(start: int, count: int) -> slice:
+    """The channels a fact head reads: ``count`` of them from ``start`` (0: all from ``start``)."""
+    return slice(start, start + count if count else None)
 
 
 def stage1_params(model) -> list:
@@ -398,8 +437,7 @@ def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ra
         totals = denominators(batch[1], batch[3])
         totals = global_denominators(totals) if ranks > 1 else totals
         loss, *st = patch_loss(model, heads["patch"], *batch, words=words, dense=job["dense"], summary=summary,
-                               totals=totals, ordinal_head=heads.get("ordinal"),
-                               ordinal_channels=job["ordinal_channels"])
+                               totals=totals, facts={n: (heads[n], c) for n, c in job["facts"].items()})
         loss.backward()
         if ranks > 1:
             all_reduce_gradients(trained)
@@ -409,15 +447,15 @@ def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ra
         opt.zero_grad(set_to_none=True)
         stats.append(st)
         if (step + 1) % 50 == 0:
-            acc, err, s_acc, o_acc = np.mean(stats[-50:], axis=0)
-            place = f" place acc {o_acc:.3f}" if "ordinal" in heads else ""
+            acc, err, s_acc, *fact_accs = np.mean(stats[-50:], axis=0)
+            facts = "".join(f" {FACT_WORDS[n]} acc {a:.3f}" for n, a in zip(OBJECT_FACTS, fact_accs) if n in heads)
             log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} cell acc {acc:.3f} "
-                f"pos err {err:.4f} summary acc {s_acc:.3f}{place} t {time.time() - t0:.0f}s")
+                f"pos err {err:.4f} summary acc {s_acc:.3f}{facts} t {time.time() - t0:.0f}s")
     return float(np.mean([st[0] for st in stats[-50:]])) if stats else 0.0
 
 
 def pooled_stats(stats: list[float], tiles: int, all_tiles) -> list[float]:
-    """This rank's (cell accuracy, position error, summary accuracy, place accuracy), means over its ``tiles``,
+    """This rank's (cell accuracy, position error, summary accuracy, fact accuracies), means over its ``tiles``,
     made the whole step's: weighted by tiles and summed over the ranks (nan stays nan)."""
     import torch
     import torch.distributed as dist

@@ -231,6 +231,8 @@ class TrainConfig:
     vision_dense: bool = False
     vision_ordinal: bool = False
     vision_ordinal_channels: int = 0
+    vision_where: bool = False
+    vision_facts_from: int = 0
     stage1_workers: int = 0
     freeze_tower: bool = False
     summary: str = ""
@@ -292,6 +294,9 @@ class TrainConfig:
         if self.vision_ordinal_channels and not self.vision_ordinal or self.vision_ordinal_channels < 0:
             raise ValueError(f"vision_ordinal_channels ({self.vision_ordinal_channels}) is a channel count >= 0 "
                              "for the place head, which --vision-ordinal makes")
+        if self.vision_facts_from and not (self.vision_ordinal or self.vision_where) or self.vision_facts_from < 0:
+            raise ValueError(f"vision_facts_from ({self.vision_facts_from}) is a channel index >= 0 for the place "
+                             "and where heads, which --vision-ordinal and --vision-where make")
 
     def _check_data_parallel(self) -> None:
         if self.data_parallel < 1:
@@ -506,7 +511,8 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
                               summary=cfg.summary, summary_weight=cfg.summary_weight,
                               summary_channels=cfg.summary_channels,
                               dense=cfg.vision_dense, workers=cfg.stage1_workers, ranks=cfg.data_parallel,
-                              ordinal=cfg.vision_ordinal, ordinal_channels=cfg.vision_ordinal_channels)
+                              ordinal=cfg.vision_ordinal, ordinal_channels=cfg.vision_ordinal_channels,
+                              where=cfg.vision_where, facts_from=cfg.vision_facts_from)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -824,6 +830,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "(the order a caption lists the objects in)")
     p.add_argument("--vision-ordinal-channels", type=int, default=TrainConfig.vision_ordinal_channels,
                    help="the place head reads only the first N channels of the projected tokens (0: all)")
+    p.add_argument("--vision-where", action="store_true",
+                   help="stage 1 also asks every object cell which side of the tile its object lies on "
+                        "(left/right/top/bottom by the dominant axis: the where question's answer)")
+    p.add_argument("--vision-facts-from", type=int, default=TrainConfig.vision_facts_from,
+                   help="the place and where heads read channels from this one on (e.g. 64: past the "
+                        "--summary-channels 64 group, so that per-object facts and the scene summary "
+                        "do not share channels)")
     p.add_argument("--stage1-workers", type=int, default=TrainConfig.stage1_workers,
                    help="processes rendering stage-1 batches (same batches for any number)")
     p.add_argument("--freeze-tower", action="store_true",
@@ -904,7 +917,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     cfg = TrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, lr=a.lr,
                       batch_size=a.batch_size, threads=a.threads, eval_n=a.eval_n,
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from,
-                      vision_steps=a.vision_steps, vision_dense=a.vision_dense, vision_ordinal=a.vision_ordinal, vision_ordinal_channels=a.vision_ordinal_channels, freeze_tower=a.freeze_tower,
+                      vision_steps=a.vision_steps, vision_dense=a.vision_dense, vision_ordinal=a.vision_ordinal, vision_ordinal_channels=a.vision_ordinal_channels,
+                      vision_where=a.vision_where, vision_facts_from=a.vision_facts_from,
+                      freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
                       bf16=a.bf16, compile=a.compile,

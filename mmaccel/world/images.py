@@ -70,9 +70,18 @@ def caption(objects: list[Obj]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
+WHERE_NAMES = ("left", "right", "top", "bottom")
+
+
 def where(o: Obj, side: int) -> str:
     """left / right / top / bottom of the object's centre by the dominant axis."""
-    dx, dy = o.cx - side / 2.0, o.cy - side / 2.0
+    return where_of(o.cx, o.cy, side)
+
+
+def where_of(cx: float, cy: float, side: int) -> str:
+    """left / right / top / bottom of the point (cx, cy) in a square of ``side`` px by the
+    dominant axis of its offset from the centre (ties go to the horizontal)."""
+    dx, dy = cx - side / 2.0, cy - side / 2.0
     if abs(dx) >= abs(dy):
         return "left" if dx < 0 else "right"
     return "top" if dy < 0 else "bottom"
