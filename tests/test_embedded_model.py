@@ -656,18 +656,12 @@ def test_frozen_tower_keeps_stage_one_weights(monkeypatch):
     assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
 
 
-def test_vision_ordinal_reaches_stage1(monkeypatch):
-    """--vision-ordinal sets the config, and train() hands it to stage 1, which then makes the
-    place head and logs its accuracy."""
+def _train_recording_stage1(monkeypatch, **flags):
+    """Train a tiny model for one stage-2 step after 50 stage-1 steps with the stage-1 ``flags``;
+    returns (the keywords train() gave pretrain_vision, the log lines)."""
     import mmaccel.embedded.train as train_mod
-    from mmaccel.embedded.train import parse_args
 
-    cfg, _ = parse_args(["--out", "x", "--vision-ordinal", "--vision-steps", "50"])
-    assert cfg.vision_ordinal and not parse_args(["--out", "x"])[0].vision_ordinal
-    with pytest.raises(ValueError, match="--vision-ordinal"):
-        parse_args(["--out", "x", "--vision-ordinal-channels", "64"])
-    seen = {}
-    real = train_mod.pretrain_vision
+    seen, real = {}, train_mod.pretrain_vision
 
     def record(*args, **kwargs):
         seen.update(kwargs)
@@ -675,10 +669,22 @@ def test_vision_ordinal_reaches_stage1(monkeypatch):
 
     monkeypatch.setattr(train_mod, "pretrain_vision", record)
     cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=50,
-                      vision_ordinal=True, vision_ordinal_channels=64, text={"num_hidden_layers": 1},
-                      vision={"num_hidden_layers": 1})
+                      text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1}, **flags)
     lines = []
     train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    return seen, lines
+
+
+def test_vision_ordinal_reaches_stage1(monkeypatch):
+    """--vision-ordinal sets the config, and train() hands it to stage 1, which then makes the
+    place head and logs its accuracy."""
+    from mmaccel.embedded.train import parse_args
+
+    cfg, _ = parse_args(["--out", "x", "--vision-ordinal", "--vision-steps", "50"])
+    assert cfg.vision_ordinal and not parse_args(["--out", "x"])[0].vision_ordinal
+    with pytest.raises(ValueError, match="--vision-ordinal"):
+        parse_args(["--out", "x", "--vision-ordinal-channels", "64"])
+    seen, lines = _train_recording_stage1(monkeypatch, vision_ordinal=True, vision_ordinal_channels=64)
     assert seen["ordinal"] is True and seen["ordinal_channels"] == 64 and seen["where"] is False
     assert any(line.startswith("vision pretrain step 50/50") and "place acc" in line for line in lines)
     assert not any("where acc" in line for line in lines)
@@ -687,26 +693,13 @@ def test_vision_ordinal_reaches_stage1(monkeypatch):
 def test_vision_where_reaches_stage1(monkeypatch):
     """--vision-where sets the config, and train() hands it to stage 1, which then makes the
     where head and logs its accuracy beside the place head's."""
-    import mmaccel.embedded.train as train_mod
     from mmaccel.embedded.train import parse_args
 
     assert parse_args(["--out", "x", "--vision-where"])[0].vision_where
     assert not parse_args(["--out", "x"])[0].vision_where
     with pytest.raises(ValueError, match="--vision-where"):
         parse_args(["--out", "x", "--vision-facts-from", "64"])
-    seen = {}
-    real = train_mod.pretrain_vision
-
-    def record(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "pretrain_vision", record)
-    cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=50,
-                      vision_ordinal=True, vision_where=True, vision_facts_from=64, text={"num_hidden_layers": 1},
-                      vision={"num_hidden_layers": 1})
-    lines = []
-    train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    seen, lines = _train_recording_stage1(monkeypatch, vision_ordinal=True, vision_where=True, vision_facts_from=64)
     assert seen["where"] is True and seen["facts_from"] == 64
     assert any(line.startswith("vision pretrain step 50/50") and " place acc " in line and " where acc " in line
                for line in lines)
