@@ -373,8 +373,8 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     returns the final cell accuracy. ``ordinal``: every object token also learns its object's
     place from the left (:func:`ordinal_targets`), read from ``ordinal_channels`` channels (0:
     all); ``where``: and the side of the tile it lies on (:func:`where_targets`, from all
-    channels); both heads read from channel ``facts_from`` on. ``summary_weight`` scales the summary loss, which reads the
-    first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
+    channels); both heads read from channel ``facts_from`` on. ``summary_weight`` scales the
+    summary loss, which reads the first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
     ``ranks`` > 1 forked 1-thread data-parallel ranks each render and train on a share of every
     step's scenes (rendering is a third of a step and single-threaded, so two 1-thread ranks beat
     one 2-thread process: ``results/recipe-cpu/stage1_data_parallel.md``). Either way the

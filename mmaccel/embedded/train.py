@@ -548,16 +548,17 @@ def cpuinfo() -> dict[str, str]:
     return out
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
-    return set(cpuinfo().get("flags", "").split())
+def cpu_flags(info: dict[str, str] | None = None) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing), from ``info`` when the
+    caller has already read :func:`cpuinfo`."""
+    return set((cpuinfo() if info is None else info).get("flags", "").split())
 
 
 def machine_line() -> str:
     """'AMD EPYC, 2 cores; avx512f no, avx512_bf16 no, amx_bf16 no': which CPU a run's steps
     came from. A wall-clock schedule buys half the steps on some CPU types (RECIPE.md, run 42)."""
     info = cpuinfo()
-    flags = set(info.get("flags", "").split())
+    flags = cpu_flags(info)
     have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
     name = info.get("model name") or platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores; {have}"

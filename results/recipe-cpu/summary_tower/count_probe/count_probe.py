@@ -26,7 +26,6 @@ import torch
 
 from mmaccel.embedded.pretrain import projected_tokens, summary_targets
 from mmaccel.world.samples import SPLIT_KEY, generate_samples, make_sample
-from mmaccel.world.spec import SHAPES
 
 CELL = 24  # px of one patch cell, at the crop scale of 144 and 288 px images alike
 MAX_COUNT = 6
@@ -53,8 +52,9 @@ def fit_probe(x, y, classes: int, steps: int = 1500):
     heads = y.shape[1] if y.dim() == 2 else 1
     head = torch.nn.Linear(x.shape[1], heads * classes)
     opt = torch.optim.Adam(head.parameters(), 1e-2, weight_decay=1e-4)
+    x = (x - mu) / sd  # once, not at every step
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head((x - mu) / sd).view(-1, classes), y.flatten())
+        loss = torch.nn.functional.cross_entropy(head(x).view(-1, classes), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
