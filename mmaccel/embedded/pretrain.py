@@ -388,8 +388,9 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
     if summary:
         heads["summary"] = torch.nn.Linear(summary_channels or hidden, SUMMARY_OUT).to(model.device)
     channels = {"ordinal": fact_channels(facts_from, ordinal_channels), "where": fact_channels(facts_from, 0)}
-    for name, asked in (("ordinal", ordinal), ("where", where)):  # made after the others, in OBJECT_FACTS'
-        if asked:  # order, so that their initial weights stay those of a run without a later one
+    asked = {"ordinal": ordinal, "where": where}
+    for name in OBJECT_FACTS:  # made after the others, in OBJECT_FACTS' order, so that their
+        if asked[name]:  # initial weights stay those of a run without a later one
             width = len(range(hidden)[channels[name]])
             heads[name] = torch.nn.Linear(width, OBJECT_FACTS[name]).to(model.device)
     job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
