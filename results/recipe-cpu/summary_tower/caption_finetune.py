@@ -13,8 +13,12 @@ flash and caption turns), so the other families keep training.
 batches, and the recipe's follow-ups on every sample (the caption samples too), the way a caption
 stretch would sit inside a recipe.
 
+``--weights color=3,exists=3`` (thirty-eighth session): the full world's final-phase groups with
+those families' weights in the mixes, and the recipe's follow-ups: a binding recovery stretch
+after the place head has cost binding.
+
 Usage: python results/recipe-cpu/summary_tower/caption_finetune.py OUT_DIR [--model DIR]
-       [--minutes 10] [--lr 1e-4] [--replay 5.4 | --caption-share 0.8]
+       [--minutes 10] [--lr 1e-4] [--replay 5.4 | --caption-share 0.8 | --weights F=W,...]
 """
 import argparse
 import time
@@ -23,8 +27,8 @@ import torch
 
 from mmaccel.embedded import DEFAULT_MODEL_DIR, load_model
 from mmaccel.embedded.data import assistant_id
-from mmaccel.embedded.train import (GROUPS, Phase, TrainConfig, make_optimizer, native_bf16, reweighted, step_batch,
-                                    train_step, with_stretch)
+from mmaccel.embedded.train import (GROUPS, Phase, TrainConfig, make_optimizer, native_bf16, parse_weights, reweighted,
+                                    step_batch, train_step, with_stretch)
 
 BF16 = native_bf16("cpu")  # float32 where bfloat16 would run 2-3x slower (thirty-sixth session, on an EPYC)
 
@@ -41,6 +45,7 @@ def main():
     p.add_argument("--seed", type=int, default=8)
     p.add_argument("--replay", type=float, default=None, help="caption weight in the full world's mixes")
     p.add_argument("--caption-share", type=float, default=None, help="share of caption-only batches")
+    p.add_argument("--weights", default=None, help="family=weight,... in the full world's mixes")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     model, processor = load_model(a.model)
@@ -49,6 +54,10 @@ def main():
     if a.caption_share is not None:
         caption_group = (a.caption_share, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0})
         groups = with_stretch((Phase(1.0, GROUPS),), 0.0, 1.0, "captions", caption_group)[0].groups
+        cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
+                          bf16=BF16, lr=a.lr)
+    elif a.weights is not None:
+        groups = reweighted((Phase(1.0, GROUPS),), parse_weights(a.weights))[0].groups
         cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
                           bf16=BF16, lr=a.lr)
     elif a.replay is None:
