@@ -34,11 +34,16 @@ def places(sample) -> list[int]:
     return [order.index(i) for i in range(len(xs))]
 
 
+def asked_index(sample) -> int:
+    """Index in ``meta["objects"]`` of the object a color question asks about (its shape is unique)."""
+    return next(i for i, o in enumerate(sample.meta["objects"]) if o["shape"] in sample.question)
+
+
 def color_sources(sample, pred: str) -> list[str]:
     """For a wrong colour that is another object's: 'place offset +k' for each object of that
     colour (relative to the asked object), and 'leftmost' when one of them is."""
     objs, place = sample.meta["objects"], places(sample)
-    asked = next(i for i, o in enumerate(objs) if o["shape"] in sample.question)
+    asked = asked_index(sample)
     rows = [f"place offset {place[i] - place[asked]:+d}" for i, o in enumerate(objs) if o["color"] == pred]
     return rows + (["leftmost"] if any(place[i] == 0 and o["color"] == pred for i, o in enumerate(objs)) else [])
 
@@ -46,9 +51,7 @@ def color_sources(sample, pred: str) -> list[str]:
 def source_table(samples, answers) -> dict:
     wrong = [(s, a["pred"]) for s, a in zip(samples, answers)
              if a["pred"] != s.answer and error_kind("color", s, a["pred"]) == "another object's color"]
-    asked_leftmost = collections.Counter(
-        places(s)[next(i for i, o in enumerate(s.meta["objects"]) if o["shape"] in s.question)] == 0
-        for s, _ in wrong)
+    asked_leftmost = collections.Counter(places(s)[asked_index(s)] == 0 for s, _ in wrong)
     sources = collections.Counter(r for s, p in wrong for r in color_sources(s, p))
     return {"wrong": len(wrong), "asked object leftmost": asked_leftmost[True], **dict(sorted(sources.items()))}
 

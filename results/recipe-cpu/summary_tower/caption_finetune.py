@@ -36,6 +36,12 @@ CAPTIONS_ONLY = {"image": (0.85, 1.0, {"hires": False, "max_objects": 4}, {"capt
                  "hires": (0.15, 0.5, {"hires": True, "max_objects": 4}, {"caption": 1.0})}
 
 
+def full_world_config(a) -> TrainConfig:
+    """The recipe's follow-ups and loss on the full world's groups, at this run's seed and lr."""
+    return TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
+                       bf16=BF16, lr=a.lr)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -54,18 +60,15 @@ def main():
     if a.caption_share is not None:
         caption_group = (a.caption_share, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0})
         groups = with_stretch((Phase(1.0, GROUPS),), 0.0, 1.0, "captions", caption_group)[0].groups
-        cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
-                          bf16=BF16, lr=a.lr)
+        cfg = full_world_config(a)
     elif a.weights is not None:
         groups = reweighted((Phase(1.0, GROUPS),), parse_weights(a.weights))[0].groups
-        cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
-                          bf16=BF16, lr=a.lr)
+        cfg = full_world_config(a)
     elif a.replay is None:
         groups, cfg = CAPTIONS_ONLY, TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=BF16, lr=a.lr)
     else:
         groups = reweighted((Phase(1.0, GROUPS),), {"caption": a.replay})[0].groups
-        cfg = TrainConfig(seed=a.seed, followups=8, extra_followups=("flash", "caption"), loss_mean="tokens",
-                          bf16=BF16, lr=a.lr)
+        cfg = full_world_config(a)
     opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
     while time.time() - t0 < a.minutes * 60:
         _, batch = step_batch(processor, cfg, step, groups)
