@@ -136,12 +136,16 @@ def covering_objects(meta: dict, grid: int) -> np.ndarray:
 def object_rows(meta: dict) -> np.ndarray:
     """(K + 1, 4) int64: each object's (shape, color, place from the left, where), then a row
     of -1s, so that indexing with :func:`covering_objects` (-1 where none) gives per-cell targets."""
-    xs = [o["cx"] for o in meta["objects"]]
-    place = np.argsort(np.argsort(xs, kind="stable"), kind="stable")
     side = meta["side"]
     rows = [_kind(o) + [int(k), WHERE_NAMES.index(where_of(o["cx"], o["cy"], side))]
-            for o, k in zip(meta["objects"], place)]
+            for o, k in zip(meta["objects"], places_from_left(meta["objects"]))]
     return np.array(rows + [[-1] * len(DENSE_KINDS)], np.int64).reshape(-1, len(DENSE_KINDS))
+
+
+def places_from_left(objects: list[dict]) -> np.ndarray:
+    """(K,) int64: each object's place from the left by centre x (0 = leftmost, ties in list
+    order), the order a caption lists them in."""
+    return np.argsort(np.argsort([o["cx"] for o in objects], kind="stable"), kind="stable")
 
 
 def object_targets(meta: dict, grid: int):

@@ -15,6 +15,7 @@ import sys
 
 from mmaccel.embedded import load_model
 from mmaccel.embedded.evaluate import evaluate_samples
+from mmaccel.embedded.pretrain import places_from_left
 from mmaccel.world import generate_samples
 from mmaccel.world.images import COLOR_NAMES
 
@@ -28,10 +29,9 @@ def error_kind(family: str, sample, pred: str) -> str:
 
 
 def places(sample) -> list[int]:
-    """Each object's place from the left by centre x (0 = leftmost), in ``meta["objects"]`` order."""
-    xs = [o["cx"] for o in sample.meta["objects"]]
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    return [order.index(i) for i in range(len(xs))]
+    """Each object's place from the left (0 = leftmost), in ``meta["objects"]`` order: the rule
+    the place head is trained on."""
+    return places_from_left(sample.meta["objects"]).tolist()
 
 
 def asked_index(sample) -> int:
