@@ -836,6 +836,66 @@ def test_ordinal_targets_follow_the_caption():
         assert written == s.answer
 
 
+def test_order_targets_spell_the_caption():
+    """The scene-order target, kind by kind and padded with "none", names the caption's objects
+    in the caption's order, on drawn caption and count scenes (up to 6 objects)."""
+    from mmaccel.embedded.pretrain import NO_KIND, order_targets
+    from mmaccel.world.images import COLOR_NAMES
+    from mmaccel.world.spec import MAX_OBJECTS, SHAPES
+
+    rng = np.random.default_rng(6)
+    for family in ("caption", "count") * 10:
+        s = make_sample(family, rng, hires=False)
+        order = order_targets(s.meta).tolist()
+        n = len(s.meta["objects"])
+        assert len(order) == MAX_OBJECTS and order[n:] == [NO_KIND] * (MAX_OBJECTS - n)
+        phrases = [f"a {COLOR_NAMES[k % 4]} {SHAPES[k // 4]}" for k in order[:n]]
+        if family == "caption":
+            written = ", ".join(phrases[:-1]) + " and " + phrases[-1] if n > 1 else phrases[0]
+            assert written == s.answer
+        xs = sorted(o["cx"] for o in s.meta["objects"])
+        by_x = {o["cx"]: f"a {o['color']} {o['shape']}" for o in s.meta["objects"]}
+        assert phrases == [by_x[x] for x in xs]
+
+
+def test_scene_order_loss_reads_every_token_like_the_summary():
+    """``--summary-order``: every token (mode "token") answers the kinds in order from the
+    summary's channels; a scene right at every token scores 1, one wrong place makes it 0, the
+    weight scales the loss only, and no gradient reaches the channels past the group."""
+    from mmaccel.embedded.pretrain import MAX_OBJECTS, N_KINDS, NO_KIND, ORDER_OUT, scene_order_loss
+
+    order = torch.tensor([[3, 7, NO_KIND, NO_KIND, NO_KIND, NO_KIND]] * 2)
+    right = torch.full((MAX_OBJECTS, N_KINDS + 1), -20.0)
+    right[torch.arange(MAX_OBJECTS), order[0]] = 20.0
+    wrong = right.clone()
+    wrong[1] = right[1].roll(1)  # the second place read as another kind
+    outputs = torch.stack([right.flatten().expand(5, -1), wrong.flatten().expand(5, -1)])
+    head = lambda x: x  # noqa: E731 (the "features" are the head's outputs here)
+    loss, acc = scene_order_loss(outputs, order, head, "token")
+    assert acc == 0.5 and loss > 0
+    loss3, acc3 = scene_order_loss(outputs, order, head, "token", weight=3.0)
+    assert acc3 == acc and torch.isclose(loss3, 3.0 * loss)
+    feats = torch.randn(2, 5, 16, requires_grad=True)
+    scene_order_loss(feats, order, torch.nn.Linear(8, ORDER_OUT), "token", channels=8)[0].backward()
+    assert feats.grad[..., :8].abs().sum() > 0 and feats.grad[..., 8:].abs().sum() == 0
+
+
+def test_summary_order_reaches_stage1(monkeypatch):
+    """--summary-order sets the config (and needs a summary), and train() hands it to stage 1,
+    which then makes the order head and logs its accuracy."""
+    from mmaccel.embedded.train import parse_args
+
+    assert parse_args(["--out", "x", "--summary", "token", "--summary-order"])[0].summary_order
+    assert not parse_args(["--out", "x", "--summary", "token"])[0].summary_order
+    with pytest.raises(ValueError, match="--summary-order"):
+        parse_args(["--out", "x", "--summary-order"])
+    seen, lines = _train_recording_stage1(monkeypatch, summary="token", summary_channels=64, summary_order=True)
+    assert seen["summary_order"] is True
+    assert any(line.startswith("vision pretrain step 50/50") and " order acc " in line for line in lines)
+    seen, lines = _train_recording_stage1(monkeypatch, summary="token", summary_channels=64)
+    assert seen["summary_order"] is False and not any(" order acc " in line for line in lines)
+
+
 def test_fact_heads_read_only_their_channels():
     """A fact head given a channel slice sees those channels alone: changing the others leaves
     its loss as it was, changing one of its own does not."""
@@ -909,7 +969,7 @@ def test_stage1_ranks_render_shares_of_the_one_process_batch(processor):
     assert torch.equal(whole[0], pixels)
     parts = [vision_batch(processor, np.random.default_rng(9), 5, 6, crowded=True, part=(r, 2)) for r in range(2)]
     assert [len(p[0]) for p in parts] == [2, 3]
-    assert len(parts[0]) == 6 and all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*parts, whole))
+    assert len(parts[0]) == 7 and all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*parts, whole))
 
 
 def _stage1_setup(processor, seed=3):
@@ -925,11 +985,12 @@ def _stage1_setup(processor, seed=3):
 def test_stage1_objectives_of_unequal_shares_with_summed_denominators_add_up_to_the_whole(processor):
     """Every stage-1 term is a sum over the rows divided by the whole batch's count, so the
     ranks' objectives (3 and 2 scenes here) add up to the one-process objective."""
-    from mmaccel.embedded.pretrain import denominators, patch_loss
+    from mmaccel.embedded.pretrain import ORDER_OUT, denominators, patch_loss
 
     model, (head, s_head), batch, words = _stage1_setup(processor)
     facts = {"ordinal": (torch.nn.Linear(64, 6), slice(0, 64)), "where": (torch.nn.Linear(128, 4), slice(64, None))}
-    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64), facts=facts)
+    order_head = torch.nn.Linear(64, ORDER_OUT)
+    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64), facts=facts, order_head=order_head)
     whole = patch_loss(model, head, *batch, **kw)[0]
     parts = [[t[r::2] for t in batch] for r in range(2)]
     counts = [denominators(p[1], p[3]) for p in parts]
@@ -947,7 +1008,8 @@ def _stage1_params_after(processor, ranks):
     before = torch.cat([p.detach().reshape(-1).clone() for p in stage1_params(model)])
     torch.manual_seed(0)  # the heads' initialisation
     pretrain_vision(model, processor, seed=4, steps=2, batch_size=5, lr=0.1, log=lambda *_: None,
-                    summary="token", dense=True, summary_weight=3.0, summary_channels=64, ranks=ranks)
+                    summary="token", dense=True, summary_weight=3.0, summary_channels=64, ranks=ranks,
+                    summary_order=True)
     return before, torch.cat([p.detach().reshape(-1) for p in stage1_params(model)])
 
 

@@ -22,7 +22,10 @@ describe each patch of a tile, from labels computed from the scene metadata:
   from the mean of the tile's tokens ("mean") or from every token alone ("token"). This
   puts the aggregate facts that existence and counting questions need into the tokens
   themselves, where the language model can read them with any attention pattern (the
-  LM alone learns neither aggregate in a 60-minute budget; see RECIPE.md).
+  LM alone learns neither aggregate in a 60-minute budget; see RECIPE.md). With
+  ``summary_order``, a further head asks the same channels, the same way, for the scene's
+  kinds in the caption's order (:func:`order_targets`): a scene-level fact, alike in every
+  token, unlike the per-object place from the left, which sets an object's tokens apart.
 
 A temporary linear head reads the projected features (the tokens the language model
 will see); it is discarded afterwards, so the saved model stays a stock checkpoint.
@@ -46,6 +49,8 @@ N_CLASSES = 25
 N_KINDS = len(SHAPES) * len(COLOR_NAMES)
 MAX_SHAPE_COUNT = 6
 SUMMARY_OUT = N_KINDS + len(SHAPES) * (MAX_SHAPE_COUNT + 1)
+NO_KIND = N_KINDS  # the order slot past a scene's last object
+ORDER_OUT = MAX_OBJECTS * (N_KINDS + 1)  # per place from the left: one of the kinds, or none
 HEAD_OUT = N_CLASSES + 2 + len(SHAPES) + len(COLOR_NAMES)  # classes, (x, y), shape, color
 DENSE_KINDS = ("shape", "color", "ordinal", "where")  # the columns of :func:`cell_objects`
 OBJECT_FACTS = {"ordinal": MAX_OBJECTS, "where": len(WHERE_NAMES)}  # fact -> classes, heads made in this order
@@ -181,11 +186,22 @@ def summary_targets(meta: dict):
     return present, counts
 
 
+def order_targets(meta: dict) -> np.ndarray:
+    """(MAX_OBJECTS,) int64: the (shape, color) kind (shape * 4 + color) of the object at each
+    place from the left (:func:`places_from_left`, the caption's order), ``NO_KIND`` past the
+    scene's last object: what the caption says, in the form of a scene summary."""
+    out = np.full(MAX_OBJECTS, NO_KIND, np.int64)
+    for o, k in zip(meta["objects"], places_from_left(meta["objects"])):
+        shape, color = _kind(o)
+        out[k] = shape * len(COLOR_NAMES) + color
+    return out
+
+
 def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded: bool = False,
                  part: tuple[int, int] = (0, 1)):
     """Pixel tiles (m, 3, S, S) with stacked patch targets (cls, pos, obj) from random normal-size
     scenes; with ``crowded``, every other scene holds up to 6 objects (a count scene) and the
-    summary targets (present, counts) follow. ``part`` = (rank, ranks): all ``n`` scenes are
+    summary targets (present, counts, order) follow. ``part`` = (rank, ranks): all ``n`` scenes are
     drawn from ``rng`` (a cheap share of the work) and only the rank's contiguous block of them
     is rendered and labelled (m scenes), so the ranks' parts in order are the one-process batch.
     Blocks, not every ranks-th scene: scenes alternate between a caption and a crowded count
@@ -196,8 +212,8 @@ def vision_batch(processor, rng: np.random.Generator, n: int, grid: int, crowded
     drawn = [draw_image_sample(fams[i % len(fams)], rng, hires=False) for i in range(n)]
     mine = drawn[share(n, *part)]
     pix = processor.image_processor([render(scene) for scene, _ in mine], return_tensors="pt")["pixel_values"][:, 0]
-    tg = [patch_targets(s.meta, grid) + (cell_objects(s.meta, grid),) + (summary_targets(s.meta) if crowded else ())
-          for _, s in mine]
+    tg = [patch_targets(s.meta, grid) + (cell_objects(s.meta, grid),)
+          + (summary_targets(s.meta) + (order_targets(s.meta),) if crowded else ()) for _, s in mine]
     return pix, *(torch.from_numpy(np.stack(t)) for t in zip(*tg))
 
 
@@ -284,15 +300,17 @@ def projected_tokens(model, pix):
     return model.model.multi_modal_projector(hidden)
 
 
-def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words=None, summary=None,
-               dense: bool = False, totals: dict | None = None, facts: dict | None = None):
+def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, order=None, words=None, summary=None,
+               dense: bool = False, totals: dict | None = None, facts: dict | None = None, order_head=None):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
     ``dense`` the (shape, color) of every object cell, with ``facts`` = {fact: (head, channels)}
     (facts of ``OBJECT_FACTS``) every object cell's place from the left and / or where (obj
-    (n, G*G, 4), :func:`cell_objects`; read from the channels of the slice ``channels``), and
-    with ``summary`` = (mode, head, weight, channels) the scene-summary loss. Every term is a sum
-    over this batch divided by ``totals`` (:func:`denominators`; default this batch's own, i.e.
-    plain means). Returns (loss, cell accuracy, position error, summary accuracy or nan, then
+    (n, G*G, 4), :func:`cell_objects`; read from the channels of the slice ``channels``), with
+    ``summary`` = (mode, head, weight, channels) the scene-summary loss, and with ``order_head``
+    too the scene's kinds in order (``order`` (n, MAX_OBJECTS), :func:`order_targets`), read as
+    the summary is and weighted alike. Every term is a sum over this batch divided by
+    ``totals`` (:func:`denominators`; default this batch's own, i.e. plain means). Returns
+    (loss, cell accuracy, position error, summary accuracy or nan, order accuracy or nan, then
     each of ``OBJECT_FACTS``' accuracy or nan), the figures this batch's."""
     import torch.nn.functional as F
 
@@ -312,8 +330,13 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, words
     acc = (out[..., :N_CLASSES].argmax(-1) == cls).float().mean()
     extra, s_acc = (summary_loss(feats, present, counts, *summary, tiles=totals["tiles"]) if summary
                     else (0.0, float("nan")))
+    in_order, o_acc = 0.0, float("nan")
+    if order_head is not None:  # read as the summary is: its mode, weight and channels
+        mode, _, weight, channels = summary
+        in_order, o_acc = scene_order_loss(feats, order, order_head, mode, weight, channels, totals["tiles"])
     pos_err = l1_sum.item() / cls.numel()
-    return ce + 4.0 * l1_sum / cells + align + extra + fact_loss, acc.item(), pos_err, s_acc, *fact_accs
+    return (ce + 4.0 * l1_sum / cells + align + extra + in_order + fact_loss, acc.item(), pos_err, s_acc, o_acc,
+            *fact_accs)
 
 
 def object_fact_losses(facts: dict, feats, obj, totals: dict):
@@ -367,18 +390,38 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, c
     return weight * loss, right.float().mean().item()
 
 
+def scene_order_loss(feats, order, head, mode: str, weight: float = 1.0, channels: int = 0, tiles=None):
+    """CE of the kind at each place from the left (order (n, MAX_OBJECTS), :func:`order_targets`),
+    read by ``head`` as the summary is read: from the tokens' mean ("mean") or every token
+    ("token"), of the first ``channels`` channels (0: all).
+    A mean over tiles x (T or 1) x places. Returns (weight x loss, share of the read rows with
+    every place right)."""
+    import torch.nn.functional as F
+
+    feats = feats[..., :channels] if channels else feats
+    x = feats.mean(1, keepdim=True) if mode == "mean" else feats
+    logits = head(x).unflatten(-1, (MAX_OBJECTS, N_KINDS + 1))  # (n, T or 1, places, kinds + none)
+    target = order[:, None].expand(logits.shape[:-1])
+    rows = logits.shape[1] * (feats.shape[0] if tiles is None else tiles)
+    loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="sum") / MAX_OBJECTS / rows
+    right = (logits.argmax(-1) == target).all(-1)
+    return weight * loss, right.float().mean().item()
+
+
 def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 48, lr: float = 2e-3,
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
                     summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1,
                     ordinal: bool = False, ordinal_channels: int = 0, where: bool = False,
-                    facts_from: int = 0) -> float:
+                    facts_from: int = 0, summary_order: bool = False) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
     returns the final cell accuracy. ``ordinal``: every object token also learns its object's
     place from the left (:func:`ordinal_targets`), read from ``ordinal_channels`` channels (0:
     all); ``where``: and the side of the tile it lies on (:func:`where_targets`, from all
     channels); both heads read from channel ``facts_from`` on. ``summary_weight`` scales the
-    summary loss, which reads the first ``summary_channels`` channels (0: all). ``workers`` processes render the batches; or
+    summary loss, which reads the first ``summary_channels`` channels (0: all);
+    ``summary_order``: those channels also tell the scene's kinds in the caption's order
+    (:func:`scene_order_loss`, same weight). ``workers`` processes render the batches; or
     ``ranks`` > 1 forked 1-thread data-parallel ranks each render and train on a share of every
     step's scenes (rendering is a third of a step and single-threaded, so two 1-thread ranks beat
     one 2-thread process: ``results/recipe-cpu/stage1_data_parallel.md``). Either way the
@@ -397,6 +440,10 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
         if asked[name]:  # initial weights stay those of a run without a later one
             width = len(range(hidden)[channels[name]])
             heads[name] = torch.nn.Linear(width, OBJECT_FACTS[name]).to(model.device)
+    if summary_order:  # made last, for the same reason
+        if not summary:
+            raise ValueError("summary_order is read from the summary's channels: it needs a summary mode")
+        heads["order"] = torch.nn.Linear(summary_channels or hidden, ORDER_OUT).to(model.device)
     job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
                workers=workers, summary_weight=summary_weight, summary_channels=summary_channels,
                facts={name: channels[name] for name in OBJECT_FACTS if name in heads})
@@ -438,11 +485,12 @@ def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ra
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = job["lr"] * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        batch = [t.to(model.device) for t in next(batches)] + ([] if summary else [None, None])
+        batch = [t.to(model.device) for t in next(batches)] + ([] if summary else [None, None, None])
         totals = denominators(batch[1], batch[3])
         totals = global_denominators(totals) if ranks > 1 else totals
         loss, *st = patch_loss(model, heads["patch"], *batch, words=words, dense=job["dense"], summary=summary,
-                               totals=totals, facts={n: (heads[n], c) for n, c in job["facts"].items()})
+                               totals=totals, facts={n: (heads[n], c) for n, c in job["facts"].items()},
+                               order_head=heads.get("order"))
         loss.backward()
         if ranks > 1:
             all_reduce_gradients(trained)
@@ -452,15 +500,16 @@ def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ra
         opt.zero_grad(set_to_none=True)
         stats.append(st)
         if (step + 1) % 50 == 0:
-            acc, err, s_acc, *fact_accs = np.mean(stats[-50:], axis=0)
+            acc, err, s_acc, o_acc, *fact_accs = np.mean(stats[-50:], axis=0)
             facts = "".join(f" {FACT_WORDS[n]} acc {a:.3f}" for n, a in zip(OBJECT_FACTS, fact_accs) if n in heads)
+            facts = (f" order acc {o_acc:.3f}" if "order" in heads else "") + facts
             log(f"vision pretrain step {step + 1}/{steps} loss {loss.item():.4f} cell acc {acc:.3f} "
                 f"pos err {err:.4f} summary acc {s_acc:.3f}{facts} t {time.time() - t0:.0f}s")
     return float(np.mean([st[0] for st in stats[-50:]])) if stats else 0.0
 
 
 def pooled_stats(stats: list[float], tiles: int, all_tiles) -> list[float]:
-    """This rank's (cell accuracy, position error, summary accuracy, fact accuracies), means over its ``tiles``,
+    """This rank's (cell accuracy, position error, summary accuracy, order accuracy, fact accuracies), means over its ``tiles``,
     made the whole step's: weighted by tiles and summed over the ranks (nan stays nan)."""
     import torch
     import torch.distributed as dist

@@ -238,6 +238,7 @@ class TrainConfig:
     summary: str = ""
     summary_weight: float = 1.0
     summary_channels: int = 0
+    summary_order: bool = False
     visual_norm: float = 1.0
     threads: int = 2
     followups: int = 0
@@ -294,6 +295,9 @@ class TrainConfig:
         if self.vision_ordinal_channels and not self.vision_ordinal or self.vision_ordinal_channels < 0:
             raise ValueError(f"vision_ordinal_channels ({self.vision_ordinal_channels}) is a channel count >= 0 "
                              "for the place head, which --vision-ordinal makes")
+        if self.summary_order and not self.summary:
+            raise ValueError("summary_order (--summary-order) is read from the scene summary's channels: "
+                             "it needs --summary mean or token")
         if self.vision_facts_from and not (self.vision_ordinal or self.vision_where) or self.vision_facts_from < 0:
             raise ValueError(f"vision_facts_from ({self.vision_facts_from}) is a channel index >= 0 for the place "
                              "and where heads, which --vision-ordinal and --vision-where make")
@@ -512,7 +516,8 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
                               summary_channels=cfg.summary_channels,
                               dense=cfg.vision_dense, workers=cfg.stage1_workers, ranks=cfg.data_parallel,
                               ordinal=cfg.vision_ordinal, ordinal_channels=cfg.vision_ordinal_channels,
-                              where=cfg.vision_where, facts_from=cfg.vision_facts_from)
+                              where=cfg.vision_where, facts_from=cfg.vision_facts_from,
+                              summary_order=cfg.summary_order)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -899,6 +904,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="schedule position in [0, 1) from which --content-dropout applies")
     p.add_argument("--summary-channels", type=int, default=TrainConfig.summary_channels,
                    help="the summary head reads only the first N channels of the projected tokens (0: all)")
+    p.add_argument("--summary-order", action="store_true",
+                   help="stage 1's summary channels also tell the scene's kinds left to right (a caption's "
+                        "order, alike in every token; needs --summary)")
     p.add_argument("--families", default=None,
                    help="probe runs: train only these still-image families (comma list), no curriculum")
     p.add_argument("--max-objects", type=int, default=None, help="with --families: objects per scene cap")
@@ -934,7 +942,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       **{f"{k}_stretch": parse_stretch(getattr(a, f"{k}_stretch")) for k in STRETCH_GROUPS},
                       extra_followups=tuple(k for k in a.extra_followups.split(",") if k),
                       workers=a.workers, data_parallel=a.data_parallel, summary=a.summary, summary_weight=a.summary_weight,
-                      summary_channels=a.summary_channels, lr_late=a.lr_late, lr_late_from=a.lr_late_from,
+                      summary_channels=a.summary_channels, summary_order=a.summary_order, lr_late=a.lr_late, lr_late_from=a.lr_late_from,
                       order=a.order, text=text_overrides(a.text_layers, a.init_std))
     return cfg, a
 
