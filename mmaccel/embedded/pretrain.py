@@ -376,18 +376,25 @@ def summary_loss(feats, present, counts, mode: str, head, weight: float = 1.0, c
     batch). Returns (loss, share of scenes whose presence bits and counts are all right)."""
     import torch.nn.functional as F
 
-    feats = feats[..., :channels] if channels else feats
-    x = feats.mean(1, keepdim=True) if mode == "mean" else feats
+    x, rows = summary_rows(feats, mode, channels, tiles)
     out = head(x)  # (n, T or 1, SUMMARY_OUT)
     pres_logit = out[..., :N_KINDS]
     cnt_logit = out[..., N_KINDS:].unflatten(-1, (len(SHAPES), MAX_SHAPE_COUNT + 1))
     tgt_p = present[:, None].expand_as(pres_logit)
     tgt_c = counts[:, None].expand(cnt_logit.shape[:-1])
-    rows = out.shape[1] * (feats.shape[0] if tiles is None else tiles)  # the means run over tiles x (T or 1)
     loss = (F.binary_cross_entropy_with_logits(pres_logit, tgt_p, reduction="sum") / N_KINDS
             + F.cross_entropy(cnt_logit.flatten(0, -2), tgt_c.flatten(), reduction="sum") / len(SHAPES)) / rows
     right = ((pres_logit > 0) == (tgt_p > 0.5)).all(-1) & (cnt_logit.argmax(-1) == tgt_c).all(-1)
     return weight * loss, right.float().mean().item()
+
+
+def summary_rows(feats, mode: str, channels: int = 0, tiles=None):
+    """(what a summary head reads: (n, T, D') every token's first ``channels`` channels (0: all),
+    or (n, 1, D') their mean with mode "mean"; the count of such rows over ``tiles`` tiles
+    (default n), which the summary terms' means divide by)."""
+    feats = feats[..., :channels] if channels else feats
+    x = feats.mean(1, keepdim=True) if mode == "mean" else feats
+    return x, x.shape[1] * (feats.shape[0] if tiles is None else tiles)
 
 
 def scene_order_loss(feats, order, head, mode: str, weight: float = 1.0, channels: int = 0, tiles=None):
@@ -398,11 +405,9 @@ def scene_order_loss(feats, order, head, mode: str, weight: float = 1.0, channel
     every place right)."""
     import torch.nn.functional as F
 
-    feats = feats[..., :channels] if channels else feats
-    x = feats.mean(1, keepdim=True) if mode == "mean" else feats
+    x, rows = summary_rows(feats, mode, channels, tiles)
     logits = head(x).unflatten(-1, (MAX_OBJECTS, N_KINDS + 1))  # (n, T or 1, places, kinds + none)
     target = order[:, None].expand(logits.shape[:-1])
-    rows = logits.shape[1] * (feats.shape[0] if tiles is None else tiles)
     loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="sum") / MAX_OBJECTS / rows
     right = (logits.argmax(-1) == target).all(-1)
     return weight * loss, right.float().mean().item()
