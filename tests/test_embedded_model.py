@@ -896,6 +896,15 @@ def test_summary_order_reaches_stage1(monkeypatch):
     assert seen["summary_order"] is False and not any(" order acc " in line for line in lines)
 
 
+def test_stage1_refuses_an_order_without_a_summary(processor):
+    """Called directly, stage 1 refuses --summary-order's head without the summary it reads as."""
+    from mmaccel.embedded.pretrain import pretrain_vision
+
+    model = build_model(processor.tokenizer, seed=0, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    with pytest.raises(ValueError, match="needs a summary"):
+        pretrain_vision(model, processor, seed=0, steps=1, summary_order=True)
+
+
 def test_fact_heads_read_only_their_channels():
     """A fact head given a channel slice sees those channels alone: changing the others leaves
     its loss as it was, changing one of its own does not."""
