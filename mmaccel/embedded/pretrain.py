@@ -96,6 +96,13 @@ def _kind(obj: dict) -> list[int]:
     return [SHAPES.index(obj["shape"]), COLOR_NAMES.index(obj["color"])]
 
 
+def kind_index(obj: dict) -> int:
+    """The object's (shape, color) kind as one index, shape * 4 + color (0 .. N_KINDS - 1): the
+    summary's presence bits, the order slots, and one less than its centre cell's class."""
+    shape, color = _kind(obj)
+    return shape * len(COLOR_NAMES) + color
+
+
 def patch_targets(meta: dict, grid: int):
     """(cls (G*G,) int64, pos (G*G, 2) float32) for one still scene."""
     side, cell = meta["side"], meta["side"] / grid
@@ -111,7 +118,7 @@ def patch_targets(meta: dict, grid: int):
         cls[covered_cells(centers, o, cell)[0] & (cls == 0)] = 13
     for o in meta["objects"]:
         i = cell_of(o["cx"], o["cy"], side, grid)
-        cls[i] = 1 + SHAPES.index(o["shape"]) * len(COLOR_NAMES) + COLOR_NAMES.index(o["color"])
+        cls[i] = 1 + kind_index(o)
         pos[i] = [o["cx"] / side, o["cy"] / side]
     for ch, x, y in digit_centres(meta):
         i = cell_of(x, y, side, grid)
@@ -180,9 +187,8 @@ def summary_targets(meta: dict):
     present = np.zeros(N_KINDS, np.float32)
     counts = np.zeros(len(SHAPES), np.int64)
     for o in meta["objects"]:
-        s = SHAPES.index(o["shape"])
-        present[s * len(COLOR_NAMES) + COLOR_NAMES.index(o["color"])] = 1.0
-        counts[s] += 1
+        present[kind_index(o)] = 1.0
+        counts[SHAPES.index(o["shape"])] += 1
     return present, counts
 
 
@@ -192,8 +198,7 @@ def order_targets(meta: dict) -> np.ndarray:
     scene's last object: what the caption says, in the form of a scene summary."""
     out = np.full(MAX_OBJECTS, NO_KIND, np.int64)
     for o, k in zip(meta["objects"], places_from_left(meta["objects"])):
-        shape, color = _kind(o)
-        out[k] = shape * len(COLOR_NAMES) + color
+        out[k] = kind_index(o)
     return out
 
 

@@ -61,14 +61,12 @@ def main():
         caption_group = (a.caption_share, 1.0, {"hires": False, "max_objects": 4}, {"caption": 1.0})
         groups = with_stretch((Phase(1.0, GROUPS),), 0.0, 1.0, "captions", caption_group)[0].groups
         cfg = full_world_config(a)
-    elif a.weights is not None:
-        groups = reweighted((Phase(1.0, GROUPS),), parse_weights(a.weights))[0].groups
+    elif a.weights is not None or a.replay is not None:  # the full world, reweighted (--weights wins)
+        weights = parse_weights(a.weights) if a.weights is not None else {"caption": a.replay}
+        groups = reweighted((Phase(1.0, GROUPS),), weights)[0].groups
         cfg = full_world_config(a)
-    elif a.replay is None:
-        groups, cfg = CAPTIONS_ONLY, TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=BF16, lr=a.lr)
     else:
-        groups = reweighted((Phase(1.0, GROUPS),), {"caption": a.replay})[0].groups
-        cfg = full_world_config(a)
+        groups, cfg = CAPTIONS_ONLY, TrainConfig(seed=a.seed, followups=0, loss_mean="tokens", bf16=BF16, lr=a.lr)
     opt, marker, t0, step, window = make_optimizer(model, cfg), assistant_id(processor), time.time(), 0, []
     while time.time() - t0 < a.minutes * 60:
         _, batch = step_batch(processor, cfg, step, groups)
