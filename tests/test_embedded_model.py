@@ -684,8 +684,15 @@ def test_vision_ordinal_reaches_stage1(monkeypatch):
     assert cfg.vision_ordinal and not parse_args(["--out", "x"])[0].vision_ordinal
     with pytest.raises(ValueError, match="--vision-ordinal"):
         parse_args(["--out", "x", "--vision-ordinal-channels", "64"])
-    seen, lines = _train_recording_stage1(monkeypatch, vision_ordinal=True, vision_ordinal_channels=64)
+    with pytest.raises(ValueError, match="--vision-ordinal"):
+        parse_args(["--out", "x", "--vision-fact-weight", "0.3"])
+    with pytest.raises(ValueError, match="weight > 0"):
+        parse_args(["--out", "x", "--vision-ordinal", "--vision-fact-weight", "0"])
+    assert parse_args(["--out", "x", "--vision-ordinal", "--vision-fact-weight", "0.3"])[0].vision_fact_weight == 0.3
+    seen, lines = _train_recording_stage1(monkeypatch, vision_ordinal=True, vision_ordinal_channels=64,
+                                          vision_fact_weight=0.3)
     assert seen["ordinal"] is True and seen["ordinal_channels"] == 64 and seen["where"] is False
+    assert seen["fact_weight"] == 0.3
     assert any(line.startswith("vision pretrain step 50/50") and "place acc" in line for line in lines)
     assert not any("where acc" in line for line in lines)
 
@@ -1009,6 +1016,21 @@ def test_stage1_objectives_of_unequal_shares_with_summed_denominators_add_up_to_
     own = [patch_loss(model, head, *p, **kw)[0] for p in parts]
     assert not torch.allclose((own[0] + own[1]) / 2, whole, rtol=1e-3)  # means of unequal shares are not it
 
+
+
+def test_fact_weight_scales_only_the_fact_terms(processor):
+    """--vision-fact-weight multiplies the place and where terms and nothing else: the loss
+    with the facts at weight w is the loss without them plus w times what they add."""
+    from mmaccel.embedded.pretrain import patch_loss
+
+    model, (head, s_head), batch, words = _stage1_setup(processor)
+    facts = {"ordinal": (torch.nn.Linear(64, 6), slice(64, 128)), "where": (torch.nn.Linear(128, 4), slice(64, None))}
+    kw = dict(words=words, dense=True, summary=("token", s_head, 3.0, 64))
+    bare = patch_loss(model, head, *batch, **kw)[0]
+    added = patch_loss(model, head, *batch, facts=facts, **kw)[0] - bare
+    weighted = patch_loss(model, head, *batch, facts=facts, fact_weight=0.3, **kw)[0]
+    assert added > 0.1
+    assert torch.allclose(weighted, bare + 0.3 * added, rtol=1e-5)
 
 def _stage1_params_after(processor, ranks):
     from mmaccel.embedded.pretrain import pretrain_vision, stage1_params

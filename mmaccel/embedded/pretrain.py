@@ -306,11 +306,13 @@ def projected_tokens(model, pix):
 
 
 def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, order=None, words=None, summary=None,
-               dense: bool = False, totals: dict | None = None, facts: dict | None = None, order_head=None):
+               dense: bool = False, totals: dict | None = None, facts: dict | None = None, order_head=None,
+               fact_weight: float = 1.0):
     """Cross-entropy on cell classes, 4 x L1 on content positions, word alignment, with
     ``dense`` the (shape, color) of every object cell, with ``facts`` = {fact: (head, channels)}
     (facts of ``OBJECT_FACTS``) every object cell's place from the left and / or where (obj
-    (n, G*G, 4), :func:`cell_objects`; read from the channels of the slice ``channels``), with
+    (n, G*G, 4), :func:`cell_objects`; read from the channels of the slice ``channels``; their
+    terms scaled by ``fact_weight``), with
     ``summary`` = (mode, head, weight, channels) the scene-summary loss, and with ``order_head``
     too the scene's kinds in order (``order`` (n, MAX_OBJECTS), :func:`order_targets`), read as
     the summary is and weighted alike. Every term is a sum over this batch divided by
@@ -340,8 +342,8 @@ def patch_loss(model, head, pix, cls, pos, obj, present=None, counts=None, order
         mode, _, weight, channels = summary
         in_order, o_acc = scene_order_loss(feats, order, order_head, mode, weight, channels, totals["tiles"])
     pos_err = l1_sum.item() / cls.numel()
-    return (ce + 4.0 * l1_sum / cells + align + extra + in_order + fact_loss, acc.item(), pos_err, s_acc, o_acc,
-            *fact_accs)
+    return (ce + 4.0 * l1_sum / cells + align + extra + in_order + fact_weight * fact_loss, acc.item(), pos_err,
+            s_acc, o_acc, *fact_accs)
 
 
 def object_fact_losses(facts: dict, feats, obj, totals: dict):
@@ -422,13 +424,14 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
                     log=print, summary: str = "", dense: bool = False, workers: int = 0,
                     summary_weight: float = 1.0, summary_channels: int = 0, ranks: int = 1,
                     ordinal: bool = False, ordinal_channels: int = 0, where: bool = False,
-                    facts_from: int = 0, summary_order: bool = False) -> float:
+                    facts_from: int = 0, summary_order: bool = False, fact_weight: float = 1.0) -> float:
     """Train tower + projector for ``steps`` on patch targets (with ``dense``, the object of
     every covered cell too; plus the scene summary when ``summary`` is "mean" or "token");
     returns the final cell accuracy. ``ordinal``: every object token also learns its object's
     place from the left (:func:`ordinal_targets`), read from ``ordinal_channels`` channels (0:
     all); ``where``: and the side of the tile it lies on (:func:`where_targets`, from all
-    channels); both heads read from channel ``facts_from`` on. ``summary_weight`` scales the
+    channels); both heads read from channel ``facts_from`` on, their terms scaled by
+    ``fact_weight``. ``summary_weight`` scales the
     summary loss, which reads the first ``summary_channels`` channels (0: all);
     ``summary_order``: those channels also tell the scene's kinds in the caption's order
     (:func:`scene_order_loss`, same weight). ``workers`` processes render the batches; or
@@ -456,7 +459,7 @@ def pretrain_vision(model, processor, seed: int, steps: int, batch_size: int = 4
         heads["order"] = torch.nn.Linear(summary_channels or hidden, ORDER_OUT).to(model.device)
     job = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, summary=summary, dense=dense,
                workers=workers, summary_weight=summary_weight, summary_channels=summary_channels,
-               facts={name: channels[name] for name in OBJECT_FACTS if name in heads})
+               facts={name: channels[name] for name in OBJECT_FACTS if name in heads}, fact_weight=fact_weight)
     if ranks == 1:
         return stage1_loop(model, processor, heads, job, log)
     from .parallel import fork_ranks, load_state_bytes
@@ -500,7 +503,7 @@ def stage1_loop(model, processor, heads: dict, job: dict, log, rank: int = 0, ra
         totals = global_denominators(totals) if ranks > 1 else totals
         loss, *st = patch_loss(model, heads["patch"], *batch, words=words, dense=job["dense"], summary=summary,
                                totals=totals, facts={n: (heads[n], c) for n, c in job["facts"].items()},
-                               order_head=heads.get("order"))
+                               order_head=heads.get("order"), fact_weight=job["fact_weight"])
         loss.backward()
         if ranks > 1:
             all_reduce_gradients(trained)

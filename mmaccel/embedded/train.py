@@ -233,6 +233,7 @@ class TrainConfig:
     vision_ordinal_channels: int = 0
     vision_where: bool = False
     vision_facts_from: int = 0
+    vision_fact_weight: float = 1.0
     stage1_workers: int = 0
     freeze_tower: bool = False
     summary: str = ""
@@ -301,6 +302,9 @@ class TrainConfig:
         if self.vision_facts_from and not (self.vision_ordinal or self.vision_where) or self.vision_facts_from < 0:
             raise ValueError(f"vision_facts_from ({self.vision_facts_from}) is a channel index >= 0 for the place "
                              "and where heads, which --vision-ordinal and --vision-where make")
+        if self.vision_fact_weight != 1.0 and not (self.vision_ordinal or self.vision_where) or self.vision_fact_weight <= 0:
+            raise ValueError(f"vision_fact_weight ({self.vision_fact_weight}) is a weight > 0 on the place and "
+                             "where heads' terms, which --vision-ordinal and --vision-where make")
 
     def _check_data_parallel(self) -> None:
         if self.data_parallel < 1:
@@ -517,7 +521,7 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
                               dense=cfg.vision_dense, workers=cfg.stage1_workers, ranks=cfg.data_parallel,
                               ordinal=cfg.vision_ordinal, ordinal_channels=cfg.vision_ordinal_channels,
                               where=cfg.vision_where, facts_from=cfg.vision_facts_from,
-                              summary_order=cfg.summary_order)
+                              summary_order=cfg.summary_order, fact_weight=cfg.vision_fact_weight)
         log(f"stage 1 done: cell accuracy {acc:.3f} in {time.time() - t0:.0f}s")
         if cfg.visual_norm:
             factor = rescale_projector(model, processor, cfg.seed, cfg.visual_norm)
@@ -843,6 +847,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="the place and where heads read channels from this one on (e.g. 64: past the "
                         "--summary-channels 64 group, so that per-object facts and the scene summary "
                         "do not share channels)")
+    p.add_argument("--vision-fact-weight", type=float, default=TrainConfig.vision_fact_weight,
+                   help="scales the place and where heads' stage-1 terms (e.g. 0.3: a weaker place fact)")
     p.add_argument("--stage1-workers", type=int, default=TrainConfig.stage1_workers,
                    help="processes rendering stage-1 batches (same batches for any number)")
     p.add_argument("--freeze-tower", action="store_true",
@@ -928,6 +934,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from,
                       vision_steps=a.vision_steps, vision_dense=a.vision_dense, vision_ordinal=a.vision_ordinal, vision_ordinal_channels=a.vision_ordinal_channels,
                       vision_where=a.vision_where, vision_facts_from=a.vision_facts_from,
+                      vision_fact_weight=a.vision_fact_weight,
                       freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
