@@ -46,6 +46,7 @@ from .data import assistant_id, encode_for_training
 from .dropout import (CONTENT_FROM, check_content_from, check_dropout, drop_visual, forward_with_background_dropout,
                       plan_background_dropout, plan_content_dropout, plan_stop_rows)
 from .parallel import agreed_schedule, all_reduce_gradients, global_totals, pool_log_window
+from .place_gate import check_place_open, parse_place_open, place_gate
 from .pretrain import pretrain_vision, rescale_projector
 
 # group name -> (probability, batch size multiplier, make_sample keywords, {family: weight})
@@ -234,6 +235,7 @@ class TrainConfig:
     vision_where: bool = False
     vision_facts_from: int = 0
     vision_fact_weight: float = 1.0
+    place_open: tuple = ()
     stage1_workers: int = 0
     freeze_tower: bool = False
     summary: str = ""
@@ -302,6 +304,10 @@ class TrainConfig:
         if self.vision_facts_from and not (self.vision_ordinal or self.vision_where) or self.vision_facts_from < 0:
             raise ValueError(f"vision_facts_from ({self.vision_facts_from}) is a channel index >= 0 for the place "
                              "and where heads, which --vision-ordinal and --vision-where make")
+        check_place_open(self.place_open)
+        if self.place_open and not (self.vision_ordinal and self.vision_ordinal_channels):
+            raise ValueError("place_open (--place-open) gates the place head's channels: it needs --vision-ordinal "
+                             "with --vision-ordinal-channels N > 0")
         if self.vision_fact_weight != 1.0 and not (self.vision_ordinal or self.vision_where) or self.vision_fact_weight <= 0:
             raise ValueError(f"vision_fact_weight ({self.vision_fact_weight}) is a weight > 0 on the place and "
                              "where heads' terms, which --vision-ordinal and --vision-where make")
@@ -758,29 +764,36 @@ def run_loop(model, opt, processor, cfg: TrainConfig, log, groups=None, budget=N
     clock = None if cfg.steps else WallClock(budget, cfg.early_steps, lambda s, t: log(
         f"schedule progress {cfg.early_steps[1]} reached at step {s} ({t:.0f}s); the rest of the schedule "
         f"runs over the remaining {budget - t:.0f}s"))
-    while True:
-        elapsed = time.time() - t0
-        prog = progress_of(step, cfg) if cfg.steps else clock(step, elapsed)
-        stop = stop_message(step, elapsed, prog, cfg, budget)
-        if ranks > 1:
-            prog, stopping = agreed_schedule(prog, stop is not None)
-            stop = (stop or f"stage 2 stopped by rank 0 at step {step}") if stopping else None
-        if stop:
-            if window:  # the steps since the last log line, so the history ends at the last step
-                history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss, ranks))
-            log(stop)
-            break
-        fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog), prog,
-                                                             (rank, ranks))
-        lr = lr_at(step, prog, cfg)
-        losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean, cfg.bf16, ranks)
-        fam_loss.add(fams, losses)
-        window.append(float(losses.mean()))
-        follow.append(follow_loss)
-        step += 1
-        if step % cfg.log_every == 0:
-            history.append(log_step(log, step, window, follow, lr, time.time() - t0, fam_loss, ranks))
-            window, follow = [], []
+    gate = place_gate(model, cfg)
+    try:
+        while True:
+            elapsed = time.time() - t0
+            prog = progress_of(step, cfg) if cfg.steps else clock(step, elapsed)
+            stop = stop_message(step, elapsed, prog, cfg, budget)
+            if ranks > 1:
+                prog, stopping = agreed_schedule(prog, stop is not None)
+                stop = (stop or f"stage 2 stopped by rank 0 at step {step}") if stopping else None
+            if stop:
+                if window:  # the steps since the last log line, so the history ends at the last step
+                    history.append(log_step(log, step, window, follow, lr, elapsed, fam_loss, ranks))
+                log(stop)
+                break
+            fams, batch = next(source) if source else step_batch(processor, cfg, step, phase_groups(phases, prog), prog,
+                                                                 (rank, ranks))
+            lr = lr_at(step, prog, cfg)
+            if gate is not None and gate.set(prog):
+                log(f"place channels open from step {step} (progress {prog:.3f})")
+            losses, follow_loss = train_step(model, opt, batch, marker, lr, cfg.clip, cfg.loss_mean, cfg.bf16, ranks)
+            fam_loss.add(fams, losses)
+            window.append(float(losses.mean()))
+            follow.append(follow_loss)
+            step += 1
+            if step % cfg.log_every == 0:
+                history.append(log_step(log, step, window, follow, lr, time.time() - t0, fam_loss, ranks))
+                window, follow = [], []
+    finally:
+        if gate is not None:
+            gate.remove()
     return history
 
 
@@ -849,6 +862,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                         "do not share channels)")
     p.add_argument("--vision-fact-weight", type=float, default=TrainConfig.vision_fact_weight,
                    help="scales the place and where heads' stage-1 terms (e.g. 0.3: a weaker place fact)")
+    p.add_argument("--place-open", default="",
+                   help="START:END: the place head's channels reach the language model only from stage-2 "
+                        "progress START, ramped to full by END (1:1: never; their projector rows stay zero)")
     p.add_argument("--stage1-workers", type=int, default=TrainConfig.stage1_workers,
                    help="processes rendering stage-1 batches (same batches for any number)")
     p.add_argument("--freeze-tower", action="store_true",
@@ -934,7 +950,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                       vision_lr_mult=a.vision_lr_mult, warmup=a.warmup, decay_from=a.decay_from,
                       vision_steps=a.vision_steps, vision_dense=a.vision_dense, vision_ordinal=a.vision_ordinal, vision_ordinal_channels=a.vision_ordinal_channels,
                       vision_where=a.vision_where, vision_facts_from=a.vision_facts_from,
-                      vision_fact_weight=a.vision_fact_weight,
+                      vision_fact_weight=a.vision_fact_weight, place_open=parse_place_open(a.place_open),
                       freeze_tower=a.freeze_tower,
                       stage1_workers=a.stage1_workers,
                       followups=a.followups, device=a.device, loss_mean=a.loss_mean,
