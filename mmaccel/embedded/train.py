@@ -295,22 +295,27 @@ class TrainConfig:
         for kind, spec in self.stretches():
             stretch_group(kind, spec)
         self._check_data_parallel()
-        if self.vision_ordinal_channels and not self.vision_ordinal or self.vision_ordinal_channels < 0:
-            raise ValueError(f"vision_ordinal_channels ({self.vision_ordinal_channels}) is a channel count >= 0 "
-                             "for the place head, which --vision-ordinal makes")
         if self.summary_order and not self.summary:
             raise ValueError("summary_order (--summary-order) is read from the scene summary's channels: "
                              "it needs --summary mean or token")
-        if self.vision_facts_from and not (self.vision_ordinal or self.vision_where) or self.vision_facts_from < 0:
+        self._check_fact_heads()
+
+    def _check_fact_heads(self) -> None:
+        """The options of stage 1's place and where heads, each refused without the head it acts on."""
+        heads = self.vision_ordinal or self.vision_where
+        if self.vision_ordinal_channels and not self.vision_ordinal or self.vision_ordinal_channels < 0:
+            raise ValueError(f"vision_ordinal_channels ({self.vision_ordinal_channels}) is a channel count >= 0 "
+                             "for the place head, which --vision-ordinal makes")
+        if self.vision_facts_from and not heads or self.vision_facts_from < 0:
             raise ValueError(f"vision_facts_from ({self.vision_facts_from}) is a channel index >= 0 for the place "
                              "and where heads, which --vision-ordinal and --vision-where make")
+        if self.vision_fact_weight != 1.0 and not heads or self.vision_fact_weight <= 0:
+            raise ValueError(f"vision_fact_weight ({self.vision_fact_weight}) is a weight > 0 on the place and "
+                             "where heads' terms, which --vision-ordinal and --vision-where make")
         check_place_open(self.place_open)
         if self.place_open and not (self.vision_ordinal and self.vision_ordinal_channels):
             raise ValueError("place_open (--place-open) gates the place head's channels: it needs --vision-ordinal "
                              "with --vision-ordinal-channels N > 0")
-        if self.vision_fact_weight != 1.0 and not (self.vision_ordinal or self.vision_where) or self.vision_fact_weight <= 0:
-            raise ValueError(f"vision_fact_weight ({self.vision_fact_weight}) is a weight > 0 on the place and "
-                             "where heads' terms, which --vision-ordinal and --vision-where make")
 
     def _check_data_parallel(self) -> None:
         if self.data_parallel < 1:
