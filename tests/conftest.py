@@ -96,3 +96,16 @@ def run_in_threads(fn, n: int) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+ONE_LAYER = {"text": {"num_hidden_layers": 1}, "vision": {"num_hidden_layers": 1}}
+COLOR_IMAGES = {"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})}  # train()'s groups: colour questions only
+
+
+def tiny_train_config(**options):
+    """The embedded recipe's TrainConfig shrunk for a test: one-layer tower and language model, a
+    step-counted run (``minutes=0``) with a one-step warmup and no evaluation; ``options`` override."""
+    from mmaccel.embedded.train import TrainConfig
+
+    defaults = {"seed": 2, "minutes": 0, "batch_size": 2, "warmup": 1, "eval_n": 0, **ONE_LAYER}
+    return TrainConfig(**{**defaults, **options})

@@ -18,6 +18,7 @@ from mmaccel.embedded.evaluate import evaluate_samples, generate_answers
 from mmaccel.embedded.train import TrainConfig, train
 from mmaccel.world import MODEL_FAMILIES, generate_samples, make_sample, sample_rng
 from mmaccel.world.assets import load_sample_video
+from conftest import COLOR_IMAGES, tiny_train_config
 
 HELD_OUT_SEED = 9090  # never used by the training recipe (train split) or the report (seed 0)
 
@@ -647,10 +648,8 @@ def test_frozen_tower_keeps_stage_one_weights(monkeypatch):
         return real_loop(model, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "run_loop", snapshot_then_run)
-    cfg = TrainConfig(seed=2, steps=3, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=2,
-                      vision_dense=True, freeze_tower=True, text={"num_hidden_layers": 1},
-                      vision={"num_hidden_layers": 1})
-    model, _, _ = train(cfg, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    cfg = tiny_train_config(steps=3, vision_steps=2, vision_dense=True, freeze_tower=True)
+    model, _, _ = train(cfg, groups=COLOR_IMAGES)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, seen["before"][n])}
     assert not any("vision_tower" in n for n in changed)
     assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
@@ -668,10 +667,9 @@ def _train_recording_stage1(monkeypatch, **flags):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "pretrain_vision", record)
-    cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=50,
-                      text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1}, **flags)
+    cfg = tiny_train_config(steps=1, vision_steps=50, **flags)
     lines = []
-    train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    train(cfg, log=lines.append, groups=COLOR_IMAGES)
     return seen, lines
 
 
@@ -1239,9 +1237,8 @@ def test_bad_flash_stretch_in_a_config_fails_at_start_up():
 
 
 def test_saved_step_count_is_the_last_step_not_the_last_log_line(tmp_path):
-    cfg = TrainConfig(seed=2, steps=3, minutes=0, batch_size=2, warmup=1, eval_n=0, vision_steps=1,
-                      log_every=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
-    _, _, hist = train(cfg, tmp_path / "m", groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    cfg = tiny_train_config(steps=3, vision_steps=1, log_every=2)
+    _, _, hist = train(cfg, tmp_path / "m", groups=COLOR_IMAGES)
     assert [h["step"] for h in hist] == [2, 3]
     assert json.loads((tmp_path / "m" / "train_config.json").read_text())["steps_done"] == 3
 
@@ -1430,8 +1427,7 @@ def test_a_failing_rank_raises_instead_of_hanging():
 
 
 def test_train_with_data_parallel_trains_and_saves(tmp_path):
-    cfg = TrainConfig(seed=2, steps=4, minutes=0, batch_size=4, warmup=1, log_every=2, eval_n=0, vision_steps=2,
-                      freeze_tower=True, data_parallel=2, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    cfg = tiny_train_config(steps=4, batch_size=4, log_every=2, vision_steps=2, freeze_tower=True, data_parallel=2)
     lines = []
     model, _, hist = train(cfg, tmp_path / "m", log=lines.append, groups=DP_GROUPS)
     assert [h["step"] for h in hist] == [2, 4]
@@ -1508,8 +1504,7 @@ def test_a_training_log_says_which_cpu_its_steps_came_from(tmp_path, monkeypatch
     real_path = train_mod.Path
     monkeypatch.setattr(train_mod, "Path", lambda p: cpuinfo if str(p) == "/proc/cpuinfo" else real_path(p))
     lines = []
-    cfg = TrainConfig(seed=2, steps=1, minutes=0, batch_size=2, warmup=1, log_every=1, eval_n=0, vision_steps=0,
-                      text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    cfg = tiny_train_config(steps=1, log_every=1, vision_steps=0)
     train(cfg, log=lines.append, groups=DP_GROUPS)
     assert lines[0] == (f"machine Test CPU 9000, {os.cpu_count()} cores; avx512f yes, avx512_bf16 no, "
                         "amx_bf16 yes")

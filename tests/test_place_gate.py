@@ -5,6 +5,7 @@ import torch
 
 from mmaccel.embedded.place_gate import PlaceGate, gate_level, parse_place_open
 from mmaccel.embedded.train import TrainConfig, parse_args, train
+from conftest import COLOR_IMAGES, tiny_train_config
 
 
 def test_gate_level_ramps_between_start_and_end():
@@ -58,12 +59,10 @@ def test_place_open_needs_the_place_head_on_a_channel_slice():
 
 
 def _tiny_run(place_open, steps=4, ranks=1):
-    cfg = TrainConfig(seed=2, steps=steps, data_parallel=ranks, minutes=0, batch_size=2 * ranks, warmup=1, eval_n=0,
-                      vision_steps=2, vision_ordinal=True, vision_ordinal_channels=16, vision_facts_from=64,
-                      place_open=place_open,
-                      text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    cfg = tiny_train_config(steps=steps, data_parallel=ranks, batch_size=2 * ranks, vision_steps=2, vision_ordinal=True,
+                            vision_ordinal_channels=16, vision_facts_from=64, place_open=place_open)
     lines = []
-    model, _, _ = train(cfg, log=lines.append, groups={"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})})
+    model, _, _ = train(cfg, log=lines.append, groups=COLOR_IMAGES)
     return model.model.multi_modal_projector.linear_2, lines
 
 
