@@ -18,7 +18,7 @@ from mmaccel.embedded.evaluate import evaluate_samples, generate_answers
 from mmaccel.embedded.train import TrainConfig, train
 from mmaccel.world import MODEL_FAMILIES, generate_samples, make_sample, sample_rng
 from mmaccel.world.assets import load_sample_video
-from conftest import COLOR_IMAGES, tiny_train_config
+from conftest import COLOR_IMAGES, ONE_LAYER, tiny_train_config
 
 HELD_OUT_SEED = 9090  # never used by the training recipe (train split) or the report (seed 0)
 
@@ -202,7 +202,7 @@ def test_visual_dropout_hides_only_visual_tokens_and_equals_removing_them(proces
     from mmaccel.embedded.train import drop_visual, step_batch
 
     cfg = TrainConfig(seed=2, batch_size=6, visual_dropout=0.9)
-    groups = {"image": (1.0, 1.0, {"hires": False}, {"color": 1.0})}
+    groups = COLOR_IMAGES
     fams, batch = step_batch(processor, cfg, 5, groups)
     _, plain = step_batch(processor, TrainConfig(seed=2, batch_size=6), 5, groups)
     _, again = step_batch(processor, cfg, 5, groups)
@@ -547,8 +547,7 @@ def _tiny_step_setup(processor, seed: int = 0):
     from mmaccel.embedded.train import make_optimizer, step_batch
 
     cfg = TrainConfig(seed=seed, batch_size=3, followups=2)
-    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
-                        vision={"num_hidden_layers": 1}).train()
+    model = build_model(processor.tokenizer, seed=seed, **ONE_LAYER).train()
     _, batch = step_batch(processor, cfg, 0, {"image": (1.0, 1.0, {"hires": False}, {"count": 1.0})})
     return model, make_optimizer(model, cfg), batch
 
@@ -905,7 +904,7 @@ def test_stage1_refuses_an_order_without_a_summary(processor):
     """Called directly, stage 1 refuses --summary-order's head without the summary it reads as."""
     from mmaccel.embedded.pretrain import pretrain_vision
 
-    model = build_model(processor.tokenizer, seed=0, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    model = build_model(processor.tokenizer, seed=0, **ONE_LAYER)
     with pytest.raises(ValueError, match="needs a summary"):
         pretrain_vision(model, processor, seed=0, steps=1, summary_order=True)
 
@@ -989,7 +988,7 @@ def test_stage1_ranks_render_shares_of_the_one_process_batch(processor):
 def _stage1_setup(processor, seed=3):
     from mmaccel.embedded.pretrain import HEAD_OUT, SUMMARY_OUT, vision_batch, word_ids
 
-    model = build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    model = build_model(processor.tokenizer, seed=seed, **ONE_LAYER)
     torch.manual_seed(seed)
     heads = torch.nn.Linear(192, HEAD_OUT), torch.nn.Linear(64, SUMMARY_OUT)
     batch = vision_batch(processor, np.random.default_rng(seed), 5, 6, crowded=True)
@@ -1033,7 +1032,7 @@ def test_fact_weight_scales_only_the_fact_terms(processor):
 def _stage1_params_after(processor, ranks):
     from mmaccel.embedded.pretrain import pretrain_vision, stage1_params
 
-    model = build_model(processor.tokenizer, seed=4, text={"num_hidden_layers": 1}, vision={"num_hidden_layers": 1})
+    model = build_model(processor.tokenizer, seed=4, **ONE_LAYER)
     before = torch.cat([p.detach().reshape(-1).clone() for p in stage1_params(model)])
     torch.manual_seed(0)  # the heads' initialisation
     pretrain_vision(model, processor, seed=4, steps=2, batch_size=5, lr=0.1, log=lambda *_: None,
@@ -1076,8 +1075,7 @@ def test_curriculum_phases_and_flat_then_cosine_lr():
 def test_projector_rescale_sets_visual_token_norm(processor):
     from mmaccel.embedded.pretrain import rescale_projector, vision_batch
 
-    model = build_model(processor.tokenizer, seed=5, text={"num_hidden_layers": 1},
-                        vision={"num_hidden_layers": 1})
+    model = build_model(processor.tokenizer, seed=5, **ONE_LAYER)
     rescale_projector(model, processor, seed=0, target_norm=2.5)
     pix = vision_batch(processor, np.random.default_rng(0), 16, 6)[0]
     with torch.no_grad():
@@ -1368,8 +1366,7 @@ def test_split_objectives_with_global_totals_sum_to_the_one_batch_objective():
 
 
 def _tiny_dp_model(processor, seed):
-    return build_model(processor.tokenizer, seed=seed, text={"num_hidden_layers": 1},
-                       vision={"num_hidden_layers": 1}).train()
+    return build_model(processor.tokenizer, seed=seed, **ONE_LAYER).train()
 
 
 def _flat(model):
@@ -1435,8 +1432,8 @@ def test_train_with_data_parallel_trains_and_saves(tmp_path):
     saved = load_model(tmp_path / "m")[0]
     trained = dict(model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in saved.named_parameters())
-    fresh = build_model(build_tokenizer(cfg.order, cfg.extra_followups), seed=2, text={"num_hidden_layers": 1},
-                        vision={"num_hidden_layers": 1})  # the initialisation train() starts from
+    # the initialisation train() starts from
+    fresh = build_model(build_tokenizer(cfg.order, cfg.extra_followups), seed=2, **ONE_LAYER)
     assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "language_model" in n)
     # the frozen tower moved in stage 1 only: the ranks' stage-1 state came back to the trainer
     assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "vision_tower" in n)
