@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from mmaccel.bench.fidelity import (CAPTION_ERRORS, RunResult, accuracy_at_cost, compare, cost_curve, equal_cost, kept_interval,
                                     kept_share, markdown_table)
 from mmaccel.cli import app
+from mmaccel.machine import machine_line
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,7 @@ def test_cli_sweep_writes_table_plot_and_json(world_model_dir, tmp_path):
     assert errors["n"] >= 1 and sum(errors[k] for k in ("right", *CAPTION_ERRORS)) == errors["n"]
     assert "## Wrong captions by kind" in table and data["baseline"]["caption_errors"]["n"] == errors["n"]
     assert data["environment"]["torch"] == torch.__version__
+    assert data["environment"]["cpu"] == machine_line() and table.count(f"Machine: {machine_line()}, ") == 1
     again = tmp_path / "again"  # a saved sweep re-renders without running the model
     res = CliRunner().invoke(app, ["bench", "fidelity", "--from-json", str(out / "fidelity.json"), "--out", str(again)])
     assert res.exit_code == 0, res.output

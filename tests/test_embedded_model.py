@@ -589,15 +589,6 @@ def test_bf16_only_where_the_device_runs_it_natively(monkeypatch, flags, device,
     assert train_mod.resolved_precision(TrainConfig(bf16=False, device=device), lines.append).bf16 is False
 
 
-def test_cpu_flags_reads_this_machine():
-    from mmaccel.embedded.train import cpu_flags
-
-    flags = cpu_flags()
-    assert isinstance(flags, set)
-    if Path("/proc/cpuinfo").exists():
-        assert flags and all(" " not in f for f in flags)
-
-
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_language_model_matches_eager_and_is_always_put_back(processor, backend):
     import shutil
@@ -730,7 +721,8 @@ def test_shipped_model_size_and_config():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 3 open: the shipped model (run 31: images 92.8%, video 74.7%, captions 74%, n=450) is below the targets", strict=True)
+@pytest.mark.xfail(reason="issue 3 open: the shipped model (run 56) meets the targets on seed 15's 1,800 and the 600-caption set "
+                  "(images 97.0%, video 95.0%, captions 83.8%) but not on this test's 90: captions 7 of 10", strict=True)
 def test_shipped_model_answers_held_out(shipped):
     model, processor = shipped
     samples = generate_samples(90, seed=HELD_OUT_SEED, split="test", families=MODEL_FAMILIES)
@@ -1494,12 +1486,11 @@ def test_logged_losses_pool_every_ranks_rows():
 
 def test_a_training_log_says_which_cpu_its_steps_came_from(tmp_path, monkeypatch):
     """Run 42's steps took 2.3x run 41's on another CPU type: every log now names its CPU."""
-    from mmaccel.embedded import train as train_mod
+    import mmaccel.machine
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
-    real_path = train_mod.Path
-    monkeypatch.setattr(train_mod, "Path", lambda p: cpuinfo if str(p) == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(mmaccel.machine, "CPUINFO", cpuinfo)
     lines = []
     cfg = tiny_train_config(steps=1, log_every=1, vision_steps=0)
     train(cfg, log=lines.append, groups=DP_GROUPS)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import parse_method_spec
+from ..machine import machine_line
 
 
 @dataclass
@@ -154,7 +155,7 @@ def environment() -> dict:
     import transformers
 
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": machine_line(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -359,7 +360,7 @@ def write_sweep(result: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "fidelity.json", "md": out_dir / "fidelity.md", "png": out_dir / "fidelity.png"}
     paths["json"].write_text(json.dumps(result, indent=2))
     env = result["environment"]
-    note = (f"Machine: {env['processor']}, {env['threads']} threads, torch {env['torch']}, "
+    note = (f"Machine: {env.get('cpu', env['processor'])}, {env['threads']} threads, torch {env['torch']}, "
             f"transformers {env['transformers']}, {env['date']}. n={result['n']} held-out samples.\n\n")
     summary = [line for r in sorted({p["retention"] for p in result["points"]}) if r < 1.0
                for line in ["", f"## Retention {r}", *versus_random(result, r)]]

@@ -13,6 +13,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from ..machine import machine_line
 from ..stats import clock, synced_clock
 
 LLAVA15_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -169,7 +170,8 @@ def environment(threads: int, device: str = "cpu", dtype: str = "float32", batch
     import torch
     import transformers
 
-    env = {"machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": threads,
+    env = {"machine": platform.machine(), "cpu": machine_line(), "cpu_count": __import__("os").cpu_count(),
+           "threads": threads,
            "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "device": device, "dtype": dtype, "batch": batch,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -226,7 +228,8 @@ def _where(env: dict) -> str:
     """Where the run was timed, for the table's heading (never compare CPU and GPU rows)."""
     if env.get("device", "cpu").startswith("cuda"):
         return f"{env['gpu']} (CUDA {env['cuda']}), {env['dtype']}, batch {env['batch']}"
-    return f"CPU, {env['threads']} threads, {env.get('dtype', 'float32')}, batch {env.get('batch', 1)}"
+    return (f"CPU ({env.get('cpu', env['machine'])}), {env['threads']} threads, {env.get('dtype', 'float32')}, "
+            f"batch {env.get('batch', 1)}")
 
 
 def mostly_static_video(frames: int = 16, size: int = 384, seed: int = 0):

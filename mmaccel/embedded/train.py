@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json
 import math
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..machine import cpu_flags, machine_line
 from ..world.samples import SPLIT_KEY, make_sample, shuffled_turns
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
@@ -552,36 +552,6 @@ def train(cfg: TrainConfig, out_dir=None, log=None, groups=None):
     if out_dir:
         save(model, processor, cfg, out_dir, history)
     return model, processor, history
-
-
-def cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out.setdefault(key.strip(), value.strip())
-    return out
-
-
-def cpu_flags(info: dict[str, str] | None = None) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing), from ``info`` when the
-    caller has already read :func:`cpuinfo`."""
-    return set((cpuinfo() if info is None else info).get("flags", "").split())
-
-
-def machine_line() -> str:
-    """'AMD EPYC, 2 cores; avx512f no, avx512_bf16 no, amx_bf16 no': which CPU a run's steps
-    came from. A wall-clock schedule buys half the steps on some CPU types (RECIPE.md, run 42)."""
-    info = cpuinfo()
-    flags = cpu_flags(info)
-    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    name = info.get("model name") or platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores; {have}"
 
 
 def native_bf16(device: str) -> bool:

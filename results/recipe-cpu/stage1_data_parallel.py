@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from mmaccel.embedded.build import build_model, build_processor, build_tokenizer  # noqa: E402
 from mmaccel.embedded.pretrain import pretrain_vision, stage1_params  # noqa: E402
-from mmaccel.embedded.train import machine_line  # noqa: E402
+from mmaccel.machine import machine_line  # noqa: E402
 
 ORDER, EXTRA = "question-both", ("flash", "caption")
 

@@ -106,7 +106,8 @@ def stage1_model(weight: float, steps: int = 2000, lr: float | None = None, rank
     """A fresh model whose tower and projector went through stage 1 alone (the shipped flags), in
     ``ranks`` data-parallel processes (the same batches)."""
     from mmaccel.embedded.pretrain import pretrain_vision
-    from mmaccel.embedded.train import build_model, build_processor, build_tokenizer, machine_line, parse_args
+    from mmaccel.embedded.train import build_model, build_processor, build_tokenizer, parse_args
+    from mmaccel.machine import machine_line
 
     cfg, _ = parse_args(["--out", "/tmp/unused", "--seed", "2", "--init-std", "0.06", "--order", "question-both",
                          "--extra-followups", "flash,caption"])
