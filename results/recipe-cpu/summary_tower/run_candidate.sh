@@ -7,6 +7,9 @@
 #   e.g. results/recipe-cpu/summary_tower/run_candidate.sh 43 --summary-weight 3 --vision-steps 3000
 # The base command is run 39's (run 31's + --flash-stretch 0.30:0.56:0.25 + --data-parallel 2, which
 # since the thirty-fifth session runs stage 1 in the two ranks too: 1.29x, the same steps).
+# The shipped model since the forty-second session, run 56, is `run_candidate.sh 56 --summary-weight 3
+# --vision-steps 3000 --seed 3` (shipped against its rule's floor: README.md, run 56); gates.py still
+# judges against run 31's sweep, so a rule for the next candidate should name run 56's (fidelity_run56/).
 # Results land in this folder under run 34's names (eval_seed15_n1800_runRUN.json, ...), the full
 # test run with the candidate in place in runRUN_tests.txt; the model stays in /work/runRUN/model.
 # FORCE=1 trains on a CPU without AVX-512 (its 57 minutes buy about half of runs 39-41's stage-2
