@@ -13,14 +13,14 @@ import platform
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
-SPEED_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 on a CPU
+SPEED_FLAGS = ("avx512f", *BF16_FLAGS)
 
 
-def cpuinfo(path: Path | None = None) -> dict[str, str]:
-    """The first processor's fields of ``path`` (default :data:`CPUINFO`; empty where there is
-    none, e.g. macOS)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of :data:`CPUINFO` (empty where there is none, e.g. macOS)."""
     try:
-        text = (path or CPUINFO).read_text()
+        text = CPUINFO.read_text()
     except OSError:
         return {}
     out = {}

@@ -14,13 +14,15 @@ flags\t\t: fpu
 """
 
 
-def test_cpuinfo_reads_the_first_processor(tmp_path):
+def test_cpuinfo_reads_the_first_processor(tmp_path, monkeypatch):
     path = tmp_path / "cpuinfo"
     path.write_text(TWO_PROCESSORS)
-    info = machine.cpuinfo(path)
+    monkeypatch.setattr(machine, "CPUINFO", path)
+    info = machine.cpuinfo()
     assert info["model name"] == "AMD EPYC" and info["processor"] == "0"
     assert machine.cpu_flags(info) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
-    assert machine.cpuinfo(tmp_path / "missing") == {} and machine.cpu_flags({}) == set()
+    monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")
+    assert machine.cpuinfo() == {} and machine.cpu_flags({}) == set()
 
 
 def test_machine_line_names_the_cpu_and_its_speed_flags(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..machine import cpu_flags, machine_line
+from ..machine import BF16_FLAGS, cpu_flags, machine_line
 from ..world.samples import SPLIT_KEY, make_sample, shuffled_turns
 from .build import CONTENT_ORDERS, build_model, build_processor, build_tokenizer
 from .data import assistant_id, encode_for_training
@@ -558,7 +558,7 @@ def native_bf16(device: str) -> bool:
     """Whether bfloat16 autocast pays off on ``device``: a CUDA device, or a CPU with AVX512-BF16
     or AMX. Elsewhere the CPU converts in software: on an AVX-512 Xeon without either, a stage-2
     step took 2.4x as long as in float32 (``results/recipe-cpu/step_speed_no_bf16.md``)."""
-    return not device.startswith("cpu") or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return not device.startswith("cpu") or bool(set(BF16_FLAGS) & cpu_flags())
 
 
 def resolved_precision(cfg: TrainConfig, log) -> TrainConfig:

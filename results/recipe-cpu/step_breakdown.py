@@ -181,9 +181,9 @@ def main() -> None:
         threads, batch = map(int, a.child.split(":"))
         print(step_time(threads, batch))
         return
-    from mmaccel.machine import cpu_flags
+    from mmaccel.machine import BF16_FLAGS, cpu_flags
     r = breakdown()
-    r.update(bf16_flags=sorted({"avx512_bf16", "amx_bf16"} & cpu_flags()), one_2x16=child(2, 16),
+    r.update(bf16_flags=sorted(set(BF16_FLAGS) & cpu_flags()), one_2x16=child(2, 16),
              one_1x16=child(1, 16), one_1x8=child(1, 8), two_1x8=child(1, 8, count=2))
     r["trainable"] = trainable_numel()
     r["all_reduce_s"] = all_reduce_time(r["trainable"])

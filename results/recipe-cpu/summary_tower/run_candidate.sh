@@ -17,7 +17,7 @@
 # A smoke test of the script itself (not a candidate): FORCE=1 SMOKE=1 run_candidate.sh 0 --steps 20
 # --vision-steps 10 shrinks every evaluation to a few samples.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,18p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,/^set /{/^#/p}' "$0"; exit 2; }  # the header comment
 RUN=$1; shift
 REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 HERE=$REPO/results/recipe-cpu/summary_tower
