@@ -112,6 +112,19 @@ def test_gentle_passes_leave_a_lone_distinct_token_unmerged():
     assert groups[0].tolist() == [0] and torch.equal(torch.cat(groups).sort().values, torch.arange(8))
 
 
+def test_presets_name_the_paper_setting_and_the_merge_alone():
+    """aim-7x pins the official two passes and the in-LLM schedule; aim-merge-25 (for shallow
+    language models) merges in gentle passes and never cuts inside the LLM."""
+    from mmaccel.config import AccelConfig
+
+    paper, merge = AccelConfig.load("aim-7x").build_method(), AccelConfig.load("aim-merge-25").build_method()
+    # pinned in the file, so the preset stays the paper's whatever aim's own default becomes
+    assert AccelConfig.load("aim-7x").params["pass_fraction"] == 0.5
+    assert paper.pass_fraction == 0.5 and paper.schedule(28)[0] == (15, 0.875)
+    assert merge.pass_fraction == 0.25 and merge.schedule(4) == [] and merge.schedule(28) == []
+    assert paper.keep_fraction() == merge.keep_fraction() == 0.25
+
+
 def test_pass_fraction_out_of_range_is_refused():
     with pytest.raises(ValueError, match="pass_fraction"):
         AIM(pass_fraction=0.6)
