@@ -486,7 +486,7 @@ class Runtime:
             sizes = [sum(s.n for s in segs) for segs in media]
             for segs, budget in zip(media, allocate(sizes, round(frac * sum(sizes)))):
                 feats = [embeds[sample, s.positions] for s in segs]
-                for seg, red in zip(segs, self.method.reduce_media(feats, segs, budget)):
+                for seg, red in zip(segs, self.method.reduce_parts(feats, segs, budget)):
                     self._apply_reduction(embeds, keep, sample, seg, red)
         return keep, embeds
 

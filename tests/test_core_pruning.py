@@ -180,17 +180,17 @@ def test_padded_batch_matches_single_samples(deep_tower_models, family):
     batch = proc(text=texts, images=[image(1, size=(90, 130)), image(2, size=(140, 70))], padding=True,
                  return_tensors="pt")
     left_pad = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)
-    for method in [m for m in list_methods() if m != "none"]:
-        with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+    for method, knobs in _every_method_and_knob_variant():
+        with accelerate_vlm(model, method=method, retention=0.25, **knobs) as handle, torch.no_grad():
             both = model(**batch).logits[:, -1]
             per_layer_batch, kept_batch = handle.stats.visual_tokens_per_layer, handle.kept_visual_positions()
             singles, per_layer_single = [], []
             for i in range(2):
                 singles.append(model(**_select(batch, i, family)).logits[:, -1])
                 per_layer_single.append(handle.stats.visual_tokens_per_layer)
-                assert torch.equal(kept_batch[i] - left_pad[i], handle.kept_visual_positions()[0]), (method, i)
-        assert per_layer_batch == [a + b for a, b in zip(*per_layer_single)], method
-        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=method)
+                assert torch.equal(kept_batch[i] - left_pad[i], handle.kept_visual_positions()[0]), (method, knobs, i)
+        assert per_layer_batch == [a + b for a, b in zip(*per_layer_single)], (method, knobs)
+        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=f"{method} {knobs}")
 
 
 @pytest.mark.parametrize("fam", VIDEO_FAMILIES)
@@ -199,14 +199,20 @@ def test_padded_video_batch_matches_single_samples(deep_tower_models, fam):
     model, proc = deep_tower_models(fam)
     batch = make_inputs(proc, batch=2, media=("video",))
     left_pad = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)
-    for method in [m for m in list_methods() if m != "none"]:
-        with accelerate_vlm(model, method=method, retention=0.25) as handle, torch.no_grad():
+    for method, knobs in _every_method_and_knob_variant():
+        with accelerate_vlm(model, method=method, retention=0.25, **knobs) as handle, torch.no_grad():
             both, kept_batch = model(**batch).logits[:, -1], handle.kept_visual_positions()
             singles = []
             for i in range(2):
                 singles.append(model(**_select(batch, i, fam)).logits[:, -1])
-                assert torch.equal(kept_batch[i] - left_pad[i], handle.kept_visual_positions()[0]), (method, i)
-        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=method)
+                assert torch.equal(kept_batch[i] - left_pad[i], handle.kept_visual_positions()[0]), (method, knobs, i)
+        torch.testing.assert_close(both, torch.cat(singles), atol=2e-5, rtol=1e-4, msg=f"{method} {knobs}")
+
+
+def _every_method_and_knob_variant() -> list[tuple[str, dict]]:
+    """Every method at its defaults, plus the knobs that change what reaches the LLM."""
+    defaults = [(m, {}) for m in list_methods() if m != "none"]
+    return defaults + [("hired", {"merge_dropped": True}), ("stc", {"merge_dropped": True})]
 
 
 def _select(batch, i, family):

@@ -129,6 +129,19 @@ class PreLLMReducer(Method):
         budgets = allocate([s.n for s in segments], budget)
         return [self.reduce(f, s, b) for f, s, b in zip(features, segments, budgets)]
 
+    def reduce_parts(self, features: list[torch.Tensor], segments: list[Segment], budget: int) -> list[Reduction]:
+        """What the runtime calls: :meth:`reduce_media`, then, for a method whose
+        ``merge_dropped`` knob is on, every dropped grid token averaged into the kept token most
+        similar to it (:mod:`.merge_dropped`; the keep set stays the method's)."""
+        reductions = self.reduce_media(features, segments, budget)
+        if not getattr(self, "merge_dropped", False):
+            return reductions
+        from .merge_dropped import with_dropped_merged
+
+        return [red if red.features is not None or red.keep.numel() == seg.n else
+                with_dropped_merged(feats, red, seg.token_kinds())
+                for feats, seg, red in zip(features, segments, reductions)]
+
 
 @dataclass
 class InLLMPruner(Method):

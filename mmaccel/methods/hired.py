@@ -20,6 +20,12 @@ padded 576-token one (``int(P * 576 * rate)``), so on a non-square image it budg
 the official top-k runs over padded views and loses the picks that land in the padding. On
 LLaVA-OneVision, whose ``anyres_max`` packing can shrink the crop raster, each packed token
 belongs to the crop of largest weight (:func:`mmaccel.models.scores.anyres_crop_ids`).
+
+``merge_dropped`` (not in the official code, off by default): every token HiRED drops is
+averaged into the kept token of its part most similar to it (:mod:`.merge_dropped`), so the kept
+set and its cost stay HiRED's and the kept features carry what the dropped ones held. On the
+embedded model (run 56, n=2700, retention 0.25) the kept share of full accuracy rises from 94.9%
+to 96.6% at the same cost (``results/fidelity/n2700_run56/merge_dropped.md``).
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class HiRED(PreLLMReducer):
     description = "split the budget over base image and crops by early ViT attention, keep top tokens (pre-LLM)"
     retention: float | None = 0.2
     alpha: float = 0.5
+    merge_dropped: bool = False  # average dropped tokens into kept ones; see the module docstring
     vision_mode = "auto"
 
     def __post_init__(self):
