@@ -119,6 +119,7 @@ def test_cli_video_qa_method_knobs_on_top_of_a_preset(saved_model, tmp_path):
     (["--stream", "--retrieve-frames", "0"], "retrieve_frames must be a positive"),
     (["--stream", "--method", "fastv"], "not fastv: use --method stc"),
     (["--stream", "--preset", "fastv-50"], "not fastv: use --method stc"),
+    (["--stream", "--method", "stc:merge_dropped=true"], "session does not take stc's merge_dropped"),
     (["--method", "aim:prune=flase"], "aim prune must be true or false, got 'flase'"),
     (["--method", "aim:tau"], "expected name:knob=value"),
     (["--method", "fastv:kk=2"], "no parameter(s) kk"),
@@ -195,6 +196,29 @@ def test_cli_video_qa_stream_feeds_frames_to_a_session(saved_model, tmp_path):
     res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
                                    "--frames", "4", "--stream", "--retrieve-frames", "2", "--max-new-tokens", "2"])
     assert res.exit_code == 0 and "answered from 2 of 4 frames" in res.stdout, res.output
+
+
+def test_cli_stream_takes_the_methods_session_knobs(saved_model, tmp_path, monkeypatch):
+    """--stream with --method stc:KNOB=...: the knobs a StreamSession takes reach it, with the
+    config's position policy (they used to be dropped without a word)."""
+    import mmaccel.stream
+    from mmaccel.stream import StreamSession
+
+    seen = []
+
+    class Recording(StreamSession):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(mmaccel.stream, "StreamSession", Recording)
+    video = write_video(tmp_path / "clip.mp4", frames=4)
+    res = CliRunner().invoke(app, ["video-qa", str(video), "-q", "which direction ?", "--model", str(saved_model),
+                                   "--frames", "4", "--stream", "--method", "stc:cache_interval=4:update_ratio=0.5",
+                                   "--cacher", "--json", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert len(seen) == 1 and seen[0]["cache_interval"] == 4 and seen[0]["update_ratio"] == 0.5
+    assert seen[0]["cacher"] is True and seen[0]["position_policy"] == "preserve"
 
 
 def test_a_video_for_an_image_only_model_is_refused(tmp_path):
