@@ -39,7 +39,7 @@ Deliberate differences from the official code, each for a reason:
   With passes of at most a quarter (0.25) only the most similar pairs merge each time. On the
   embedded world (run 29 of ``results/recipe-cpu/summary_tower/``, n=450, merge only, retention
   0.25) the kept share of full accuracy rises from 84.7% to 93.6% at the same token count, and on
-  the shipped run 56 (n=2700) from 92.0% to 97.8%; the preset ``aim-merge-25`` is that merge
+  run 56 (n=2700) from 92.0% to 97.8%; the preset ``aim-merge-25`` is that merge
   without the in-LLM cut, which on a 4-layer LLM lands on the last layer and costs 8-11 points
   there (``results/fidelity/n2700_run56/aim_losses.md``). The default stays the official 0.5;
 - ``proportional_attention`` (not in the official code, default on; ``False`` = official): a
