@@ -63,9 +63,10 @@ class STCPruner(PreLLMReducer):
 
     ``merge_dropped`` (not in the official code, off by default): every token the pruner drops
     from a frame is averaged into that frame's kept token most similar to it
-    (:mod:`.merge_dropped`); the kept set and its cost stay STC's. On the embedded model (run 56,
-    n=2700, retention 0.25) the kept share of full accuracy rises from 92.6% to 95.6%
-    (``results/fidelity/n2700_run56/merge_dropped.md``). Offline only: a
+    (:mod:`.merge_dropped`); the kept set and its cost stay STC's. On the embedded model (n=2700,
+    retention 0.25) the kept share of full accuracy rises from 92.6% to 95.6% on run 56 and from
+    90.0% to 94.9% on run 57 (``results/fidelity/n2700_run56/merge_dropped.md``,
+    ``results/fidelity/n2700_run57/``). Offline only: a
     :class:`mmaccel.stream.StreamSession` prunes as the official code does."""
     name = "stc"
     description = "keep per-frame tokens least similar to the frame and temporal anchors (STC-Pruner, pre-LLM)"
