@@ -121,7 +121,7 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
         raise UserError(f"--stream runs STC's streaming session, not {cfg.method}: use --method stc or "
                         "--preset stc-stream (or neither)")
     if stream is not None:
-        _stream_options(cfg, stream)  # refuse knobs the session does not take before loading anything
+        stream = _stream_options(cfg, stream)  # refuses knobs the session does not take before loading anything
     if offline_cacher:
         if cfg.method != "stc":
             raise UserError(f"--cacher is STC-Cacher, part of stc, not {cfg.method}: use --method stc (or --stream)")
@@ -137,7 +137,7 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
         result["baseline"] = base.ask(media, question, max_new_tokens).to_dict()
         base.restore()
     if stream is not None:
-        result.update(_streamed(loaded, media, question, cfg.retention, _stream_options(cfg, stream), max_new_tokens))
+        result.update(_streamed(loaded, media, question, cfg.retention, stream, max_new_tokens))
     else:
         pipe = Pipeline(*loaded, config=cfg)
         result.update(pipe.ask(media, question, max_new_tokens).to_dict())
@@ -145,17 +145,16 @@ def _run_video_qa(video, question, model_dir, method, retention, preset, frames,
     return result
 
 
-STREAM_KNOBS = ("cacher", "cache_interval", "update_ratio", "similarity_threshold")  # what StreamSession takes
-
-
 def _stream_options(cfg, options: dict) -> dict:
     """The ``StreamSession`` options: the command line's, plus the stc knobs of ``--method`` /
     ``--preset`` that a session takes and the position policy. A knob it does not take (such
     as ``merge_dropped``, offline only) is refused rather than silently ignored."""
-    unsupported = sorted(set(cfg.params) - set(STREAM_KNOBS))
+    from .stream import SESSION_KNOBS
+
+    unsupported = sorted(set(cfg.params) - set(SESSION_KNOBS))
     if unsupported:
         raise UserError(f"--stream's session does not take stc's {', '.join(unsupported)} (offline only: drop "
-                        f"--stream); it takes {', '.join(STREAM_KNOBS)}")
+                        f"--stream); it takes {', '.join(SESSION_KNOBS)}")
     knobs = {**cfg.params, "cacher": bool(options.get("cacher")) or bool(cfg.params.get("cacher", False))}
     return {**options, **knobs, "position_policy": cfg.position_policy}
 

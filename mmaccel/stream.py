@@ -37,13 +37,14 @@ tokens (`results/stream/stream_positions.md`), as renumbered positions cost grou
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .methods.stc import stc_scores
+from .methods.stc import STCPruner, stc_scores
 from .pipeline import Answer
 from .stats import Stats, prefill_flops
 from .stream_retrieval import FrameBlock, Retriever, Rotary
@@ -477,3 +478,9 @@ class _QuestionInput:
     kept: int
     seen: int
     text_start: int
+
+
+# stc's knobs that a session takes as arguments (retention travels on its own): what
+# ``video-qa --stream`` may pass on from ``--method stc:...`` / a preset
+SESSION_KNOBS = tuple(sorted(set(inspect.signature(StreamSession).parameters) & set(STCPruner.field_defaults())
+                             - {"retention"}))

@@ -11,9 +11,9 @@ official code does it (the knob ``merge_dropped`` is off by default).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import Reduction, members_by_slot
+from .visionzip import mean_merge, nearest_targets
 
 
 def merge_dropped(features: torch.Tensor, keep: torch.Tensor, structural: torch.Tensor):
@@ -21,22 +21,17 @@ def merge_dropped(features: torch.Tensor, keep: torch.Tensor, structural: torch.
     tokens never merged (newlines), kept or not. Returns (features (k, D) of the kept tokens,
     each the mean of itself and the dropped grid tokens most similar to it; owner (n,): the slot
     in ``keep`` each token ends in, -1 for dropped structural tokens; sizes (k,))."""
-    n, device = features.shape[0], features.device
-    keep_cpu, structural = keep.cpu(), structural.cpu()
-    kept = torch.zeros(n, dtype=torch.bool)
-    kept[keep_cpu] = True
-    owner = torch.full((n,), -1, dtype=torch.long)
-    owner[keep_cpu] = torch.arange(keep_cpu.numel())
+    keep, structural = keep.cpu(), structural.cpu()
+    kept = torch.zeros(features.shape[0], dtype=torch.bool)
+    kept[keep] = True
+    owner = torch.full((features.shape[0],), -1, dtype=torch.long)
+    owner[keep] = torch.arange(keep.numel())
     targets, dropped = (kept & ~structural).nonzero().flatten(), (~kept & ~structural).nonzero().flatten()
     if targets.numel() and dropped.numel():
-        metric = F.normalize(features.float(), dim=-1)
-        best = (metric[dropped.to(device)] @ metric[targets.to(device)].T).argmax(-1).cpu()
-        owner[dropped] = owner[targets[best]]
-    joined = owner >= 0
-    sizes = torch.bincount(owner[joined], minlength=keep_cpu.numel())
-    sums = torch.zeros(keep_cpu.numel(), features.shape[1], dtype=torch.float32, device=device)
-    sums.index_add_(0, owner[joined].to(device), features[joined.to(device)].float())
-    return (sums / sizes.to(device)[:, None]).to(features.dtype), owner, sizes
+        owner[dropped] = owner[targets[nearest_targets(features, dropped, targets)]]
+    joined = (owner >= 0).nonzero().flatten()
+    merged = mean_merge(features)(joined, owner[joined], keep.numel())
+    return merged.to(features.dtype), owner, torch.bincount(owner[joined], minlength=keep.numel())
 
 
 def with_dropped_merged(features: torch.Tensor, red: Reduction, structural: torch.Tensor) -> Reduction:

@@ -71,7 +71,7 @@ def dominant_contextual(features: torch.Tensor, scores: torch.Tensor, n_dominant
     groups = [list(singles[:, None].unbind())]  # views, not one tensor per token
     if n_contextual:
         targets, owner = _contextual_groups(features if metric is None else metric, rest_idx, n_contextual)
-        merged = (merge or _mean_merge(features))(rest_idx, owner, targets.numel()).float()
+        merged = (merge or mean_merge(features))(rest_idx, owner, targets.numel()).float()
         alone = (torch.bincount(owner, minlength=targets.numel()) == 1).to(merged.device)
         merged[alone] = features[targets.to(features.device)][alone].float()  # a group of one is its own feature, exactly
         keep.append(targets)
@@ -88,13 +88,19 @@ def _contextual_groups(metric: torch.Tensor, rest_idx: torch.Tensor, n_contextua
     cosine-similar target (a target owns itself). Returns (targets (c,), owner (m,) in 0..c-1)."""
     step = max(1, rest_idx.numel() // n_contextual)
     targets = rest_idx[::step][:n_contextual]
-    unit = F.normalize(metric.float(), dim=-1)
-    owner = (unit[rest_idx.to(unit.device)] @ unit[targets.to(unit.device)].T).argmax(-1).cpu()
+    owner = nearest_targets(metric, rest_idx, targets)
     owner[torch.searchsorted(rest_idx.contiguous(), targets.contiguous())] = torch.arange(targets.numel())
     return targets, owner
 
 
-def _mean_merge(values: torch.Tensor):
+def nearest_targets(metric: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """metric: (n, C); for every token of ``index`` (m,), the position in ``targets`` (c,) of
+    its most cosine-similar target, (m,) on the CPU."""
+    unit = F.normalize(metric.float(), dim=-1)
+    return (unit[index.to(unit.device)] @ unit[targets.to(unit.device)].T).argmax(-1).cpu()
+
+
+def mean_merge(values: torch.Tensor):
     """Merge function: per group, the mean of ``values`` (n, C) rows."""
     def merge(index: torch.Tensor, owner: torch.Tensor, groups: int) -> torch.Tensor:
         dev = values.device
@@ -146,7 +152,7 @@ class VisionZip(PreLLMReducer):
         n_dominant = round(budget * self.dominant_share)
         metric = merge = None
         if "zip_hidden" in maps:  # group by keys, merge hidden states, then project
-            mean = _mean_merge(maps["zip_hidden"])
+            mean = mean_merge(maps["zip_hidden"])
             metric, merge = maps["zip_key"], lambda *group_args: self._project(mean(*group_args))
         keep, feats, groups = dominant_contextual(features, scores, n_dominant, budget - n_dominant, metric, merge)
         return Reduction(keep.to(features.device), feats, groups, sizes=torch.tensor([g.numel() for g in groups]))
